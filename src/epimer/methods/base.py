@@ -1,0 +1,126 @@
+"""The contract every merge method follows.
+
+A method sees one tensor at a time as a :class:`TensorInputs` (base, task vectors, weights,
+optional Fisher diagonals, all float32) and returns the merged update ``Δ`` (float32, the
+base's shape). The engine writes ``θ = θ0 + scale · Δ`` (SPEC section 1), so methods never
+touch files, dtypes or the scale. A method that needs a pass over every tensor first (global
+TIES trimming, global Fisher normalisation) overrides :meth:`MergeMethod.prepare`, which may
+call ``stream`` as often as it needs; the engine streams the checkpoints again each time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from epimer.errors import InputError
+
+#: ``scale`` of a method: a number, or ``"auto"`` for the data-free scale of SPEC section 6.
+Scale = Union[float, Literal["auto"]]
+
+TensorKind = Literal["matrix", "vector"]
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: unknown names are refused, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class TensorInputs:
+    """Everything a method sees of one tensor.
+
+    Attributes:
+        name: the tensor's name in the checkpoint.
+        base: θ0, float32, shape S.
+        deltas: task vectors τ_t = θ_t − θ0, float32, shape S each, T of them.
+        weights: (T,) float64 task weights summing to 1.
+        fishers: F_t, float32, shape S each, or None when the config gives no Fisher files.
+        kind: "matrix" (2-D, min(m, n) >= T, not excluded) or "vector" (SPEC section 1).
+    """
+
+    name: str
+    base: torch.Tensor
+    deltas: tuple[torch.Tensor, ...]
+    weights: torch.Tensor
+    fishers: tuple[torch.Tensor, ...] | None
+    kind: TensorKind
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.deltas)
+
+
+@dataclass
+class TensorResult:
+    """A method's answer for one tensor: ``delta`` (float32) and optional numbers to report."""
+
+    delta: torch.Tensor
+    info: dict[str, float] = field(default_factory=dict)
+
+
+Visitor = Callable[[TensorInputs], None]
+#: Calls the visitor once per mergeable tensor, in checkpoint order.
+Stream = Callable[[Visitor], None]
+
+
+class MergeMethod(ABC):
+    """A merge method. Subclasses set the class attributes and implement :meth:`merge`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[MethodParams]]
+    #: True when every model needs a ``fisher:`` file whatever the parameters.
+    needs_fisher: ClassVar[bool] = False
+
+    def parse_params(self, raw: Mapping[str, Any] | None) -> MethodParams:
+        """Validate ``raw`` into ``self.Params``; bad input raises InputError naming the parameter."""
+        raw = dict(raw or {})
+        valid = ", ".join(self.Params.model_fields) or "(none)"
+        unknown = sorted(set(raw) - set(self.Params.model_fields))
+        if unknown:
+            raise InputError(
+                f"method {self.name!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"valid parameters: {valid}"
+            )
+        try:
+            return self.Params(**raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "parameters"
+            value = raw.get(str(first["loc"][0])) if first["loc"] else raw
+            raise InputError(
+                f"method {self.name!r}: parameter {loc!r} = {value!r}: {first['msg']}"
+            ) from None
+
+    def requires_fisher(self, params: MethodParams) -> bool:
+        """Whether this run needs Fisher files (always for some methods, or for ``scale: auto``)."""
+        return self.needs_fisher or self.scale(params) == "auto"
+
+    def scale(self, params: MethodParams) -> Scale:
+        """The global rescaling applied by the engine: θ = θ0 + scale · Δ."""
+        return getattr(params, "scale", 1.0)
+
+    def prepare(self, params: MethodParams, stream: Stream) -> Any:
+        """Global passes over all tensors before merging; returns state handed to :meth:`merge`."""
+        return None
+
+    @abstractmethod
+    def merge(
+        self, x: TensorInputs, params: MethodParams, state: Any
+    ) -> torch.Tensor | TensorResult:
+        """Merged update Δ (float32, shape of ``x.base``) for one tensor."""
+
+
+def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t x_t in float32 without stacking (memory stays one tensor's size)."""
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights.tolist()):
+        out.add_(t, alpha=w)
+    return out
