@@ -1,0 +1,152 @@
+"""The ``epimer`` command line, thin over the Python API.
+
+Exit codes (SPEC section 7): 0 success, 2 bad input (one line naming the file and tensor),
+1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from epimer import __version__
+from epimer.errors import InputError
+
+
+class _Group(click.Group):
+    """Turns InputError into exit code 2 with one line, anything unexpected into exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InputError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as err:  # noqa: BLE001 - the boundary that owns exit codes
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for a traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="epimer")
+@click.option("--debug", is_flag=True, hidden=True, help="Print tracebacks of internal errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Merge fine-tuned models: EpiMer and the baselines it is compared against."""
+    ctx.obj = {"debug": debug}
+    # A terminated merge must still remove its partial output: make SIGTERM unwind like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'1GB' -> 10**9, '500MiB' -> 500 * 2**20, '123' -> 123 bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size such as 2GB, 500MB, 1GiB or a byte count")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise click.BadParameter("the shard size must be positive")
+    return n
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output model folder.")
+@click.option("--shard-size", default=None, help="Largest shard, e.g. 2GB or 500MiB (default: one file).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--strict", is_flag=True, help="Refuse task models holding tensors the base lacks (default: warn).")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of refusing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, strict: bool,
+          allow_nonfinite: bool, quiet: bool) -> None:
+    """Merge the models of CONFIG (YAML) into the folder OUT."""
+    from epimer.config import load_config
+    from epimer.engine import merge_to_folder
+    from epimer.progress import RichProgress
+
+    cfg = load_config(config)
+    size = parse_size(shard_size) if shard_size else None
+    with RichProgress(enabled=not quiet) as progress:
+        report = merge_to_folder(cfg, out, shard_size=size, overwrite=overwrite, strict=strict,
+                                 allow_nonfinite=allow_nonfinite, progress=progress)
+    if report.scale_auto is not None:
+        click.echo(f"scale: auto -> {report.scale_auto:.6g}", err=True)
+    if not quiet:
+        click.echo(f"merged {len(cfg.models)} model(s) with {cfg.method} into {out}", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def methods(as_json: bool) -> None:
+    """List every merge method with its parameters and defaults."""
+    from epimer.registry import available_methods, get_method
+
+    rows = []
+    for name in available_methods():
+        m = get_method(name)
+        params = []
+        for pname, f in m.Params.model_fields.items():
+            params.append({"name": pname, "default": f.default, "type": _type_name(f.annotation),
+                           "description": f.description or ""})
+        rows.append({"name": name, "description": m.description, "needs_fisher": m.needs_fisher,
+                     "parameters": params})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, Console().width))
+    for row in rows:
+        table = Table(title=f"[bold]{row['name']}[/]: {row['description']}"
+                      + (" (needs Fisher files)" if row["needs_fisher"] else ""),
+                      title_justify="left", show_edge=False, expand=False)
+        table.add_column("parameter")
+        table.add_column("default")
+        table.add_column("type")
+        table.add_column("meaning")
+        for p in row["parameters"]:
+            table.add_row(p["name"], repr(p["default"]), p["type"], p["description"])
+        if not row["parameters"]:
+            table.add_row("(none)", "", "", "uses only each model's `weight`")
+        console.print(table)
+        console.print()
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    return re.sub(r"<class '(\w+)'>", r"\1", text)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from epimer.cli_fisher import fisher_command
+    except ImportError:  # pragma: no cover - Fisher estimation needs transformers
+        return
+    main.add_command(fisher_command, "fisher")
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

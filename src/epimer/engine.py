@@ -1,0 +1,487 @@
+"""Orchestration: stream tensors from checkpoints through a merge method into a writer.
+
+This is the only module that touches both files and mathematics. For every tensor of the
+base checkpoint, in storage order, it loads the base and the T task tensors (and Fisher
+diagonals when the method needs them), checks them, hands float32 task vectors to the
+method, and writes ``θ = θ0 + scale · Δ`` in the output dtype. At most one tensor's inputs
+are held at a time, so peak memory is a small multiple of (T + 2) × the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from epimer.config import DTYPES, MergeConfig, ModelSpec, parse_config
+from epimer.errors import InputError
+from epimer.io.reader import Checkpoint, DictCheckpoint, open_checkpoint
+from epimer.io.writer import CheckpointWriter, PlannedTensor
+from epimer.methods.base import MergeMethod, MethodParams, TensorInputs, TensorKind, TensorResult
+from epimer.registry import get_method
+
+#: Files of a Hugging Face model folder that travel with the merged weights.
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What the engine does with one tensor of the base checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    action: Literal["merge", "copy"]
+    kind: TensorKind | None  # None for copied tensors
+    in_bytes: int  # bytes read for this tensor over all inputs (progress accounting)
+
+
+@dataclass
+class MergeReport:
+    """What a merge measured: the scale used and per-tensor numbers from the method."""
+
+    method: str
+    scale: float | None = None
+    scale_auto: float | None = None
+    tensors: dict[str, dict[str, float]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class ProgressSink:
+    """No-op progress reporting; the CLI passes a rich-backed subclass."""
+
+    def start(self, label: str, total_bytes: int, total_tensors: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def finish(self) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+def _classify(name: str, shape: tuple[int, ...], num_tasks: int) -> TensorKind:
+    """SPEC section 1: a 2-D tensor with min(m, n) >= T is a matrix, anything else a vector."""
+    if len(shape) == 2 and min(shape) >= num_tasks:
+        return "matrix"
+    return "vector"
+
+
+class MergeRun:
+    """A validated merge, ready to stream. Opening it checks every input before any work.
+
+    Args:
+        config: the (path-resolved) merge configuration.
+        strict: refuse task models that hold tensors the base lacks (default: warn).
+        allow_nonfinite: merge tensors holding NaN or Inf instead of refusing them.
+        progress: progress sink (the CLI's bar), or None for silence.
+        checkpoints: already-open (base, tasks, fishers) to use instead of the config's paths.
+        verify_fishers: check Fisher files against the task checkpoints (names, shapes,
+            fingerprint). Only in-memory Fisher dicts, which carry no fingerprint, skip it.
+    """
+
+    def __init__(
+        self,
+        config: MergeConfig,
+        *,
+        strict: bool = False,
+        allow_nonfinite: bool = False,
+        progress: ProgressSink | None = None,
+        checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
+        verify_fishers: bool = True,
+    ) -> None:
+        self.config = config
+        self.allow_nonfinite = allow_nonfinite
+        self.progress = progress or ProgressSink()
+        self.method: MergeMethod = get_method(config.method)
+        self.params: MethodParams = self.method.parse_params(config.parameters)
+        self.weights = config.weights()
+        self.report = MergeReport(method=config.method)
+        if checkpoints is None:
+            checkpoints = self._open(config)
+        self.base, self.tasks, self.fishers = checkpoints
+        if not self.method.requires_fisher(self.params):
+            self.fishers = None  # never read Fisher files a run does not use
+        elif self.fishers is None:
+            raise InputError(f"method {config.method!r} with these parameters needs a Fisher file for every model")
+        self.plan = self._build_plan(strict)
+        if self.fishers is not None:
+            self._check_fishers(verify_fishers)
+
+    # ------------------------------------------------------------------ opening and checks
+
+    def _open(self, config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None]:
+        base = open_checkpoint(config.base_model)
+        tasks = [open_checkpoint(m.model) for m in config.models]
+        need = self.method.requires_fisher(self.params)
+        have = [m.fisher is not None for m in config.models]
+        if need and not all(have):
+            missing = next(m for m in config.models if m.fisher is None)
+            why = "scale: auto" if not self.method.needs_fisher else f"method {config.method!r}"
+            raise InputError(
+                f"model {missing.model}: {why} needs a Fisher file for every model; add `fisher: PATH` "
+                "(estimate one with `epimer fisher`)"
+            )
+        fishers = [open_checkpoint(m.fisher) for m in config.models] if need else None  # type: ignore[arg-type]
+        return base, tasks, fishers
+
+    def _build_plan(self, strict: bool) -> list[TensorPlan]:
+        T = len(self.tasks)
+        plan: list[TensorPlan] = []
+        out_dtype = DTYPES.get(self.config.dtype or "")
+        for name in self.base.names():
+            meta = self.base.meta(name)
+            floating = meta.dtype in _FLOATS
+            for spec, task in zip(self.config.models, self.tasks):
+                if name not in task:
+                    raise InputError(
+                        f"{task.path}: tensor {name!r} of the base model is missing from this task model"
+                    )
+                tmeta = task.meta(name)
+                if tmeta.shape != meta.shape:
+                    raise InputError(
+                        f"{task.path}: tensor {name!r} has shape {list(tmeta.shape)}, the base "
+                        f"({self.base.path}) has {list(meta.shape)}"
+                    )
+                if floating and tmeta.dtype not in _FLOATS:
+                    raise InputError(
+                        f"{task.path}: tensor {name!r} has dtype {tmeta.dtype}, which cannot be merged "
+                        f"with the base's {meta.dtype}"
+                    )
+            if not floating or self.config.is_excluded(name):
+                plan.append(TensorPlan(name, meta.shape, meta.dtype if not floating else (out_dtype or meta.dtype),
+                                       "copy", None, meta.nbytes))
+                continue
+            in_bytes = meta.nbytes + sum(t.meta(name).nbytes for t in self.tasks)
+            plan.append(TensorPlan(name, meta.shape, out_dtype or meta.dtype, "merge",
+                                   _classify(name, meta.shape, T), in_bytes))
+        base_names = set(self.base.names())
+        for task in self.tasks:
+            extra = [n for n in task.names() if n not in base_names]
+            if extra:
+                msg = (f"{task.path}: {len(extra)} tensor(s) not in the base model, e.g. {extra[0]!r}")
+                if strict:
+                    raise InputError(msg + " (refused by --strict)")
+                self.report.warnings.append(msg + "; ignored")
+                self.progress.log("warning: " + msg + "; ignored (use --strict to refuse)")
+        small = [p.name for p in plan if p.kind == "vector" and len(p.shape) == 2]
+        if small:
+            self.progress.log(
+                f"{len(small)} 2-D tensor(s) have min(m, n) < T = {T} and use the vector rule, e.g. {small[0]!r}"
+            )
+        return plan
+
+    def _check_fishers(self, verify: bool) -> None:
+        assert self.fishers is not None
+        needed = [p.name for p in self.plan if p.action == "merge"]
+        for spec, task, fisher in zip(self.config.models, self.tasks, self.fishers):
+            for name in needed:
+                if name not in fisher:
+                    raise InputError(
+                        f"{fisher.path}: no Fisher values for tensor {name!r} of model {spec.model}; "
+                        "estimate them, or keep the tensor at the base with `exclude`"
+                    )
+            if verify:
+                from epimer.curvature.fisher_io import check_fisher
+
+                check_fisher(fisher.path, task.names(), lambda n, t=task: t.meta(n).shape,
+                             lambda n, k, t=task: t.prefix(n, k))
+
+    # ------------------------------------------------------------------ streaming
+
+    def _load_float(self, ckpt: Checkpoint, name: str, what: str) -> torch.Tensor:
+        t = ckpt.get(name)
+        x = t.to(torch.float32) if t.dtype != torch.float32 else t
+        if not self.allow_nonfinite and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise InputError(
+                f"{ckpt.path}: tensor {name!r} ({what}) holds {bad} NaN/Inf value(s); "
+                "fix the checkpoint or pass --allow-nonfinite"
+            )
+        return x
+
+    def load_inputs(self, p: TensorPlan) -> TensorInputs:
+        """Base, task vectors and Fisher diagonals of one tensor, float32."""
+        assert p.kind is not None
+        base = self._load_float(self.base, p.name, "base")
+        deltas = []
+        for task in self.tasks:
+            # get() returns a buffer the engine owns, so the subtraction may run in place.
+            deltas.append(self._load_float(task, p.name, "task model").sub_(base))
+        fishers = None
+        if self.fishers is not None:
+            fishers = tuple(self._load_float(f, p.name, "Fisher") for f in self.fishers)
+        return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind)
+
+    def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass") -> None:
+        """Call ``visitor`` once per merged tensor (the ``Stream`` a method's prepare gets)."""
+        todo = [p for p in self.plan if p.action == "merge"]
+        self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
+        for p in todo:
+            visitor(self.load_inputs(p))
+            self.progress.advance(p.in_bytes)
+        self.progress.finish()
+
+    def _delta(self, p: TensorPlan, state: Any) -> tuple[torch.Tensor, TensorInputs]:
+        x = self.load_inputs(p)
+        out = self.method.merge(x, self.params, state)
+        res = out if isinstance(out, TensorResult) else TensorResult(out)
+        if tuple(res.delta.shape) != p.shape:
+            raise RuntimeError(f"method {self.method.name!r} returned shape {list(res.delta.shape)} for {p.name!r}")
+        if res.info:
+            self.report.tensors[p.name] = dict(res.info)
+        return res.delta.to(torch.float32), x
+
+    def tensors(self, workdir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        """Merged tensors (name, θ in the output dtype) in plan order.
+
+        ``workdir`` holds the float32 Δ spill file when ``scale: auto`` needs two passes.
+        """
+        state = self.method.prepare(self.params, lambda v: self.stream(v, "prepare"))
+        scale = self.method.scale(self.params)
+        spill: Checkpoint | None = None
+        if scale == "auto":
+            scale, spill = self._auto_scale(state, workdir)
+            self.report.scale_auto = scale
+        self.report.scale = float(scale)
+        todo = self.plan
+        self.progress.start("merge", sum(p.in_bytes for p in todo), len(todo))
+        try:
+            for p in todo:
+                if p.action == "copy":
+                    t = self.base.get(p.name)
+                    yield p.name, t.to(p.out_dtype)
+                else:
+                    if spill is not None:
+                        delta = spill.get(p.name)
+                        base = self._load_float(self.base, p.name, "base")
+                    else:
+                        delta, x = self._delta(p, state)
+                        base = x.base
+                        del x  # drop the task vectors before the output is built
+                    theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
+                    yield p.name, theta.to(p.out_dtype)
+                self.progress.advance(p.in_bytes)
+        finally:
+            self.progress.finish()
+            if spill is not None:
+                spill.close()
+
+    def _auto_scale(self, state: Any, workdir: Path) -> tuple[float, Checkpoint]:
+        """SPEC section 6: one pass computes Δ, spills it, and accumulates the surrogate terms."""
+        from epimer.diagnostics import auto_scale_terms
+
+        merged = [p for p in self.plan if p.action == "merge"]
+        spill_dir = workdir / ".delta-spill"
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        writer = CheckpointWriter(spill_dir, [PlannedTensor(p.name, p.shape, torch.float32) for p in merged])
+        num = den = 0.0
+        self.progress.start("scale: auto", sum(p.in_bytes for p in merged), len(merged))
+        for p in merged:
+            delta, x = self._delta(p, state)
+            assert x.fishers is not None
+            a, b = auto_scale_terms(delta, x.deltas, x.fishers, x.weights)
+            num, den = num + float(a), den + float(b)
+            writer.write(p.name, delta)
+            self.progress.advance(p.in_bytes)
+        self.progress.finish()
+        writer.close()
+        if den <= 0:
+            raise InputError("scale: auto is undefined: the merged update has zero curvature under every Fisher")
+        scale = num / den
+        self.progress.log(f"scale: auto chose {scale:.6g}")
+        return scale, open_checkpoint(spill_dir)
+
+    def close(self) -> None:
+        for c in [self.base, *self.tasks, *(self.fishers or [])]:
+            c.close()
+
+
+# ---------------------------------------------------------------------- writing a model
+
+
+def model_card(config: MergeConfig, params: MethodParams, report: MergeReport, version: str) -> str:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, epimer]",
+        "---",
+        "",
+        f"# Merged model ({config.method})",
+        "",
+        f"Produced with epimer {version} by merging {len(config.models)} fine-tuned model(s) into "
+        f"the base `{config.base_model}` with `{config.method}`.",
+        "",
+        "## Parameters",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+    ]
+    for k, v in params.model_dump().items():
+        lines.append(f"| {k} | {v} |")
+    if report.scale_auto is not None:
+        lines.append(f"| scale (auto, SPEC 6) | {report.scale_auto:.6g} |")
+    lines += ["", "## Inputs", "", "| model | weight | fisher |", "|---|---|---|"]
+    for m, w in zip(config.models, config.weights().tolist()):
+        lines.append(f"| `{m.model}` | {w:.4g} | {'`' + str(m.fisher) + '`' if m.fisher else ''} |")
+    if config.exclude:
+        lines += ["", "Kept equal to the base: " + ", ".join(f"`{e}`" for e in config.exclude)]
+    lines += ["", "`merge_config.yaml` beside this file reproduces the merge: `epimer merge merge_config.yaml -o OUT`.", ""]
+    return "\n".join(lines)
+
+
+def _resolved_config_yaml(config: MergeConfig, params: MethodParams, report: MergeReport, version: str) -> str:
+    data = config.to_yaml_dict()
+    data["parameters"] = params.model_dump(mode="json")
+    header = f"# written by epimer {version}\n"
+    if report.scale_auto is not None:
+        header += f"# scale: auto chose {report.scale_auto!r}; stored below so this file reproduces the merge\n"
+        data["parameters"]["scale"] = report.scale_auto
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def _copy_aux_files(base: Path, dest: Path, out_dtype: str | None) -> None:
+    if not base.is_dir():
+        return
+    for fname in AUX_FILES:
+        src = base / fname
+        if src.is_file():
+            shutil.copy2(src, dest / fname)
+    cfg = dest / "config.json"
+    if out_dtype and cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text())
+        except json.JSONDecodeError:
+            return
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = out_dtype
+        cfg.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_merge(
+    run: MergeRun,
+    out: str | Path,
+    *,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+) -> MergeReport:
+    """Merge and write OUT atomically: everything goes to a temporary folder beside OUT,
+    renamed into place at the end. OUT is never half written; an existing OUT is replaced
+    only with ``overwrite`` and only once the new one is complete.
+    """
+    from epimer import __version__
+
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: output already exists; choose another path or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    writer: CheckpointWriter | None = None
+    try:
+        planned = [PlannedTensor(p.name, p.shape, p.out_dtype) for p in run.plan]
+        writer = CheckpointWriter(tmp, planned, shard_size,
+                                  metadata={"merged_by": f"epimer {__version__}", "merge_method": run.config.method})
+        for name, tensor in run.tensors(tmp):
+            writer.write(name, tensor)
+        writer.close()
+        shutil.rmtree(tmp / ".delta-spill", ignore_errors=True)
+        _copy_aux_files(run.config.base_model, tmp, run.config.dtype)
+        (tmp / "merge_config.yaml").write_text(_resolved_config_yaml(run.config, run.params, run.report, __version__))
+        (tmp / "README.md").write_text(model_card(run.config, run.params, run.report, __version__))
+        if run.report.tensors or run.report.warnings:
+            (tmp / "merge_report.json").write_text(json.dumps(run.report.__dict__, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run.report
+
+
+def merge_to_folder(
+    config: MergeConfig,
+    out: str | Path,
+    *,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    allow_nonfinite: bool = False,
+    progress: ProgressSink | None = None,
+) -> MergeReport:
+    """Python API of ``epimer merge``: validate, merge and write OUT."""
+    out_path = Path(out).resolve()
+    if out_path.exists() and not overwrite:  # refuse before any reading
+        raise InputError(f"{out_path}: output already exists; choose another path or pass --overwrite")
+    run = MergeRun(config, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress)
+    try:
+        return write_merge(run, out_path, shard_size=shard_size, overwrite=overwrite)
+    finally:
+        run.close()
+
+
+def merge_state_dicts(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    method: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    weights: list[float] | None = None,
+    fishers: list[dict[str, torch.Tensor]] | None = None,
+    exclude: list[str] | None = None,
+    dtype: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts with any registered method; returns the merged state dict.
+
+    The same engine as ``epimer merge`` (same checks, same maths), without files.
+    """
+    specs = [
+        {"model": f"<model {i}>", "weight": (weights[i] if weights else 1.0),
+         **({"fisher": f"<fisher {i}>"} if fishers else {})}
+        for i in range(len(models))
+    ]
+    cfg = parse_config(
+        {"base_model": "<base>", "models": specs, "method": method, "parameters": parameters or {},
+         "exclude": exclude or [], "dtype": dtype},
+        source="merge_state_dicts",
+    )
+    cks = (
+        DictCheckpoint(base, "<base>"),
+        [DictCheckpoint(m, f"<model {i}>") for i, m in enumerate(models)],
+        [DictCheckpoint(f, f"<fisher {i}>") for i, f in enumerate(fishers)] if fishers else None,
+    )
+    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        return {name: t for name, t in run.tensors(Path(tmp))}

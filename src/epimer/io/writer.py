@@ -1,0 +1,156 @@
+"""Write safetensors checkpoints tensor by tensor, sharded by byte size.
+
+The layout of every shard is planned up front from the tensors' shapes and dtypes (known
+from the base checkpoint before any merging), so each shard's header is written first and
+tensors are then appended as they are produced: nothing beyond the tensor being written is
+held in memory. The files are plain safetensors and load with ``safetensors.safe_open`` and
+``transformers``' ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from epimer.io.reader import TORCH_TO_SAFETENSORS
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def plan_shards(tensors: list[PlannedTensor], shard_size: int | None) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most ``shard_size`` bytes of data.
+
+    A tensor larger than ``shard_size`` gets a shard of its own. ``None`` means one shard.
+    """
+    if shard_size is None:
+        return [list(tensors)]
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _header(shard: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for t in shard:
+        header[t.name] = {
+            "dtype": TORCH_TO_SAFETENSORS[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class CheckpointWriter:
+    """Streams tensors, in plan order, into ``model.safetensors`` or shards plus an index.
+
+    Args:
+        folder: existing folder that receives the files.
+        tensors: every tensor to be written, in the order :meth:`write` will receive them.
+        shard_size: maximum bytes of tensor data per shard, or None for a single file.
+        metadata: string metadata stored in every shard header (``format: pt`` is added).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[PlannedTensor],
+        shard_size: int | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = plan_shards(tensors, shard_size)
+        self.files = _shard_names(len(self.shards))
+        self._order = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
+        self._next = 0
+        self._fh: BinaryIO | None = None
+        self._shard = -1
+
+    def _open_shard(self, i: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = open(self.folder / self.files[i], "wb")  # noqa: SIM115
+        self._fh.write(_header(self.shards[i], self.metadata))
+        self._shard = i
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor; its name, shape and dtype must match the plan."""
+        if self._next >= len(self._order):
+            raise RuntimeError(f"writer: tensor {name!r} is beyond the plan")
+        shard, planned = self._order[self._next]
+        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(
+                f"writer: expected {planned.name!r} {list(planned.shape)} {planned.dtype}, "
+                f"got {name!r} {list(tensor.shape)} {tensor.dtype}"
+            )
+        if shard != self._shard:
+            self._open_shard(shard)
+        assert self._fh is not None
+        if planned.nbytes:
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            self._fh.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> list[Path]:
+        """Finish the last shard and write the index when sharded; returns the files written."""
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise RuntimeError(f"writer: closed before tensor {missing!r} was written")
+        if self._fh is None:  # an empty plan still gets a valid (empty) file
+            self._open_shard(0)
+        assert self._fh is not None
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        written = [self.folder / f for f in self.files]
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
+                "weight_map": {t.name: self.files[i] for i, s in enumerate(self.shards) for t in s},
+            }
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            written.append(self.folder / SAFETENSORS_INDEX)
+        return written
+
+    def abort(self) -> None:
+        """Close any open file without completing (the caller removes the folder)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

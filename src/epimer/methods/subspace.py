@@ -1,0 +1,334 @@
+"""Subspace methods (SPEC section 3): TSV-M, Iso-C, Iso-CTS and EpiMer.
+
+Matrix tensors are merged in a low-rank subspace; vector tensors (biases, norms, small or
+non-2-D tensors) use the weighted mean ``Δ = Σ_t w_t τ_t`` (EpiMer may use the diagonal Fisher
+average instead). TSV-M and EpiMer share the tagged basis of :mod:`epimer.subspace` and the
+Fréchet solve of :mod:`epimer.frechet`: TSV-M is EpiMer with the identity metric and singular
+coordinates (Proposition 2), and the code says so by calling the same solve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+import torch
+from pydantic import Field
+
+from epimer.curvature.metric import FisherRank, ProjectedMetric, projected_metric
+from epimer.diagnostics import error_bound, heterogeneity, residual_energy
+from epimer.frechet import frechet_dense, frechet_identity
+from epimer.methods.base import (
+    MergeMethod,
+    MethodParams,
+    Scale,
+    Stream,
+    TensorInputs,
+    TensorResult,
+    weighted_sum,
+)
+from epimer.methods.fisher_average import (
+    fisher_weighted_average,
+    require_fishers,
+    task_fisher_norms,
+)
+from epimer.registry import register
+from epimer.subspace import (
+    TaggedBasis,
+    compute_dtype,
+    lift,
+    polar,
+    project,
+    singular_coords,
+    tagged_basis,
+)
+
+_RANK_FRACTION = Field(
+    1.0,
+    gt=0,
+    le=1,
+    description="Share of min(m, n) the subspace spans: each task keeps "
+    "k = max(1, floor(rank_fraction·min(m, n)/T)) singular triples, r = T·k <= min(m, n). "
+    "1.0 is TSV-M's default (the whole rank split evenly among tasks).",
+)
+
+
+def _scale_field(default: float, why: str) -> Scale:
+    return Field(default, description=f"θ = θ0 + scale·Δ, or 'auto' (data-free, SPEC 6). {why}")
+
+
+def _basis_info(basis: TaggedBasis) -> dict[str, float]:
+    return {"k": float(basis.k), "r": float(basis.rank)}
+
+
+# --------------------------------------------------------------------------------- TSV-M
+
+
+class TsvMParams(MethodParams):
+    rank_fraction: float = _RANK_FRACTION
+    scale: Scale = _scale_field(1.0, "1.0 is the default of Gargiulo et al.")
+
+
+@register
+class TsvM(MergeMethod):
+    name = "tsv_m"
+    description = "Task Singular Vectors merge: per-task top singular triples, decorrelated (Gargiulo et al. 2025)."
+    Params = TsvMParams
+
+    def merge(self, x: TensorInputs, params: TsvMParams, state: None) -> torch.Tensor | TensorResult:
+        if x.kind == "vector":
+            return weighted_sum(x.deltas, x.weights)
+        basis = tagged_basis(x.deltas, params.rank_fraction)
+        # Proposition 2, case 4: identity metric, singular coordinates, eq. 14 -> Σ_t c_t = s.
+        coords = [singular_coords(basis, t) for t in range(x.num_tasks)]
+        c = frechet_identity(coords, x.weights, "frechet_sum")
+        delta = lift(basis.u, basis.v, c).to(x.deltas[0].dtype)  # U⊥ diag(s) V⊥ᵀ
+        return TensorResult(delta, _basis_info(basis))
+
+
+# ----------------------------------------------------------------------- Iso-C / Iso-CTS
+
+
+def _summed(x: TensorInputs) -> torch.Tensor:
+    """The task-arithmetic matrix ``Σ_t T·w_t τ_t`` (= Σ_t τ_t of SPEC 3.3 for equal weights, as
+    task_arithmetic, so unequal user weights count), float32 (float64 for float64 inputs)."""
+    return weighted_sum(x.deltas, x.weights).mul_(x.num_tasks).to(compute_dtype(x.deltas[0]))
+
+
+def _isotropic(us: list[torch.Tensor], vs: list[torch.Tensor], ss: list[torch.Tensor]) -> torch.Tensor:
+    """``mean(σ) · U⊥ V⊥ᵀ`` over concatenated singular triples (Marczak et al. 2025)."""
+    u = polar(torch.cat(us, dim=1))  # (m, p)
+    v = polar(torch.cat(vs, dim=1))  # (n, p)
+    return torch.cat(ss).mean() * (u @ v.T)
+
+
+class IsoCParams(MethodParams):
+    scale: Scale = _scale_field(1.0, "1.0 is the paper's form; Marczak et al. tune it on validation.")
+
+
+@register
+class IsoC(MergeMethod):
+    name = "iso_c"
+    description = "Isotropic merging in the common subspace: task-arithmetic sum with a flattened spectrum (Marczak et al. 2025)."
+    Params = IsoCParams
+
+    def merge(self, x: TensorInputs, params: IsoCParams, state: None) -> torch.Tensor:
+        if x.kind == "vector":
+            return weighted_sum(x.deltas, x.weights)
+        total = _summed(x)  # M = Σ_t τ_t
+        p, sigma, qh = torch.linalg.svd(total, full_matrices=False)
+        return (sigma.mean() * (p @ qh)).to(x.deltas[0].dtype)
+
+
+class IsoCtsParams(MethodParams):
+    common_fraction: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Share of min(m, n) given to the common subspace of Σ_t τ_t; the rest is "
+        "split evenly among tasks. 0.8 is the default of Marczak et al.",
+    )
+    scale: Scale = _scale_field(1.0, "FusionBench reports 1.5 as tuned.")
+
+
+def iso_cts_dims(p: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(k_c, n_t): ``k0 = floor(cf·p)``, ``n_t = round((p − k0)/T)`` (half to even),
+    ``k_c = p − T·n_t`` (SPEC 3.3). n_t is capped at ``p // T`` so that k_c >= 0 (rounding up
+    can otherwise ask for more task directions than the rank holds)."""
+    k0 = math.floor(common_fraction * p)
+    n_t = min(round((p - k0) / num_tasks), p // num_tasks)
+    return p - num_tasks * n_t, n_t
+
+
+@register
+class IsoCts(MergeMethod):
+    name = "iso_cts"
+    description = "Isotropic merging in common and task-specific subspaces (Marczak et al. 2025)."
+    Params = IsoCtsParams
+
+    def merge(self, x: TensorInputs, params: IsoCtsParams, state: None) -> torch.Tensor:
+        if x.kind == "vector":
+            return weighted_sum(x.deltas, x.weights)
+        dtype = compute_dtype(x.deltas[0])
+        k_c, n_t = iso_cts_dims(min(x.base.shape), x.num_tasks, params.common_fraction)
+        total = _summed(x)  # Σ_t τ_t
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u_c = u[:, :k_c]  # (m, k_c)
+        us, vs, ss = [u_c], [vh[:k_c].T], [s[:k_c]]
+        for tau in x.deltas:
+            tau = tau.to(dtype)
+            u_t, s_t, vh_t = torch.linalg.svd(tau - u_c @ (u_c.T @ tau), full_matrices=False)
+            us.append(u_t[:, :n_t])
+            vs.append(vh_t[:n_t].T)
+            ss.append(s_t[:n_t])
+        return _isotropic(us, vs, ss).to(x.deltas[0].dtype)
+
+
+# -------------------------------------------------------------------------------- EpiMer
+
+# Default s of the factored metric: the exact metric costs O(m·n·r²) per task and tensor
+# (about 2.3·10¹¹ multiply-adds for a 768 × 768 layer at r = 768, so tens of CPU-minutes per
+# task for BERT-base), rank 4 O(4·(m + n)·r²), ~100× less; linear-layer Fishers are close to
+# rank 1 and the error of the approximation is reported per tensor.
+_DEFAULT_FISHER_RANK = 4
+
+
+class EpimerParams(MethodParams):
+    rank_fraction: float = _RANK_FRACTION
+    scale: Scale = _scale_field(
+        1.0, "1.0 matches TSV-M's default; the paper finds the optimum well above it (Sec. 4.3)."
+    )
+    aggregator: Literal["frechet_sum", "frechet_mean"] = Field(
+        "frechet_sum",
+        description="frechet_sum: c* = (Σ w_t H_t)⁻¹ Σ_t H_t c_t (eq. 14, the paper's method); "
+        "frechet_mean: c* = (Σ w_t H_t)⁻¹ Σ_t w_t H_t c_t (eq. 13), which divides each task's "
+        "atoms by about T on the tagged basis.",
+    )
+    coords: Literal["projected", "singular"] = Field(
+        "projected",
+        description="Task coordinates: projected c_t[a] = u_aᵀ τ_t v_a (all of τ_t inside the "
+        "subspace), or singular c_t[a] = s[a] on task t's own atoms, else 0 (with equal "
+        "curvatures this is exactly TSV-M).",
+    )
+    eps: float = Field(
+        1e-6,
+        gt=0,
+        description="Jitter eps·mean(F_t)·I added to each H_t (the paper's ensure_psd; its "
+        "value is not stated, so 1e-6 relative): keeps every H_t positive definite at no "
+        "measurable change of the merge.",
+    )
+    fisher_rank: Union[Literal["exact"], Annotated[int, Field(ge=1)]] = Field(
+        _DEFAULT_FISHER_RANK,
+        description="'exact' computes H_t = Bᵀdiag(F_t)B in O(m·n·r²) per task; an integer s "
+        "uses the rank-s SVD of F_t, O(s·(m+n)·r²). Default 4: the exact metric of a "
+        "BERT-base merge takes CPU-hours, rank 4 minutes, and a linear layer's Fisher is "
+        "close to rank 1 (K-FAC); the relative error of F_t's approximation is reported per "
+        "tensor (fisher_rel_err).",
+    )
+    fisher_norm: Literal["none", "global", "tensor"] = Field(
+        "none",
+        description="Divide each task's F_t by its mean over the whole model (global) or over "
+        "the tensor (tensor), so tasks weigh by curvature shape rather than loss scale; none "
+        "is the paper.",
+    )
+    vector_rule: Literal["mean", "fisher"] = Field(
+        "mean",
+        description="Vector tensors: weighted mean Σ w_t τ_t (as TSV-M), or the diagonal "
+        "Fisher average (the same Fréchet solve with B = I).",
+    )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What merge and diagnose share for one matrix tensor: basis, coordinates c_t (float64)
+    and the per-task normalised Fisher from which each H_t is computed on demand."""
+
+    basis: TaggedBasis
+    coords: list[torch.Tensor]
+    x: TensorInputs
+    divisors: tuple[float, ...]
+    eps: float
+    fisher_rank: FisherRank
+
+    def fisher(self, t: int) -> torch.Tensor:
+        """F_t clamped at 0 and divided by its normaliser (SPEC 3.4 fisher_norm)."""
+        assert self.x.fishers is not None
+        return self.x.fishers[t].clamp(min=0).div_(self.divisors[t])
+
+    def metric(self, t: int) -> ProjectedMetric:
+        """H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I, exact or factored."""
+        return projected_metric(self.fisher(t), self.basis.u, self.basis.v, self.eps, self.fisher_rank)
+
+
+@register
+class Epimer(MergeMethod):
+    name = "epimer"
+    description = "EpiMer: Fréchet mean of task coordinates under projected Fisher metrics on the tagged basis."
+    Params = EpimerParams
+    needs_fisher = True
+
+    def prepare(self, params: EpimerParams, stream: Stream) -> tuple[float, ...] | None:
+        """Per-task mean Fisher over every tensor when ``fisher_norm: global`` (one pass)."""
+        if params.fisher_norm == "global":
+            return task_fisher_norms(stream, self.name, squared=False)
+        return None
+
+    def _divisors(self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None) -> tuple[float, ...]:
+        fishers = require_fishers(self.name, x)
+        if params.fisher_norm == "global":
+            assert state is not None, "fisher_norm 'global' needs prepare() to have run"
+            return state
+        if params.fisher_norm == "tensor":
+            means = (float(f.clamp(min=0).mean(dtype=torch.float64)) for f in fishers)
+            return tuple(m if m > 0 else 1.0 for m in means)
+        return (1.0,) * len(fishers)
+
+    def _geometry(self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None) -> _Geometry:
+        divisors = self._divisors(x, params, state)
+        basis = tagged_basis(x.deltas, params.rank_fraction)
+        if params.coords == "projected":
+            coords = [project(basis.u, basis.v, tau) for tau in x.deltas]
+        else:
+            coords = [singular_coords(basis, t) for t in range(x.num_tasks)]
+        return _Geometry(
+            basis=basis,
+            coords=[c.to(torch.float64) for c in coords],
+            x=x,
+            divisors=divisors,
+            eps=params.eps,
+            fisher_rank=params.fisher_rank,
+        )
+
+    def merge(
+        self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
+    ) -> torch.Tensor | TensorResult:
+        if x.kind == "vector":
+            if params.vector_rule == "mean":
+                return weighted_sum(x.deltas, x.weights)
+            divisors = self._divisors(x, params, state)
+            fishers = require_fishers(self.name, x)
+            return fisher_weighted_average(x.deltas, fishers, x.weights, params.eps, divisors)
+        geo = self._geometry(x, params, state)
+        errors: list[float] = []
+
+        def metrics() -> Iterator[torch.Tensor]:  # one H_t alive at a time
+            for t in range(x.num_tasks):
+                pm = geo.metric(t)
+                errors.append(pm.fisher_rel_err)
+                yield pm.h
+
+        c = frechet_dense(geo.coords, metrics(), x.weights, params.aggregator)  # eq. 13/14
+        delta = lift(geo.basis.u, geo.basis.v, c).to(x.deltas[0].dtype)  # U⊥ diag(c*) V⊥ᵀ
+        info = _basis_info(geo.basis)
+        if params.fisher_rank != "exact":
+            info["fisher_rel_err_max"] = max(errors)
+            info.update({f"fisher_rel_err/{t}": e for t, e in enumerate(errors)})
+        return TensorResult(delta, info)
+
+    def diagnose(
+        self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
+    ) -> dict[str, float]:
+        """SPEC 5 for one matrix tensor ({} for a vector tensor), for the coordinates and
+        metrics this merge uses: kappa, kappa_rel, J_flat = J(c̄), J_star = J(c*) (Theorem 3,
+        trace-normalised metrics) and V, R, bound (Theorem 2, at the merged c* before scale)."""
+        if x.kind != "matrix":
+            return {}
+        geo = self._geometry(x, params, state)
+        metrics = [geo.metric(t).h for t in range(x.num_tasks)]
+        c = frechet_dense(geo.coords, metrics, x.weights, params.aggregator)
+        het = heterogeneity(geo.coords, metrics, x.weights)
+        fishers = (geo.fisher(t) for t in range(x.num_tasks))
+        resid = residual_energy(x.deltas, fishers, geo.basis.u, geo.basis.v, geo.coords, x.weights)
+        eb = error_bound(c, geo.coords, metrics, resid, x.weights)
+        return {
+            "kappa": het.kappa,
+            "kappa_rel": het.kappa_rel,
+            "J_flat": het.j_flat,
+            "J_star": het.j_star,
+            "V": eb.V,
+            "R": eb.R,
+            "bound": eb.bound,
+            **_basis_info(geo.basis),
+        }

@@ -1,0 +1,574 @@
+"""The flat baselines of SPEC section 2 against float64 references written here from the SPEC.
+
+The references use numpy and plain loops over entries; they never call epimer's helpers. DARE's
+reference re-derives the documented mask rule (blake2b of seed, name, task; ``torch.rand <
+density`` on the CPU generator) so that a change of the rule, which would silently change
+every merged model, fails here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epimer import InputError, get_method
+from epimer.methods.base import TensorInputs, TensorResult
+from epimer.methods.ties import StreamingKthLargest, global_thresholds, kth_largest_magnitude
+
+Model = dict[str, torch.Tensor]
+
+SETTINGS = settings(max_examples=15, deadline=None, database=None)
+
+# several tensors of mixed shapes, 1-D included
+SHAPES: dict[str, tuple[int, ...]] = {"w1": (6, 5), "b1": (5,), "w2": (3, 7), "g": (4,), "s": (1,)}
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def inputs_of(base: Model, deltas: Sequence[Model], weights: Sequence[float] | None = None) -> list[TensorInputs]:
+    """One TensorInputs per tensor, as the engine builds them (weights normalised, float64)."""
+    num_tasks = len(deltas)
+    w = torch.tensor(weights if weights is not None else [1.0] * num_tasks, dtype=torch.float64)
+    w = w / w.sum()
+    return [
+        TensorInputs(
+            name=name,
+            base=b,
+            deltas=tuple(d[name] for d in deltas),
+            weights=w,
+            fishers=None,
+            kind="matrix" if b.ndim == 2 and min(b.shape) >= num_tasks else "vector",
+        )
+        for name, b in base.items()
+    ]
+
+
+def run(
+    method_name: str,
+    raw: dict[str, Any] | None,
+    base: Model,
+    deltas: Sequence[Model],
+    weights: Sequence[float] | None = None,
+    order: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """θ = θ0 + scale·Δ in float64 for every tensor, driving prepare() and merge() like the engine.
+
+    ``order`` streams the tensors in another order (the result must not depend on it).
+    """
+    method = get_method(method_name)
+    params = method.parse_params(raw)
+    inputs = inputs_of(base, deltas, weights)
+    if order is not None:
+        by_name = {x.name: x for x in inputs}
+        inputs = [by_name[n] for n in order]
+
+    def stream(visit: Callable[[TensorInputs], None]) -> None:
+        for x in inputs:
+            visit(x)
+
+    state = method.prepare(params, stream)
+    scale = method.scale(params)
+    out = {}
+    for x in inputs:
+        result = method.merge(x, params, state)
+        delta = result.delta if isinstance(result, TensorResult) else result
+        assert delta.dtype == torch.float32 and delta.shape == x.base.shape
+        out[x.name] = x.base.double().numpy() + scale * delta.double().numpy()
+    return out
+
+
+def random_model(seed: int, shapes: dict[str, tuple[int, ...]], num_tasks: int = 3) -> tuple[Model, list[Model]]:
+    gen = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    deltas = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(num_tasks)]
+    return base, deltas
+
+
+def assert_matches(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+    """Equal to 1e-6 relative to the largest magnitude of the reference tensor."""
+    assert got.keys() == ref.keys()
+    for name in ref:
+        tol = 1e-6 * max(1.0, float(np.abs(ref[name]).max(initial=0.0)))
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, atol=tol, err_msg=name)
+
+
+def normalised(weights: Sequence[float] | None, num_tasks: int) -> np.ndarray:
+    w = np.ones(num_tasks) if weights is None else np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
+shapes_strategy = st.dictionaries(
+    keys=st.sampled_from(["a", "b", "c", "d"]),
+    values=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    min_size=1,
+    max_size=4,
+)
+weights_strategy = st.one_of(st.none(), st.lists(st.floats(0.1, 3.0), min_size=3, max_size=3))
+
+
+# --------------------------------------------------------------------------- references (float64)
+
+
+def np_model(model: Model) -> dict[str, np.ndarray]:
+    return {n: v.double().numpy() for n, v in model.items()}
+
+
+def floor_density(density: float, size: int) -> int:
+    return math.floor(Fraction(str(density)) * size)
+
+
+def ref_trim(deltas: list[dict[str, np.ndarray]], density: float, scope: str) -> list[dict[str, np.ndarray]]:
+    """Each task keeps the entries with |τ| >= its k-th largest magnitude in scope (none if k=0)."""
+    names = list(deltas[0])
+    groups = [names] if scope == "global" else [[n] for n in names]
+    out: list[dict[str, np.ndarray]] = []
+    for task in deltas:
+        kept = {}
+        for group in groups:
+            mags = np.concatenate([np.abs(task[n]).ravel() for n in group])
+            k = floor_density(density, mags.size)
+            threshold = np.sort(mags)[::-1][k - 1] if k > 0 else np.inf
+            for n in group:
+                kept[n] = np.where(np.abs(task[n]) >= threshold, task[n], 0.0)
+        out.append(kept)
+    return out
+
+
+def ref_sign_consensus(vectors: list[dict[str, np.ndarray]], sign: str) -> dict[str, np.ndarray]:
+    """Elect γ per entry, then average the non-zero values whose sign is γ (plain loops)."""
+    out = {}
+    for name, first in vectors[0].items():
+        merged = np.zeros_like(first)
+        for idx in np.ndindex(first.shape):
+            values = [v[name][idx] for v in vectors]
+            if sign == "mass":
+                gamma = np.sign(sum(values))
+            else:
+                gamma = np.sign(sum(np.sign(v) for v in values))
+            agree = [v for v in values if v != 0 and np.sign(v) == gamma]
+            merged[idx] = sum(agree) / max(1, len(agree))
+        out[name] = merged
+    return out
+
+
+def ref_sum(vectors: list[dict[str, np.ndarray]], factors: np.ndarray) -> dict[str, np.ndarray]:
+    return {n: sum(f * v[n] for f, v in zip(factors, vectors)) for n in vectors[0]}
+
+
+def scaled(vectors: list[dict[str, np.ndarray]], factors: np.ndarray) -> list[dict[str, np.ndarray]]:
+    return [{n: f * x for n, x in v.items()} for f, v in zip(factors, vectors)]
+
+
+def theta(base: Model, delta: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    return {n: b + scale * delta[n] for n, b in np_model(base).items()}
+
+
+def ref_mask(seed: int, name: str, task: int, shape: tuple[int, ...], density: float) -> np.ndarray:
+    key = f"{seed}\0{name}\0{task}".encode()
+    gen = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
+    return (torch.rand(shape, generator=gen) < density).numpy()
+
+
+# --------------------------------------------------------------------------- every method vs its reference
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), shapes=shapes_strategy, weights=weights_strategy)
+def test_weight_average_is_weighted_mean_of_models(seed: int, shapes: dict, weights: list | None) -> None:
+    base, deltas = random_model(seed, shapes)
+    w = normalised(weights, 3)
+    base64 = np_model(base)
+    models = [{n: base64[n] + d for n, d in np_model(task).items()} for task in deltas]  # θ_t
+    ref = {n: sum(w[t] * models[t][n] for t in range(3)) for n in base}
+    assert_matches(run("weight_average", None, base, deltas, weights), ref)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31),
+    shapes=shapes_strategy,
+    weights=weights_strategy,
+    scale=st.one_of(st.none(), st.floats(-2.0, 2.0)),
+)
+def test_task_arithmetic_matches_reference(seed: int, shapes: dict, weights: list | None, scale: float | None) -> None:
+    base, deltas = random_model(seed, shapes)
+    raw = None if scale is None else {"scale": scale}
+    factors = 3 * normalised(weights, 3)  # T·w_t: 1 each for equal weights (SPEC's Σ τ_t)
+    ref = theta(base, ref_sum([np_model(d) for d in deltas], factors), 0.3 if scale is None else scale)
+    assert_matches(run("task_arithmetic", raw, base, deltas, weights), ref)
+
+
+def test_task_arithmetic_default_is_sum_of_task_vectors_times_0_3() -> None:
+    base, deltas = random_model(1, SHAPES)
+    ref = {n: base[n].double().numpy() + 0.3 * sum(d[n].double().numpy() for d in deltas) for n in base}
+    assert_matches(run("task_arithmetic", None, base, deltas), ref)
+
+
+@pytest.mark.parametrize("sign", ["mass", "frequency"])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31),
+    density=st.sampled_from([0.05, 0.2, 0.29, 0.5, 0.77, 1.0]),
+    weights=weights_strategy,
+    shapes=st.one_of(st.just(SHAPES), shapes_strategy),
+)
+def test_ties_matches_reference(
+    sign: str, scope: str, seed: int, density: float, weights: list | None, shapes: dict
+) -> None:
+    base, deltas = random_model(seed, shapes)
+    raw = {"density": density, "sign": sign, "scope": scope, "scale": 0.7}
+    trimmed = ref_trim([np_model(d) for d in deltas], density, scope)
+    ref = theta(base, ref_sign_consensus(scaled(trimmed, 3 * normalised(weights, 3)), sign), 0.7)
+    assert_matches(run("ties", raw, base, deltas, weights), ref)
+
+
+@pytest.mark.parametrize("combine,sign", [("task_arithmetic", "mass"), ("ties", "mass"), ("ties", "frequency")])
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31),
+    dare_seed=st.integers(0, 1000),
+    density=st.sampled_from([0.1, 0.5, 0.9, 1.0]),
+    weights=weights_strategy,
+)
+def test_dare_matches_reference(
+    combine: str, sign: str, seed: int, dare_seed: int, density: float, weights: list | None
+) -> None:
+    base, deltas = random_model(seed, SHAPES)
+    raw = {"density": density, "seed": dare_seed, "combine": combine, "sign": sign, "scale": 1.3}
+    dropped = [
+        {n: np.where(ref_mask(dare_seed, n, t, v.shape, density), v / density, 0.0) for n, v in np_model(d).items()}
+        for t, d in enumerate(deltas)
+    ]
+    factors = 3 * normalised(weights, 3)
+    delta = ref_sum(dropped, factors) if combine == "task_arithmetic" else ref_sign_consensus(scaled(dropped, factors), sign)
+    assert_matches(run("dare", raw, base, deltas, weights), theta(base, delta, 1.3))
+
+
+# --------------------------------------------------------------------------- invariances
+
+
+ORDER_CASES = [
+    ("weight_average", None),
+    ("task_arithmetic", {"scale": 0.5}),
+    ("ties", {"density": 0.3, "sign": "mass", "scope": "global"}),
+    ("ties", {"density": 0.3, "sign": "frequency", "scope": "tensor"}),
+    ("dare", {"density": 1.0, "combine": "ties"}),  # nothing dropped: the masks cannot differ
+]
+
+
+@pytest.mark.parametrize("name,raw", ORDER_CASES)
+@pytest.mark.parametrize("perm", [(1, 2, 0), (2, 0, 1), (0, 2, 1)])
+def test_task_order_does_not_matter(name: str, raw: dict | None, perm: tuple[int, ...]) -> None:
+    base, deltas = random_model(7, SHAPES)
+    weights = [0.5, 1.0, 2.0]
+    got = run(name, raw, base, [deltas[i] for i in perm], [weights[i] for i in perm])
+    assert_matches(got, run(name, raw, base, deltas, weights))
+
+
+@pytest.mark.parametrize("name,raw", [("ties", {"scope": "global"}), ("dare", {"combine": "ties", "seed": 3})])
+def test_tensor_order_does_not_matter(name: str, raw: dict) -> None:
+    base, deltas = random_model(8, SHAPES)
+    got = run(name, raw, base, deltas, order=list(reversed(SHAPES)))
+    ref = run(name, raw, base, deltas)
+    for n in SHAPES:
+        np.testing.assert_array_equal(got[n], ref[n])
+
+
+@pytest.mark.parametrize("name,raw", [(n, r) for n, r in ORDER_CASES] + [("dare", {"density": 0.4})])
+def test_inputs_are_not_mutated(name: str, raw: dict | None) -> None:
+    base, deltas = random_model(9, SHAPES)
+    copies = [{n: v.clone() for n, v in d.items()} for d in deltas]
+    base_copy = {n: v.clone() for n, v in base.items()}
+    run(name, raw, base, deltas)
+    for d, c in zip(deltas, copies):
+        for n in d:
+            assert torch.equal(d[n], c[n])
+    for n in base:
+        assert torch.equal(base[n], base_copy[n])
+
+
+@pytest.mark.parametrize("name,raw", [(n, r) for n, r in ORDER_CASES] + [("dare", {"density": 0.4})])
+def test_zero_task_vectors_give_the_base(name: str, raw: dict | None) -> None:
+    base, _ = random_model(10, SHAPES)
+    zeros = [{n: torch.zeros_like(v) for n, v in base.items()} for _ in range(3)]
+    got = run(name, raw, base, zeros)
+    for n in base:
+        np.testing.assert_array_equal(got[n], base[n].double().numpy())
+
+
+# --------------------------------------------------------------------------- TIES counts and scope
+
+
+def distinct_single_task(seed: int, shapes: dict[str, tuple[int, ...]]) -> tuple[Model, list[Model]]:
+    """One task whose magnitudes are 1..D in random order and with random signs (all distinct)."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [math.prod(s) for s in shapes.values()]
+    mags = (torch.randperm(sum(sizes), generator=gen) + 1).float()
+    signs = torch.where(torch.rand(sum(sizes), generator=gen) < 0.5, -1.0, 1.0)
+    flat = (mags * signs).split(sizes)
+    delta = {n: f.reshape(s) for (n, s), f in zip(shapes.items(), flat)}
+    return {n: torch.zeros(s) for n, s in shapes.items()}, [delta]
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@SETTINGS
+@given(seed=st.integers(0, 2**31), shapes=shapes_strategy, density=st.floats(0.01, 1.0))
+def test_ties_keeps_exactly_floor_density_entries_when_magnitudes_are_distinct(
+    scope: str, seed: int, shapes: dict, density: float
+) -> None:
+    base, deltas = distinct_single_task(seed, shapes)
+    # with one task the disjoint mean is the trimmed vector itself
+    got = run("ties", {"density": density, "scope": scope}, base, deltas)
+    if scope == "global":
+        expected = floor_density(density, sum(v.size for v in got.values()))
+        assert sum(int(np.count_nonzero(v)) for v in got.values()) == expected
+    else:
+        for n, v in got.items():
+            assert np.count_nonzero(v) == floor_density(density, v.size), n
+    # and the kept entries are the largest ones, unchanged
+    kept = np.concatenate([v.ravel() for v in got.values()])
+    orig = np.concatenate([v.double().numpy().ravel() for v in deltas[0].values()])
+    assert np.array_equal(kept[kept != 0], orig[kept != 0])
+
+
+def test_ties_keep_count_uses_the_decimal_density() -> None:
+    # 0.29 · 100 is 28.999999999999996 in floating point; floor(density · D) is 29
+    base, deltas = distinct_single_task(0, {"x": (100,)})
+    got = run("ties", {"density": 0.29, "scope": "tensor"}, base, deltas)
+    assert np.count_nonzero(got["x"]) == 29
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_ties_keeps_entries_tied_with_the_threshold(scope: str) -> None:
+    values = [5.0, 0.5, -3.0, 4.0, 3.0, 1.0, 3.0, 2.0, -3.0, 0.25]  # k = 3 → threshold 3
+    base = {"a": torch.zeros(4), "b": torch.zeros(2, 3)}
+    delta = {"a": torch.tensor(values[:4]), "b": torch.tensor(values[4:]).reshape(2, 3)}
+    if scope == "tensor":  # one tensor holding everything, so that both scopes see the same D
+        base, delta = {"x": torch.zeros(10)}, {"x": torch.tensor(values)}
+    got = run("ties", {"density": 0.3, "scope": scope}, base, [delta])
+    kept = np.concatenate([v.ravel() for v in got.values()])
+    assert sorted(kept[kept != 0].tolist()) == [-3.0, -3.0, 3.0, 3.0, 4.0, 5.0]
+
+
+def test_ties_keeps_nothing_when_floor_density_is_zero() -> None:
+    base, deltas = random_model(3, {"x": (7,), "y": (3, 4)})
+    for scope in ("global", "tensor"):
+        got = run("ties", {"density": 0.01, "scope": scope}, base, deltas)  # floor(0.01·19) = 0
+        for n in base:
+            np.testing.assert_array_equal(got[n], base[n].double().numpy())
+
+
+def test_ties_global_and_tensor_scope_differ_and_match_their_references() -> None:
+    gen = torch.Generator().manual_seed(4)
+    shapes = {"small": (8, 6), "large": (10,), "mid": (5, 4)}
+    magnitude = {"small": 0.01, "large": 100.0, "mid": 1.0}
+    base = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    deltas = [{n: magnitude[n] * torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(3)]
+    results = {}
+    for scope in ("global", "tensor"):
+        results[scope] = run("ties", {"density": 0.25, "scope": scope}, base, deltas)
+        trimmed = ref_trim([np_model(d) for d in deltas], 0.25, scope)
+        assert_matches(results[scope], theta(base, ref_sign_consensus(trimmed, "mass"), 1.0))
+    # global trimming spends the budget on the large tensor and leaves the small one at the base
+    np.testing.assert_array_equal(results["global"]["small"], base["small"].double().numpy())
+    assert not np.array_equal(results["tensor"]["small"], base["small"].double().numpy())
+
+
+def test_ties_global_prepare_streams_twice_and_tensor_scope_never() -> None:
+    base, deltas = random_model(5, SHAPES)
+    inputs = inputs_of(base, deltas)
+    calls = []
+
+    def stream(visit: Callable[[TensorInputs], None]) -> None:
+        calls.append(1)
+        for x in inputs:
+            visit(x)
+
+    method = get_method("ties")
+    method.prepare(method.parse_params({"scope": "global"}), stream)
+    assert len(calls) == 2
+    calls.clear()
+    assert method.prepare(method.parse_params({"scope": "tensor"}), stream) is None
+    assert not calls
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_ties_does_not_fail_on_nan(scope: str) -> None:
+    base, deltas = random_model(6, SHAPES)
+    deltas[0]["w1"][2, 3] = float("nan")
+    got = run("ties", {"scope": scope, "density": 0.5}, base, deltas)
+    assert np.isfinite(got["b1"]).all()
+
+
+# --------------------------------------------------------------------------- exact streaming threshold
+
+
+def tricky_values() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    one = np.float32(1.0)
+    same_high_bits = (one + np.arange(300, dtype=np.float32) * np.finfo(np.float32).eps).astype(np.float32)
+    return {
+        "normal": rng.standard_normal(3000).astype(np.float32),
+        "zeros": np.concatenate([np.zeros(500), -np.zeros(300), rng.standard_normal(50)]).astype(np.float32),
+        "equal": np.concatenate([np.full(700, 0.75), np.full(300, -0.75), [1.0, 2.0, 0.5]]).astype(np.float32),
+        "subnormal": np.array([1e-45, -1e-45, 1e-40, -3e-42, 1.17e-38, 0.0, 1e-44] * 20, dtype=np.float32),
+        "extreme": np.array([3.4e38, -3.4e38, 1e-30, -1e30, 1e-38, 65504.0, 1e-45, 0.0, 2.0] * 11, dtype=np.float32),
+        "same_high_bits": np.concatenate([same_high_bits, -same_high_bits[::3]]),
+        "mixed": np.concatenate(
+            [rng.standard_normal(400) * 10.0 ** rng.integers(-40, 38, 400), np.zeros(100)]
+        ).astype(np.float32),
+    }
+
+
+def sorted_kth(values: np.ndarray, k: int) -> float:
+    return float(torch.sort(torch.from_numpy(values).abs(), descending=True).values[k - 1])
+
+
+@pytest.mark.parametrize("case", list(tricky_values()))
+def test_streaming_kth_largest_equals_sort(case: str) -> None:
+    values = tricky_values()[case]
+    chunks = [torch.from_numpy(c) for c in np.array_split(values, 5)]
+    ks = sorted({1, 2, values.size // 3, values.size // 2, values.size - 1, values.size})
+    for k in ks:
+        sel = StreamingKthLargest()
+        for c in chunks:
+            sel.observe_high(c)
+        sel.select(k)
+        for c in chunks:
+            sel.observe_low(c)
+        assert sel.result() == sorted_kth(values, k), (case, k)
+        # the per-tensor path (ties scope "tensor") selects the same value
+        assert kth_largest_magnitude(torch.from_numpy(values), k) == sorted_kth(values, k), (case, k)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.9, 1.0])
+def test_global_thresholds_equal_sort_over_all_tensors(density: float) -> None:
+    cases = tricky_values()
+    tasks = [
+        {n: torch.from_numpy(v) for n, v in cases.items()},
+        {n: torch.from_numpy(-np.roll(v, 7) * np.float32(0.5)) for n, v in cases.items()},
+    ]
+    base = {n: torch.zeros(v.shape) for n, v in cases.items()}
+    inputs = inputs_of(base, tasks)
+    thresholds = global_thresholds(lambda visit: [visit(x) for x in inputs] and None, density)
+    for task, threshold in zip(tasks, thresholds):
+        values = np.concatenate([v.numpy() for v in task.values()])
+        k = floor_density(density, values.size)
+        assert threshold == sorted_kth(values, k)
+
+
+def test_streaming_kth_largest_of_nothing_is_none() -> None:
+    sel = StreamingKthLargest()
+    sel.observe_high(torch.randn(10))
+    sel.select(0)
+    assert sel.result() is None
+    with pytest.raises(ValueError, match="k=11"):
+        sel.select(11)
+
+
+# --------------------------------------------------------------------------- DARE
+
+
+def test_dare_keeps_about_density_of_entries_rescaled() -> None:
+    density, n = 0.3, 40_000
+    gen = torch.Generator().manual_seed(11)
+    delta = {"x": torch.randn(200, 200, generator=gen)}
+    base = {"x": torch.zeros(200, 200)}
+    got = run("dare", {"density": density, "seed": 5}, base, [delta])["x"]
+    kept = got != 0
+    bound = 5 * math.sqrt(density * (1 - density) / n)  # five standard deviations of the share
+    assert abs(kept.mean() - density) < bound
+    np.testing.assert_allclose(got[kept], delta["x"].double().numpy()[kept] / density, rtol=1e-6)
+
+
+@pytest.mark.parametrize("combine", ["task_arithmetic", "ties"])
+def test_dare_is_deterministic_per_seed(combine: str) -> None:
+    base, deltas = random_model(12, SHAPES)
+    first = run("dare", {"seed": 1, "combine": combine}, base, deltas)
+    again = run("dare", {"seed": 1, "combine": combine}, base, deltas)
+    other = run("dare", {"seed": 2, "combine": combine}, base, deltas)
+    for n in SHAPES:
+        np.testing.assert_array_equal(first[n], again[n])
+    assert any(not np.array_equal(first[n], other[n]) for n in SHAPES)
+
+
+def test_dare_masks_differ_between_tasks_and_tensors() -> None:
+    shape = (30, 30)
+    base = {"a": torch.zeros(shape), "b": torch.zeros(shape)}
+    ones = {"a": torch.ones(shape), "b": torch.ones(shape)}
+    per_task = [run("dare", {"density": 0.5}, base, [ones, ones], weights=[1.0, 0.0] if t == 0 else [0.0, 1.0]) for t in (0, 1)]
+    assert not np.array_equal(per_task[0]["a"] != 0, per_task[1]["a"] != 0)
+    assert not np.array_equal(per_task[0]["a"] != 0, per_task[0]["b"] != 0)
+
+
+def test_dare_scope_has_no_effect() -> None:
+    base, deltas = random_model(13, SHAPES)
+    glob = run("dare", {"combine": "ties", "scope": "global"}, base, deltas)
+    tens = run("dare", {"combine": "ties", "scope": "tensor"}, base, deltas)
+    for n in SHAPES:
+        np.testing.assert_array_equal(glob[n], tens[n])
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize("name", ["ties", "dare"])
+@pytest.mark.parametrize("density", [0, 1.5, -0.1])
+def test_density_outside_zero_one_is_refused(name: str, density: float) -> None:
+    with pytest.raises(InputError, match="density"):
+        get_method(name).parse_params({"density": density})
+
+
+@pytest.mark.parametrize("name", ["weight_average", "task_arithmetic", "ties", "dare"])
+def test_unknown_parameter_lists_the_valid_ones(name: str) -> None:
+    method = get_method(name)
+    with pytest.raises(InputError, match="rank_fraction") as err:
+        method.parse_params({"rank_fraction": 0.5})
+    for field in method.Params.model_fields:
+        assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name,raw,field",
+    [("ties", {"sign": "vote"}, "sign"), ("ties", {"scope": "layer"}, "scope"), ("dare", {"combine": "mean"}, "combine")],
+)
+def test_bad_choice_is_refused(name: str, raw: dict, field: str) -> None:
+    with pytest.raises(InputError, match=field):
+        get_method(name).parse_params(raw)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare"])
+def test_negative_and_auto_scale_are_accepted(name: str) -> None:
+    method = get_method(name)
+    assert method.scale(method.parse_params({"scale": -0.5})) == -0.5
+    assert method.scale(method.parse_params({"scale": "auto"})) == "auto"
+
+
+def test_defaults_follow_the_spec() -> None:
+    assert get_method("task_arithmetic").parse_params(None).model_dump() == {"scale": 0.3}
+    assert get_method("ties").parse_params(None).model_dump() == {
+        "density": 0.2, "scale": 1.0, "sign": "mass", "scope": "global"
+    }
+    dare = get_method("dare").parse_params(None).model_dump()
+    assert dare["density"] == 0.5 and dare["seed"] == 0 and dare["combine"] == "task_arithmetic"
+    assert get_method("weight_average").parse_params(None).model_dump() == {}
+    assert get_method("weight_average").scale(get_method("weight_average").parse_params(None)) == 1.0
+
+
+@pytest.mark.parametrize("name", ["weight_average", "task_arithmetic", "ties", "dare"])
+def test_every_parameter_is_described(name: str) -> None:
+    method = get_method(name)
+    assert method.description and "\n" not in method.description
+    for field, info in method.Params.model_fields.items():
+        assert info.description, field

@@ -1,0 +1,129 @@
+"""The projected metric H_t (SPEC 3.4): exact against the dense Bᵀ diag(vec F) B, chunking,
+the factored fast path and its reported error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from epimer.curvature.metric import (
+    fisher_jitter,
+    projected_metric,
+    projected_metric_exact,
+    projected_metric_factored,
+    top_singular,
+)
+from epimer.subspace import tagged_basis
+from tests.subspace_reference import materialise_b, np64, random_case, ref_metric, rel_err
+
+
+def _basis(seed: int = 0, shape: tuple[int, int] = (12, 9), tasks: int = 3, dtype: torch.dtype = torch.float64):
+    deltas, fishers = random_case(seed, shape, tasks, dtype)
+    return tagged_basis(deltas), fishers
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.1])
+def test_exact_metric_matches_dense_reference(eps: float) -> None:
+    basis, fishers = _basis()
+    b = materialise_b(np64(basis.u), np64(basis.v))
+    for f in fishers:
+        pm = projected_metric(f, basis.u, basis.v, eps, "exact")
+        assert pm.h.dtype == torch.float64 and pm.fisher_rel_err == 0.0
+        assert rel_err(np64(pm.h), ref_metric(b, np64(f), eps)) < 1e-12
+
+
+def test_exact_metric_in_float32_is_close() -> None:
+    basis, fishers = _basis(1, dtype=torch.float32)
+    b = materialise_b(np64(basis.u), np64(basis.v))
+    pm = projected_metric(fishers[0], basis.u, basis.v, 1e-6, "exact")
+    assert rel_err(np64(pm.h), ref_metric(b, np64(fishers[0]), 1e-6)) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 200, 3000, 2**30])
+def test_chunking_does_not_change_the_metric(chunk_bytes: int) -> None:
+    basis, fishers = _basis(2, shape=(14, 11))
+    whole = projected_metric_exact(fishers[0], basis.u, basis.v, chunk_bytes=2**40)
+    chunked = projected_metric_exact(fishers[0], basis.u, basis.v, chunk_bytes=chunk_bytes)
+    assert torch.allclose(chunked, whole, rtol=1e-13, atol=1e-15)
+    assert torch.equal(chunked, chunked.T)
+
+
+def test_negative_fisher_entries_are_clamped() -> None:
+    basis, fishers = _basis(3)
+    f = fishers[0].clone()
+    f[::2] = -1.0
+    got = projected_metric(f, basis.u, basis.v, 1e-6, "exact").h
+    want = projected_metric(f.clamp(min=0), basis.u, basis.v, 1e-6, "exact").h
+    assert torch.equal(got, want)
+
+
+def test_jitter_is_relative_to_the_mean_fisher() -> None:
+    f = torch.full((4, 3), 2.5, dtype=torch.float64)
+    assert fisher_jitter(f, 1e-6) == pytest.approx(2.5e-6)
+    assert fisher_jitter(torch.zeros(4, 3), 1e-6) == 1e-6  # all-zero Fisher stays solvable
+
+
+def test_factored_at_full_rank_equals_exact() -> None:
+    basis, fishers = _basis(4)
+    for f in fishers:
+        exact = projected_metric(f, basis.u, basis.v, 1e-6, "exact")
+        full = projected_metric(f, basis.u, basis.v, 1e-6, min(f.shape))
+        assert full.fisher_rel_err < 1e-12
+        assert rel_err(np64(full.h), np64(exact.h)) < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (60, 50)])  # full SVD, then the randomised finder
+def test_rank_one_fisher_is_recovered_by_rank_one(shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(5)
+    deltas = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    basis = tagged_basis(deltas)
+    p = torch.rand(shape[0], generator=g, dtype=torch.float64)
+    q = torch.rand(shape[1], generator=g, dtype=torch.float64)
+    f = torch.outer(p, q)
+    exact = projected_metric(f, basis.u, basis.v, 1e-6, "exact")
+    factored = projected_metric(f, basis.u, basis.v, 1e-6, 1)
+    assert factored.fisher_rel_err < 1e-12
+    assert rel_err(np64(factored.h), np64(exact.h)) < 1e-10
+
+
+def test_reported_error_is_the_frobenius_error_of_the_rank_s_fisher() -> None:
+    basis, fishers = _basis(6, shape=(60, 50))
+    f = fishers[1]
+    sv = np.linalg.svd(np64(f), compute_uv=False)
+    for rank in (1, 2, 4):
+        _, err = projected_metric_factored(f, basis.u, basis.v, rank)
+        best = np.sqrt((sv[rank:] ** 2).sum() / (sv**2).sum())  # Eckart–Young optimum
+        assert best - 1e-12 <= err <= best * (1 + 1e-3)
+
+
+def test_top_singular_is_deterministic_and_leaves_global_rng_alone() -> None:
+    g = torch.Generator().manual_seed(7)
+    f = torch.rand(80, 70, generator=g)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = top_singular(f, 3)
+    b = top_singular(f, 3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # A dominant value is found to float32 accuracy (the rest of a uniform matrix's spectrum is
+    # a flat bulk, where only the approximation error, tested above, is meaningful).
+    lam = torch.linalg.svdvals(f.double())[0]
+    assert float(a[1][0]) == pytest.approx(float(lam), rel=1e-5)
+
+
+def test_factored_error_on_a_kfac_like_fisher_is_small() -> None:
+    """Outer product of input and output second moments times mild noise: rank 4 is close,
+    and closer on H than on F."""
+    g = torch.Generator().manual_seed(8)
+    m, n = 48, 40
+    deltas = [torch.randn(m, n, generator=g, dtype=torch.float64) for _ in range(4)]
+    basis = tagged_basis(deltas)
+    f = torch.outer(torch.rand(m, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64))
+    f = f * torch.exp(0.1 * torch.randn(m, n, generator=g, dtype=torch.float64))
+    exact = projected_metric(f, basis.u, basis.v, 1e-6, "exact")
+    approx = projected_metric(f, basis.u, basis.v, 1e-6, 4)
+    assert approx.fisher_rel_err < 0.1
+    # Projection averages the noise over many entries: H is closer than F.
+    assert rel_err(np64(approx.h), np64(exact.h)) < approx.fisher_rel_err / 2

@@ -1,0 +1,115 @@
+"""The tagged basis (SPEC 3.1): rank rule, orthonormal atoms, projection and lift against B."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epimer.subspace import (
+    compute_dtype,
+    lift,
+    per_task_rank,
+    polar,
+    project,
+    singular_coords,
+    tagged_basis,
+)
+from tests.subspace_reference import materialise_b, np64, random_case, ref_basis, rel_err
+
+SETTINGS = settings(max_examples=15, deadline=None, database=None)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "tasks", "fraction", "k"),
+    [(12, 9, 3, 1.0, 3), (768, 768, 8, 1.0, 96), (768, 3072, 8, 0.5, 48), (10, 10, 3, 0.01, 1), (30, 30, 3, 0.3, 3)],
+)
+def test_per_task_rank(m: int, n: int, tasks: int, fraction: float, k: int) -> None:
+    assert per_task_rank(m, n, tasks, fraction) == k
+    assert tasks * per_task_rank(m, n, tasks, fraction) <= min(m, n) or k == 1
+
+
+def test_basis_matches_reference_and_owner_tags() -> None:
+    deltas, _ = random_case(0)
+    basis = tagged_basis(deltas, 1.0)
+    ref = ref_basis([np64(d) for d in deltas], 1.0)
+    assert basis.k == ref.k == 3 and basis.rank == 9
+    assert basis.owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    np.testing.assert_allclose(np64(basis.s), ref.s, rtol=1e-12)
+    # Columns are defined up to a shared sign flip of u_a and v_a: compare the atoms.
+    got = materialise_b(np64(basis.u), np64(basis.v))
+    want = materialise_b(ref.u, ref.v)
+    assert rel_err(got, want) < 1e-10
+
+
+@SETTINGS
+@given(
+    m=st.integers(3, 14),
+    n=st.integers(3, 14),
+    tasks=st.integers(1, 4),
+    fraction=st.sampled_from([0.2, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_atoms_are_frobenius_orthonormal(m: int, n: int, tasks: int, fraction: float, seed: int) -> None:
+    if min(m, n) < tasks:
+        return
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(m, n, generator=g) for _ in range(tasks)]
+    basis = tagged_basis(deltas, fraction)
+    r = basis.rank
+    assert basis.u.shape == (m, r) and basis.v.shape == (n, r) and r <= min(m, n)
+    assert basis.u.dtype == torch.float32
+    eye = torch.eye(r)
+    assert torch.allclose(basis.u.T @ basis.u, eye, atol=1e-5)
+    assert torch.allclose(basis.v.T @ basis.v, eye, atol=1e-5)
+    b = materialise_b(np64(basis.u), np64(basis.v))  # (mn, r)
+    np.testing.assert_allclose(b.T @ b, np.eye(r), atol=1e-5)
+
+
+def test_project_and_lift_are_b_transpose_and_b() -> None:
+    deltas, _ = random_case(1)
+    basis = tagged_basis(deltas, 1.0)
+    b = materialise_b(np64(basis.u), np64(basis.v))
+    tau = deltas[0]
+    c = project(basis.u, basis.v, tau)
+    np.testing.assert_allclose(np64(c), b.T @ np64(tau).ravel(), rtol=1e-10, atol=1e-12)
+    lifted = lift(basis.u, basis.v, c)
+    np.testing.assert_allclose(np64(lifted).ravel(), b @ np64(c), rtol=1e-10, atol=1e-12)
+
+
+def test_singular_coords_pick_the_owners_values() -> None:
+    deltas, _ = random_case(2)
+    basis = tagged_basis(deltas, 1.0)
+    total = sum(singular_coords(basis, t) for t in range(3))
+    assert torch.equal(total, basis.s)
+    assert torch.count_nonzero(singular_coords(basis, 1)) == basis.k
+
+
+def test_polar_is_the_nearest_orthonormal_matrix() -> None:
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(7, 4, generator=g, dtype=torch.float64))
+    assert torch.allclose(polar(q), q, atol=1e-12)
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    p = polar(x)
+    assert torch.allclose(p.T @ p, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    # Nearest: no random orthonormal matrix is closer to x.
+    for _ in range(20):
+        other, _ = torch.linalg.qr(torch.randn(7, 4, generator=g, dtype=torch.float64))
+        assert torch.linalg.norm(x - p) <= torch.linalg.norm(x - other) + 1e-12
+
+
+def test_svd_precision_follows_the_input() -> None:
+    assert compute_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.float32
+    assert compute_dtype(torch.zeros(1, dtype=torch.float16)) == torch.float32
+    assert compute_dtype(torch.zeros(1, dtype=torch.float32)) == torch.float32
+    assert compute_dtype(torch.zeros(1, dtype=torch.float64)) == torch.float64
+    deltas, _ = random_case(4, dtype=torch.bfloat16)
+    assert tagged_basis(deltas).u.dtype == torch.float32
+
+
+def test_zero_task_vectors_give_zero_singular_values() -> None:
+    basis = tagged_basis([torch.zeros(6, 5), torch.zeros(6, 5)])
+    assert torch.all(basis.s == 0)
+    assert torch.allclose(basis.u.T @ basis.u, torch.eye(basis.rank), atol=1e-5)
