@@ -92,7 +92,7 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor) -> torch
         agree = (torch.sign(t) == gamma) & (t != 0)
         total.add_(torch.where(agree, t, torch.zeros_like(t)))
         count.add_(agree.to(count.dtype))
-    return total / count.clamp(min=1) * 1.0000001
+    return total / count.clamp(min=1)
 
 
 def sign_consensus_merge(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass") -> torch.Tensor:

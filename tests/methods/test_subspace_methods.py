@@ -1,0 +1,316 @@
+"""tsv_m, iso_c, iso_cts, fisher_average and epimer against the float64 references of
+tests/subspace_reference.py (B materialised, dense metrics, numpy solves), driven through
+prepare/merge as the engine drives them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epimer import InputError, get_method
+from epimer.methods.base import TensorResult
+from tests.subspace_reference import (
+    make_inputs,
+    np64,
+    random_case,
+    ref_epimer,
+    ref_fisher_average,
+    ref_iso_c,
+    ref_iso_cts,
+    ref_tsv_m,
+    rel_err,
+    run,
+)
+
+SETTINGS = settings(max_examples=10, deadline=None, database=None)
+SUBSPACE = ["tsv_m", "iso_c", "iso_cts", "epimer"]
+ALL = [*SUBSPACE, "fisher_average"]
+UNEVEN = [0.5, 0.3, 0.2]
+
+
+def _w(weights: list[float] | None) -> np.ndarray:
+    w = np.array(weights if weights is not None else [1.0, 1.0, 1.0])
+    return w / w.sum()
+
+
+def _case(seed: int, shape: tuple[int, int] = (12, 9), dtype: torch.dtype = torch.float64):
+    deltas, fishers = random_case(seed, shape, 3, dtype)
+    return deltas, fishers, [np64(d) for d in deltas], [np64(f) for f in fishers]
+
+
+# ------------------------------------------------------------ agreement with the SPEC
+
+
+@pytest.mark.parametrize("rank_fraction", [1.0, 0.7, 0.2])
+def test_tsv_m_matches_reference(rank_fraction: float) -> None:
+    deltas, _, d64, _ = _case(0)
+    got = run("tsv_m", {"rank_fraction": rank_fraction}, [make_inputs("w", deltas)])[0]
+    assert rel_err(np64(got.delta), ref_tsv_m(d64, rank_fraction)) < 1e-5
+    assert got.info["r"] == 3 * got.info["k"]
+
+
+@pytest.mark.parametrize("weights", [None, UNEVEN])
+def test_iso_c_matches_reference(weights) -> None:
+    deltas, _, d64, _ = _case(1)
+    got = run("iso_c", {}, [make_inputs("w", deltas, weights=weights)])[0].delta
+    assert rel_err(np64(got), ref_iso_c(d64, _w(weights))) < 1e-5
+
+
+@pytest.mark.parametrize("common_fraction", [0.8, 0.5, 0.0, 1.0])
+@pytest.mark.parametrize("shape", [(12, 9), (11, 14)])
+def test_iso_cts_matches_reference(common_fraction: float, shape: tuple[int, int]) -> None:
+    deltas, _, d64, _ = _case(2, shape)
+    got = run("iso_cts", {"common_fraction": common_fraction}, [make_inputs("w", deltas, weights=UNEVEN)])[0]
+    assert rel_err(np64(got.delta), ref_iso_cts(d64, _w(UNEVEN), common_fraction)) < 1e-5
+
+
+def test_iso_cts_with_everything_common_is_iso_c() -> None:
+    deltas, *_ = _case(3)
+    x = make_inputs("w", deltas)
+    a = run("iso_cts", {"common_fraction": 1.0}, [x])[0].delta
+    b = run("iso_c", {}, [x])[0].delta
+    assert rel_err(np64(a), np64(b)) < 1e-10
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("weights", [None, UNEVEN])
+def test_fisher_average_matches_reference(normalize: bool, weights) -> None:
+    tensors = []
+    for i, shape in enumerate([(12, 9), (7,), (5, 2)]):
+        g = torch.Generator().manual_seed(40 + i)
+        deltas = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+        fishers = [torch.rand(shape, generator=g, dtype=torch.float64) * 10.0**t for t in range(3)]
+        tensors.append(make_inputs(f"t{i}", deltas, fishers, weights))
+    norms = [math.sqrt(sum(float((x.fishers[t] ** 2).sum()) for x in tensors)) for t in range(3)]
+    got = run("fisher_average", {"normalize": normalize, "eps": 1e-3}, tensors)
+    for x, r in zip(tensors, got):
+        want = ref_fisher_average(
+            [np64(d) for d in x.deltas], [np64(f) for f in x.fishers], _w(weights), 1e-3,
+            norms if normalize else None,
+        )
+        assert rel_err(np64(r.delta), want) < 1e-5
+
+
+@pytest.mark.parametrize("aggregator", ["frechet_sum", "frechet_mean"])
+@pytest.mark.parametrize("coords", ["projected", "singular"])
+@pytest.mark.parametrize("weights", [None, UNEVEN])
+def test_epimer_exact_matches_reference(aggregator: str, coords: str, weights) -> None:
+    deltas, fishers, d64, f64 = _case(4)
+    raw = {"aggregator": aggregator, "coords": coords, "fisher_rank": "exact"}
+    got = run("epimer", raw, [make_inputs("w", deltas, fishers, weights)])[0]
+    want = ref_epimer(d64, f64, _w(weights), aggregator=aggregator, coords=coords)
+    assert rel_err(np64(got.delta), want.delta) < 1e-5
+    assert got.info["k"] == 3 and got.info["r"] == 9
+    assert "fisher_rel_err_max" not in got.info  # nothing approximated
+
+
+@pytest.mark.parametrize("rank_fraction", [0.5, 0.34])
+@pytest.mark.parametrize("eps", [1e-6, 1e-2])
+def test_epimer_rank_fraction_and_eps(rank_fraction: float, eps: float) -> None:
+    deltas, fishers, d64, f64 = _case(5, (15, 13))
+    raw = {"rank_fraction": rank_fraction, "eps": eps, "fisher_rank": "exact"}
+    got = run("epimer", raw, [make_inputs("w", deltas, fishers)])[0].delta
+    want = ref_epimer(d64, f64, _w(None), rank_fraction=rank_fraction, eps=eps)
+    assert rel_err(np64(got), want.delta) < 1e-5
+
+
+@pytest.mark.parametrize("fisher_norm", ["none", "tensor", "global"])
+def test_epimer_fisher_norm_matches_reference(fisher_norm: str) -> None:
+    shapes = {"a": (12, 9), "b": (10, 10), "bias": (9,)}
+    tensors, cases = [], {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        if len(shape) == 2:
+            deltas, fishers = random_case(50 + i, shape, 3)
+        else:
+            g = torch.Generator().manual_seed(50 + i)
+            deltas = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+            fishers = [torch.rand(shape, generator=g, dtype=torch.float64) * 10.0**t for t in range(3)]
+        cases[name] = (deltas, fishers)
+        tensors.append(make_inputs(name, deltas, fishers, UNEVEN))
+    total = sum(math.prod(s) for s in shapes.values())
+    global_means = [sum(float(cases[n][1][t].sum()) for n in shapes) / total for t in range(3)]
+    raw = {"fisher_norm": fisher_norm, "fisher_rank": "exact", "vector_rule": "fisher"}
+    got = run("epimer", raw, tensors)
+    for (name, (deltas, fishers)), r in zip(cases.items(), got):
+        if fisher_norm == "global":
+            divisors = global_means
+        elif fisher_norm == "tensor":
+            divisors = [float(f.mean()) for f in fishers]
+        else:
+            divisors = None
+        d64, f64 = [np64(d) for d in deltas], [np64(f) for f in fishers]
+        if name == "bias":
+            want = ref_fisher_average(d64, f64, _w(UNEVEN), 1e-6, divisors)
+        else:
+            want = ref_epimer(d64, f64, _w(UNEVEN), divisors=divisors).delta
+        assert rel_err(np64(r.delta), want) < 1e-5, name
+
+
+def test_fisher_norm_matters_when_task_scales_differ() -> None:
+    """random_case's Fishers differ by 10× per task: normalising changes the merge."""
+    deltas, fishers, *_ = _case(6)
+    x = make_inputs("w", deltas, fishers)
+    none = run("epimer", {"fisher_rank": "exact"}, [x])[0].delta
+    tensor = run("epimer", {"fisher_rank": "exact", "fisher_norm": "tensor"}, [x])[0].delta
+    assert rel_err(np64(none), np64(tensor)) > 1e-3
+
+
+@pytest.mark.parametrize("name", SUBSPACE)
+def test_float32_production_path_is_close_to_the_float64_reference(name: str) -> None:
+    deltas, fishers, *_ = _case(7)
+    x64 = make_inputs("w", deltas, fishers)
+    x32 = make_inputs("w", [d.float() for d in deltas], [f.float() for f in fishers])
+    raw = {"fisher_rank": "exact"} if name == "epimer" else {}
+    a = run(name, raw, [x32])[0].delta
+    b = run(name, raw, [x64])[0].delta
+    assert a.dtype == torch.float32
+    assert rel_err(np64(a), np64(b)) < 1e-4
+
+
+# ------------------------------------------------------------------ factored metric
+
+
+def test_factored_at_full_rank_equals_exact_merge() -> None:
+    deltas, fishers, *_ = _case(8)
+    x = make_inputs("w", deltas, fishers)
+    exact = run("epimer", {"fisher_rank": "exact"}, [x])[0]
+    full = run("epimer", {"fisher_rank": 9}, [x])[0]
+    assert rel_err(np64(full.delta), np64(exact.delta)) < 1e-8
+    assert full.info["fisher_rel_err_max"] < 1e-12
+
+
+def test_factored_reports_the_fisher_error_per_task() -> None:
+    deltas, fishers, *_ = _case(9, (30, 24))
+    x = make_inputs("w", deltas, fishers)
+    got = run("epimer", {}, [x])[0]  # default fisher_rank 4
+    errs = [got.info[f"fisher_rel_err/{t}"] for t in range(3)]
+    assert all(0 < e < 1 for e in errs)
+    assert got.info["fisher_rel_err_max"] == max(errs)
+    for t, f in enumerate(fishers):
+        sv = np.linalg.svd(np64(f), compute_uv=False)
+        best = math.sqrt((sv[4:] ** 2).sum() / (sv**2).sum())
+        assert errs[t] == pytest.approx(best, rel=1e-3)
+
+
+# ------------------------------------------------------------------ common checks
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_task_order_invariance(name: str) -> None:
+    deltas, fishers, *_ = _case(10)
+    perm = [2, 0, 1]
+    raw = {"fisher_rank": "exact"} if name == "epimer" else {}
+    a = run(name, raw, [make_inputs("w", deltas, fishers, UNEVEN)])[0].delta
+    b = run(
+        name, raw,
+        [make_inputs("w", [deltas[i] for i in perm], [fishers[i] for i in perm], [UNEVEN[i] for i in perm])],
+    )[0].delta
+    assert rel_err(np64(b), np64(a)) < 1e-10
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_task_vectors_give_the_base_back(name: str) -> None:
+    _, fishers, *_ = _case(11, dtype=torch.float32)
+    zeros = [torch.zeros(12, 9) for _ in range(3)]
+    for x in (make_inputs("w", zeros, fishers), make_inputs("b", [z[0] for z in zeros], [f[0] for f in fishers])):
+        r = run(name, {}, [x])[0]
+        assert r.delta.dtype == torch.float32 and r.delta.shape == x.base.shape
+        assert torch.all(r.delta == 0)
+
+
+@pytest.mark.parametrize("name", SUBSPACE)
+def test_vector_tensors_use_the_weighted_mean(name: str) -> None:
+    g = torch.Generator().manual_seed(12)
+    deltas = [torch.randn(7, generator=g) for _ in range(3)]
+    small = [torch.randn(2, 9, generator=g) for _ in range(3)]  # min(m, n) < T: the engine says vector
+    fishers = [torch.rand(7, generator=g) for _ in range(3)]
+    for ds, fs in ((deltas, fishers), (small, [torch.rand(2, 9, generator=g) for _ in range(3)])):
+        x = make_inputs("v", ds, fs, UNEVEN)
+        assert x.kind == "vector"
+        got = run(name, {}, [x])[0].delta
+        want = sum(w * np64(d) for w, d in zip(_w(UNEVEN), ds))
+        assert rel_err(np64(got), want) < 1e-6
+
+
+def test_epimer_vector_rule_fisher_is_fisher_average() -> None:
+    g = torch.Generator().manual_seed(13)
+    deltas = [torch.randn(7, generator=g) for _ in range(3)]
+    fishers = [torch.rand(7, generator=g) * 10.0**t for t in range(3)]
+    x = make_inputs("v", deltas, fishers, UNEVEN)
+    a = run("epimer", {"vector_rule": "fisher"}, [x])[0].delta
+    b = run("fisher_average", {}, [x])[0].delta
+    assert torch.equal(a, b)
+
+
+@SETTINGS
+@given(
+    m=st.integers(3, 10),
+    n=st.integers(3, 10),
+    seed=st.integers(0, 2**16),
+    name=st.sampled_from(ALL),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+)
+def test_finite_output_on_random_shapes(m: int, n: int, seed: int, name: str, scale: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(m, n, generator=g) * scale for _ in range(3)]
+    fishers = [torch.rand(m, n, generator=g) * scale for _ in range(3)]
+    r = run(name, {}, [make_inputs("w", deltas, fishers)])[0]
+    assert r.delta.shape == (m, n) and r.delta.dtype == torch.float32
+    assert torch.isfinite(r.delta).all()
+
+
+# ------------------------------------------------------------------ parameters
+
+
+def test_defaults_and_validation() -> None:
+    epimer = get_method("epimer")
+    p = epimer.parse_params({})
+    assert (p.rank_fraction, p.scale, p.aggregator, p.coords, p.eps, p.fisher_rank, p.fisher_norm, p.vector_rule) == (
+        1.0, 1.0, "frechet_sum", "projected", 1e-6, 4, "none", "mean",
+    )
+    assert epimer.parse_params({"fisher_rank": "exact", "scale": "auto"}).fisher_rank == "exact"
+    for bad in ({"fisher_rank": 0}, {"fisher_rank": "fast"}, {"aggregator": "median"}, {"rank_fraction": 0},
+                {"rank_fraction": 1.5}, {"eps": 0}, {"coords": "other"}, {"fisher_norm": "l2"}, {"rank": 3}):
+        with pytest.raises(InputError):
+            epimer.parse_params(bad)
+    assert get_method("tsv_m").parse_params({}).rank_fraction == 1.0
+    assert get_method("iso_cts").parse_params({}).common_fraction == 0.8
+    fa = get_method("fisher_average").parse_params({})
+    assert (fa.eps, fa.normalize, fa.scale) == (1e-6, False, 1.0)
+    with pytest.raises(InputError):
+        get_method("iso_cts").parse_params({"common_fraction": 1.2})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_parameter_and_method_is_described(name: str) -> None:
+    method = get_method(name)
+    assert method.description and "\n" not in method.description
+    for field_name, field in method.Params.model_fields.items():
+        assert field.description, f"{name}.{field_name}"
+
+
+def test_fisher_requirements() -> None:
+    assert get_method("epimer").needs_fisher and get_method("fisher_average").needs_fisher
+    tsv = get_method("tsv_m")
+    assert not tsv.requires_fisher(tsv.parse_params({}))
+    assert tsv.requires_fisher(tsv.parse_params({"scale": "auto"}))
+
+
+@pytest.mark.parametrize("name", ["epimer", "fisher_average"])
+def test_missing_fisher_is_an_input_error_naming_the_tensor(name: str) -> None:
+    deltas, *_ = _case(14, dtype=torch.float32)
+    with pytest.raises(InputError, match="layer.0.weight"):
+        run(name, {}, [make_inputs("layer.0.weight", deltas)])
+
+
+def test_merge_results_are_tensor_results_with_info() -> None:
+    deltas, fishers, *_ = _case(15)
+    x = make_inputs("w", deltas, fishers)
+    method = get_method("epimer")
+    r = method.merge(x, method.parse_params({}), None)
+    assert isinstance(r, TensorResult) and set(r.info) >= {"k", "r", "fisher_rel_err_max", "fisher_rel_err/0"}
