@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epimer import get_method
+from epimer.curvature.metric import projected_metric
 from epimer.diagnostics import auto_scale_terms, error_bound, heterogeneity, objective
+from epimer.subspace import project, tagged_basis
 from tests.subspace_reference import make_inputs, np64, random_case, ref_epimer, run
 
 SETTINGS = settings(max_examples=12, deadline=None, database=None)
@@ -120,16 +122,19 @@ def test_diagnose_skips_vector_tensors() -> None:
     assert _diagnose(x, {}) == {}
 
 
-def test_diagnose_and_merge_share_the_coordinates() -> None:
-    """V is J at the merged coordinates: zero only if every task sits at c*; here c* lifts to the
-    merged Δ, so J(c*) of the metric used equals V recomputed from the merge output."""
+def test_diagnose_uses_the_merged_coordinates() -> None:
+    """V is J at the c* the merge lifted to Δ (Bᵀ Δ = c*), with the merge's factored metrics."""
     deltas, fishers = random_case(5)
     x = make_inputs("w", deltas, fishers)
     raw = {"fisher_rank": 3}
     res = run("epimer", raw, [x])[0]
+    basis = tagged_basis(deltas)
+    c_star = project(basis.u, basis.v, res.delta)
+    coords = [project(basis.u, basis.v, tau) for tau in deltas]
+    metrics = [projected_metric(f, basis.u, basis.v, 1e-6, 3).h for f in fishers]
     got = _diagnose(x, raw)
+    assert got["V"] == pytest.approx(objective(c_star, coords, metrics, x.weights), rel=1e-8)
     assert got["k"] == res.info["k"] and got["r"] == res.info["r"]
-    assert got["V"] > 0 and got["bound"] >= got["V"] / 2
 
 
 def test_error_bound_clamps_round_off() -> None:

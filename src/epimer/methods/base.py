@@ -107,6 +107,16 @@ class MergeMethod(ABC):
         """The global rescaling applied by the engine: θ = θ0 + scale · Δ."""
         return getattr(params, "scale", 1.0)
 
+    def elementwise(self, params: MethodParams) -> bool:
+        """True when :meth:`merge` of any block of rows of a tensor gives the same rows of Δ.
+
+        The engine then streams large tensors (to :meth:`prepare` and :meth:`merge`) in row
+        blocks, so memory stays bounded whatever a tensor's size; ``TensorInputs.kind`` is
+        still that of the whole tensor. Numbers a method reports per block are averaged,
+        weighted by entries.
+        """
+        return False
+
     def prepare(self, params: MethodParams, stream: Stream) -> Any:
         """Global passes over all tensors before merging; returns state handed to :meth:`merge`."""
         return None

@@ -35,22 +35,23 @@ _SCOPE_DOC = (
 )
 
 
-def _task_factors(x: TensorInputs) -> list[float]:
-    """``T · w_t``: 1 per task for equal weights (SPEC section 2 sums task vectors)."""
-    return (x.weights * x.num_tasks).tolist()
+def _task_factors(x: TensorInputs) -> torch.Tensor:
+    """(T,) float64 ``T · w_t``: 1 per task for equal weights (SPEC section 2 sums task vectors)."""
+    return x.weights * x.num_tasks
+
+
+def _weighted_in_place(x: TensorInputs, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
+    """T·w_t x_t, scaling tensors this module just made (never the inputs) to spare T copies."""
+    return [t.mul_(f) for t, f in zip(fresh, _task_factors(x).tolist())]
 
 
 def _summed(x: TensorInputs, deltas: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Σ_t T·w_t τ_t."""
-    return weighted_sum(deltas, x.weights * x.num_tasks)
+    return weighted_sum(deltas, _task_factors(x))
 
 
-def _sign_consensus(
-    x: TensorInputs, trimmed: list[torch.Tensor], sign: ties_fn.SignRule
-) -> torch.Tensor:
-    """TIES's sign election and disjoint mean over the task-weighted trimmed vectors T·w_t τ̂_t."""
-    weighted = [t * f for t, f in zip(trimmed, _task_factors(x))]
-    return ties_fn.sign_consensus_merge(weighted, sign)
+class WeightAverageParams(MethodParams):
+    """No options: the models' ``weight`` entries are the whole method."""
 
 
 @register
@@ -59,9 +60,10 @@ class WeightAverage(MergeMethod):
 
     name = "weight_average"
     description = "Weighted average of the fine-tuned models: θ = Σ w_t θ_t."
+    Params = WeightAverageParams
 
-    class Params(MethodParams):
-        pass
+    def elementwise(self, params: MethodParams) -> bool:
+        return True
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
         return weighted_sum(x.deltas, x.weights)
@@ -82,6 +84,9 @@ class TaskArithmetic(MergeMethod):
     description = "Task arithmetic: θ = θ0 + scale · Σ τ_t."
     Params = TaskArithmeticParams
 
+    def elementwise(self, params: MethodParams) -> bool:
+        return True
+
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
         return _summed(x, x.deltas)
 
@@ -95,7 +100,7 @@ class TiesParams(MethodParams):
     )
     scale: Scale = Field(1.0, description="λ in θ = θ0 + λ Δ, or 'auto'")
     sign: ties_fn.SignRule = Field("mass", description=_SIGN_DOC)
-    scope: Literal["global", "tensor"] = Field("global", description=_SCOPE_DOC)
+    scope: ties_fn.Scope = Field("global", description=_SCOPE_DOC)
 
 
 @register
@@ -114,6 +119,10 @@ class Ties(MergeMethod):
     description = "TIES: trim task vectors by magnitude, elect signs, average agreeing entries."
     Params = TiesParams
 
+    def elementwise(self, params: MethodParams) -> bool:
+        # Global thresholds come from prepare(); per-tensor ones need the whole tensor.
+        return cast(TiesParams, params).scope == "global"
+
     def prepare(self, params: MethodParams, stream: Stream) -> tuple[ties_fn.Threshold, ...] | None:
         p = cast(TiesParams, params)
         if p.scope != "global":
@@ -131,8 +140,10 @@ class Ties(MergeMethod):
             thresholds = tuple(ties_fn.kth_largest_magnitude(d, k) for d in x.deltas)
         trimmed = [ties_fn.trim(d, thr) for d, thr in zip(x.deltas, thresholds)]
         # with global scope the share kept varies per tensor: worth reporting
-        kept = sum(int(torch.count_nonzero(t)) for t in trimmed) / max(1, x.base.numel() * x.num_tasks)
-        return TensorResult(_sign_consensus(x, trimmed, p.sign), {"kept_fraction": kept})
+        entries = max(1, x.base.numel() * x.num_tasks)
+        kept = sum(int(torch.count_nonzero(t)) for t in trimmed) / entries
+        delta = ties_fn.sign_consensus_merge(_weighted_in_place(x, trimmed), p.sign)
+        return TensorResult(delta, {"kept_fraction": kept})
 
 
 class DareParams(MethodParams):
@@ -140,16 +151,18 @@ class DareParams(MethodParams):
         0.5,
         gt=0,
         le=1,
-        description="probability of keeping each entry of a task vector; kept entries are divided by it",
+        description="probability of keeping each entry of a task vector; "
+        "kept entries are divided by it",
     )
     seed: int = Field(0, description="random seed: the same seed gives the same merged model")
     combine: Literal["task_arithmetic", "ties"] = Field(
         "task_arithmetic",
-        description="how the dropped vectors are combined: summed, or TIES sign election and disjoint mean",
+        description="how the dropped vectors are combined: summed ('task_arithmetic'), "
+        "or TIES sign election and disjoint mean ('ties')",
     )
     scale: Scale = Field(1.0, description="λ in θ = θ0 + λ Δ, or 'auto'")
     sign: ties_fn.SignRule = Field("mass", description=f"with combine 'ties': {_SIGN_DOC}")
-    scope: Literal["global", "tensor"] = Field(
+    scope: ties_fn.Scope = Field(
         "global",
         description="accepted for symmetry with ties; no effect, since the drop is per entry",
     )
@@ -173,10 +186,10 @@ class Dare(MergeMethod):
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
         p = cast(DareParams, params)
-        dropped = tuple(
+        dropped = [
             dare_fn.drop_and_rescale(d, p.density, dare_fn.mask_seed(p.seed, x.name, t))
             for t, d in enumerate(x.deltas)
-        )
+        ]
         if p.combine == "ties":
-            return _sign_consensus(x, list(dropped), p.sign)
-        return _summed(x, dropped)
+            return ties_fn.sign_consensus_merge(_weighted_in_place(x, dropped), p.sign)
+        return _summed(x, tuple(dropped))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import torch
 from pydantic import Field
@@ -45,17 +45,18 @@ from epimer.subspace import (
     tagged_basis,
 )
 
-_RANK_FRACTION = Field(
-    1.0,
-    gt=0,
-    le=1,
-    description="Share of min(m, n) the subspace spans: each task keeps "
-    "k = max(1, floor(rank_fraction·min(m, n)/T)) singular triples, r = T·k <= min(m, n). "
-    "1.0 is TSV-M's default (the whole rank split evenly among tasks).",
-)
+def _rank_fraction_field() -> Any:
+    return Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of min(m, n) the subspace spans: each task keeps "
+        "k = max(1, floor(rank_fraction·min(m, n)/T)) singular triples, r = T·k <= min(m, n). "
+        "1.0 is TSV-M's default (the whole rank split evenly among tasks).",
+    )
 
 
-def _scale_field(default: float, why: str) -> Scale:
+def _scale_field(default: float, why: str) -> Any:
     return Field(default, description=f"θ = θ0 + scale·Δ, or 'auto' (data-free, SPEC 6). {why}")
 
 
@@ -67,12 +68,15 @@ def _basis_info(basis: TaggedBasis) -> dict[str, float]:
 
 
 class TsvMParams(MethodParams):
-    rank_fraction: float = _RANK_FRACTION
+    rank_fraction: float = _rank_fraction_field()
     scale: Scale = _scale_field(1.0, "1.0 is the default of Gargiulo et al.")
 
 
 @register
 class TsvM(MergeMethod):
+    """Δ = U⊥ diag(s) V⊥ᵀ on the tagged basis (SPEC 3.2). Task weights act on vector tensors
+    only: TSV-M's matrix rule has none (and neither has eq. 14 under equal curvatures)."""
+
     name = "tsv_m"
     description = "Task Singular Vectors merge: per-task top singular triples, decorrelated (Gargiulo et al. 2025)."
     Params = TsvMParams
@@ -168,15 +172,17 @@ class IsoCts(MergeMethod):
 
 # -------------------------------------------------------------------------------- EpiMer
 
-# Default s of the factored metric: the exact metric costs O(m·n·r²) per task and tensor
-# (about 2.3·10¹¹ multiply-adds for a 768 × 768 layer at r = 768, so tens of CPU-minutes per
-# task for BERT-base), rank 4 O(4·(m + n)·r²), ~100× less; linear-layer Fishers are close to
-# rank 1 and the error of the approximation is reported per tensor.
+# Default s of the factored metric. The exact metric costs m·n·r²/2 multiply-adds per task and
+# tensor: 1.7·10¹¹ for a 768 × 768 layer at r = 768, 5-18 s on two (shared) CPU cores against
+# 0.05-0.9 s for rank 4 (benchmarks/subspace_speed.py), so a BERT-base merge of 8 tasks takes
+# CPU-hours exact and minutes at rank 4. A linear layer's Fisher is close to rank 1 (K-FAC);
+# rank 4 leaves room for the correlations that picture misses, and the error of the
+# approximation of every F_t is reported per tensor.
 _DEFAULT_FISHER_RANK = 4
 
 
 class EpimerParams(MethodParams):
-    rank_fraction: float = _RANK_FRACTION
+    rank_fraction: float = _rank_fraction_field()
     scale: Scale = _scale_field(
         1.0, "1.0 matches TSV-M's default; the paper finds the optimum well above it (Sec. 4.3)."
     )
@@ -202,10 +208,10 @@ class EpimerParams(MethodParams):
     fisher_rank: Union[Literal["exact"], Annotated[int, Field(ge=1)]] = Field(
         _DEFAULT_FISHER_RANK,
         description="'exact' computes H_t = Bᵀdiag(F_t)B in O(m·n·r²) per task; an integer s "
-        "uses the rank-s SVD of F_t, O(s·(m+n)·r²). Default 4: the exact metric of a "
-        "BERT-base merge takes CPU-hours, rank 4 minutes, and a linear layer's Fisher is "
-        "close to rank 1 (K-FAC); the relative error of F_t's approximation is reported per "
-        "tensor (fisher_rel_err).",
+        "uses the rank-s SVD of F_t, O(s·(m+n)·r²). Default 4: measured 20-100× faster than "
+        "exact on a 768 × 768 layer (a BERT-base merge: CPU-hours exact, minutes at rank 4), "
+        "and a linear layer's Fisher is close to rank 1 (K-FAC); the relative error of each "
+        "F_t's approximation is reported per tensor (fisher_rel_err).",
     )
     fisher_norm: Literal["none", "global", "tensor"] = Field(
         "none",
@@ -227,15 +233,14 @@ class _Geometry:
 
     basis: TaggedBasis
     coords: list[torch.Tensor]
-    x: TensorInputs
+    fishers: tuple[torch.Tensor, ...]
     divisors: tuple[float, ...]
     eps: float
     fisher_rank: FisherRank
 
     def fisher(self, t: int) -> torch.Tensor:
         """F_t clamped at 0 and divided by its normaliser (SPEC 3.4 fisher_norm)."""
-        assert self.x.fishers is not None
-        return self.x.fishers[t].clamp(min=0).div_(self.divisors[t])
+        return self.fishers[t].clamp(min=0).div_(self.divisors[t])
 
     def metric(self, t: int) -> ProjectedMetric:
         """H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I, exact or factored."""
@@ -255,8 +260,10 @@ class Epimer(MergeMethod):
             return task_fisher_norms(stream, self.name, squared=False)
         return None
 
-    def _divisors(self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None) -> tuple[float, ...]:
-        fishers = require_fishers(self.name, x)
+    def _divisors(
+        self, fishers: tuple[torch.Tensor, ...], params: EpimerParams, state: tuple[float, ...] | None
+    ) -> tuple[float, ...]:
+        """What each task's F_t is divided by (SPEC 3.4 fisher_norm)."""
         if params.fisher_norm == "global":
             assert state is not None, "fisher_norm 'global' needs prepare() to have run"
             return state
@@ -266,7 +273,7 @@ class Epimer(MergeMethod):
         return (1.0,) * len(fishers)
 
     def _geometry(self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None) -> _Geometry:
-        divisors = self._divisors(x, params, state)
+        fishers = require_fishers(self.name, x)
         basis = tagged_basis(x.deltas, params.rank_fraction)
         if params.coords == "projected":
             coords = [project(basis.u, basis.v, tau) for tau in x.deltas]
@@ -275,8 +282,8 @@ class Epimer(MergeMethod):
         return _Geometry(
             basis=basis,
             coords=[c.to(torch.float64) for c in coords],
-            x=x,
-            divisors=divisors,
+            fishers=fishers,
+            divisors=self._divisors(fishers, params, state),
             eps=params.eps,
             fisher_rank=params.fisher_rank,
         )
@@ -287,8 +294,8 @@ class Epimer(MergeMethod):
         if x.kind == "vector":
             if params.vector_rule == "mean":
                 return weighted_sum(x.deltas, x.weights)
-            divisors = self._divisors(x, params, state)
             fishers = require_fishers(self.name, x)
+            divisors = self._divisors(fishers, params, state)
             return fisher_weighted_average(x.deltas, fishers, x.weights, params.eps, divisors)
         geo = self._geometry(x, params, state)
         errors: list[float] = []

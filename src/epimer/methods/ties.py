@@ -32,6 +32,7 @@ import torch
 from epimer.methods.base import Stream, TensorInputs
 
 SignRule = Literal["mass", "frequency"]
+Scope = Literal["global", "tensor"]
 
 #: A trim threshold: keep entries with |τ| >= threshold; None keeps nothing (k == 0).
 Threshold = float | None
