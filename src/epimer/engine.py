@@ -47,6 +47,11 @@ AUX_FILES = (
     "processor_config.json",
 )
 
+#: Row blocks of elementwise methods hold about this many entries (1 MB per float32 input):
+#: small enough that a block's inputs and temporaries stay in cache (measured fastest of
+#: 64K..4M on a 2-core machine), large enough that per-block Python overhead is small.
+BLOCK_ELEMENTS = 1 << 18
+
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
 
 
@@ -127,6 +132,7 @@ class MergeRun:
         elif self.fishers is None:
             raise InputError(f"method {config.method!r} with these parameters needs a Fisher file for every model")
         self.plan = self._build_plan(strict)
+        self.blocked = self.method.elementwise(self.params)
         if self.fishers is not None:
             self._check_fishers(verify_fishers)
 
@@ -211,10 +217,13 @@ class MergeRun:
 
     # ------------------------------------------------------------------ streaming
 
-    def _load_float(self, ckpt: Checkpoint, name: str, what: str) -> torch.Tensor:
-        t = ckpt.get(name)
+    def _load_float(self, ckpt: Checkpoint, name: str, what: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        t = ckpt.get(name) if rows is None else ckpt.get_rows(name, *rows)
         x = t.to(torch.float32) if t.dtype != torch.float32 else t
-        if not self.allow_nonfinite and not bool(torch.isfinite(x).all()):
+        # A finite sum proves every entry finite, at a fraction of isfinite()'s cost; only an
+        # infinite or NaN sum (non-finite entries, or an overflow) needs the entrywise check.
+        if not self.allow_nonfinite and not bool(torch.isfinite(x.sum())) \
+                and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise InputError(
                 f"{ckpt.path}: tensor {name!r} ({what}) holds {bad} NaN/Inf value(s); "
@@ -222,37 +231,58 @@ class MergeRun:
             )
         return x
 
-    def load_inputs(self, p: TensorPlan) -> TensorInputs:
-        """Base, task vectors and Fisher diagonals of one tensor, float32."""
+    def row_blocks(self, p: TensorPlan, blocked: bool) -> list[tuple[int, int] | None]:
+        """Row ranges that cover the tensor, about BLOCK_ELEMENTS entries each; [None] = whole."""
+        numel = torch.Size(p.shape).numel()
+        if not blocked or len(p.shape) == 0 or numel <= BLOCK_ELEMENTS:
+            return [None]
+        rows = p.shape[0]
+        step = max(1, BLOCK_ELEMENTS // max(1, numel // rows))
+        return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+    def load_inputs(self, p: TensorPlan, rows: tuple[int, int] | None = None) -> TensorInputs:
+        """Base, task vectors and Fisher diagonals of one tensor (or a block of its rows), float32."""
         assert p.kind is not None
-        base = self._load_float(self.base, p.name, "base")
+        base = self._load_float(self.base, p.name, "base", rows)
         deltas = []
         for task in self.tasks:
             # get() returns a buffer the engine owns, so the subtraction may run in place.
-            deltas.append(self._load_float(task, p.name, "task model").sub_(base))
+            deltas.append(self._load_float(task, p.name, "task model", rows).sub_(base))
         fishers = None
         if self.fishers is not None:
-            fishers = tuple(self._load_float(f, p.name, "Fisher") for f in self.fishers)
+            fishers = tuple(self._load_float(f, p.name, "Fisher", rows) for f in self.fishers)
         return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind)
 
     def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass") -> None:
-        """Call ``visitor`` once per merged tensor (the ``Stream`` a method's prepare gets)."""
+        """Call ``visitor`` once per merged tensor, or per row block for elementwise methods
+        (the ``Stream`` a method's prepare gets)."""
         todo = [p for p in self.plan if p.action == "merge"]
         self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
         for p in todo:
-            visitor(self.load_inputs(p))
+            for rows in self.row_blocks(p, self.blocked):
+                visitor(self.load_inputs(p, rows))
             self.progress.advance(p.in_bytes)
         self.progress.finish()
 
-    def _delta(self, p: TensorPlan, state: Any) -> tuple[torch.Tensor, TensorInputs]:
-        x = self.load_inputs(p)
+    def _delta(self, p: TensorPlan, state: Any, rows: tuple[int, int] | None) -> tuple[torch.Tensor, TensorInputs]:
+        x = self.load_inputs(p, rows)
         out = self.method.merge(x, self.params, state)
         res = out if isinstance(out, TensorResult) else TensorResult(out)
-        if tuple(res.delta.shape) != p.shape:
+        if res.delta.shape != x.base.shape:
             raise RuntimeError(f"method {self.method.name!r} returned shape {list(res.delta.shape)} for {p.name!r}")
         if res.info:
-            self.report.tensors[p.name] = dict(res.info)
+            self._record_info(p, rows, res.info)
         return res.delta.to(torch.float32), x
+
+    def _record_info(self, p: TensorPlan, rows: tuple[int, int] | None, info: dict[str, float]) -> None:
+        if rows is None:
+            self.report.tensors[p.name] = dict(info)
+            return
+        # Row blocks: the entry-weighted mean over blocks (blocks partition the rows).
+        share = (rows[1] - rows[0]) / p.shape[0]
+        acc = self.report.tensors.setdefault(p.name, {})
+        for k, v in info.items():
+            acc[k] = acc.get(k, 0.0) + share * float(v)
 
     def tensors(self, workdir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         """Merged tensors (name, θ in the output dtype) in plan order.
@@ -271,14 +301,17 @@ class MergeRun:
         try:
             for p in todo:
                 if p.action == "copy":
-                    t = self.base.get(p.name)
-                    yield p.name, t.to(p.out_dtype)
-                else:
+                    for rows in self.row_blocks(p, True):
+                        t = self.base.get(p.name) if rows is None else self.base.get_rows(p.name, *rows)
+                        yield p.name, t.to(p.out_dtype)
+                    self.progress.advance(p.in_bytes)
+                    continue
+                for rows in self.row_blocks(p, self.blocked):
                     if spill is not None:
-                        delta = spill.get(p.name)
-                        base = self._load_float(self.base, p.name, "base")
+                        delta = spill.get(p.name) if rows is None else spill.get_rows(p.name, *rows)
+                        base = self._load_float(self.base, p.name, "base", rows)
                     else:
-                        delta, x = self._delta(p, state)
+                        delta, x = self._delta(p, state, rows)
                         base = x.base
                         del x  # drop the task vectors before the output is built
                     theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
@@ -300,11 +333,12 @@ class MergeRun:
         num = den = 0.0
         self.progress.start("scale: auto", sum(p.in_bytes for p in merged), len(merged))
         for p in merged:
-            delta, x = self._delta(p, state)
-            assert x.fishers is not None
-            a, b = auto_scale_terms(delta, x.deltas, x.fishers, x.weights)
-            num, den = num + float(a), den + float(b)
-            writer.write(p.name, delta)
+            for rows in self.row_blocks(p, self.blocked):
+                delta, x = self._delta(p, state, rows)
+                assert x.fishers is not None
+                a, b = auto_scale_terms(delta, x.deltas, x.fishers, x.weights)
+                num, den = num + float(a), den + float(b)
+                writer.write(p.name, delta)
             self.progress.advance(p.in_bytes)
         self.progress.finish()
         writer.close()

@@ -106,6 +106,10 @@ class Checkpoint(ABC):
         """The first min(n, numel) elements of the flattened tensor."""
         return self.get(name).reshape(-1)[:n]
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along dim 0) of the tensor, owning their memory."""
+        return self.get(name)[start:stop]
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -205,16 +209,17 @@ class SafetensorsCheckpoint(Checkpoint):
             h = self._handles[file] = open(file, "rb", buffering=0)  # noqa: SIM115
         return h
 
-    def _read(self, name: str, nbytes: int | None = None) -> torch.Tensor:
+    def _read(self, name: str, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
+        """``nbytes`` bytes (default: all) of the tensor's data from byte ``offset``."""
         self.meta(name)  # names the file when the tensor is unknown
         span = self._spans[name]
-        n = span.nbytes if nbytes is None else min(nbytes, span.nbytes)
+        n = span.nbytes - offset if nbytes is None else min(nbytes, span.nbytes - offset)
         buf = torch.empty(n, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         f = self._handle(span.file)
         got = 0
         while got < n:
-            k = os.preadv(f.fileno(), [view[got:]], span.start + got)
+            k = os.preadv(f.fileno(), [view[got:]], span.start + offset + got)
             if k <= 0:
                 raise InputError(f"{span.file}: truncated while reading tensor {name!r}")
             got += k
@@ -232,7 +237,17 @@ class SafetensorsCheckpoint(Checkpoint):
         k = min(n, meta.numel)
         if k == 0:
             return torch.empty(0, dtype=meta.dtype)
-        return self._read(name, k * meta.dtype.itemsize).view(meta.dtype)
+        return self._read(name, 0, k * meta.dtype.itemsize).view(meta.dtype)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        meta = self.meta(name)
+        row_shape = meta.shape[1:]
+        row_bytes = meta.nbytes // meta.shape[0] if meta.shape and meta.shape[0] else 0
+        stop = min(stop, meta.shape[0])
+        if stop <= start or row_bytes == 0:
+            return torch.empty((max(stop - start, 0), *row_shape), dtype=meta.dtype)
+        buf = self._read(name, start * row_bytes, (stop - start) * row_bytes)
+        return buf.view(meta.dtype).reshape(stop - start, *row_shape)
 
     def close(self) -> None:
         for h in self._handles.values():
@@ -302,6 +317,10 @@ class TorchCheckpoint(Checkpoint):
         meta = self.meta(name)
         return self._load(meta.file)[name].reshape(-1)[:n].clone()
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        meta = self.meta(name)
+        return self._load(meta.file)[name][start:stop].clone()
+
     def close(self) -> None:
         self._loaded, self._loaded_file = {}, None
 
@@ -368,3 +387,7 @@ class DictCheckpoint(Checkpoint):
     def prefix(self, name: str, n: int) -> torch.Tensor:
         self.meta(name)
         return self._tensors[name].reshape(-1)[:n].clone()
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        self.meta(name)
+        return self._tensors[name][start:stop].clone()

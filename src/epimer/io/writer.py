@@ -99,6 +99,7 @@ class CheckpointWriter:
         self.files = _shard_names(len(self.shards))
         self._order = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
         self._next = 0
+        self._done = 0  # bytes of the current tensor written so far (tensors may come in row blocks)
         self._fh: BinaryIO | None = None
         self._shard = -1
 
@@ -110,22 +111,33 @@ class CheckpointWriter:
         self._shard = i
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor; its name, shape and dtype must match the plan."""
+        """Append the next planned tensor, whole or as its next block of rows (dim 0).
+
+        Name, dtype and trailing dimensions must match the plan; a tensor is complete once
+        its planned number of bytes has been written.
+        """
         if self._next >= len(self._order):
             raise RuntimeError(f"writer: tensor {name!r} is beyond the plan")
         shard, planned = self._order[self._next]
-        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+        nbytes = tensor.numel() * tensor.element_size()
+        whole = tuple(tensor.shape) == planned.shape
+        block = bool(planned.shape) and tuple(tensor.shape[1:]) == planned.shape[1:]
+        if (name != planned.name or tensor.dtype != planned.dtype or not (whole or block)
+                or self._done + nbytes > planned.nbytes):
             raise RuntimeError(
-                f"writer: expected {planned.name!r} {list(planned.shape)} {planned.dtype}, "
-                f"got {name!r} {list(tensor.shape)} {tensor.dtype}"
+                f"writer: expected {planned.name!r} {list(planned.shape)} {planned.dtype} "
+                f"({self._done} of {planned.nbytes} bytes written), got {name!r} {list(tensor.shape)} {tensor.dtype}"
             )
         if shard != self._shard:
             self._open_shard(shard)
         assert self._fh is not None
-        if planned.nbytes:
+        if nbytes:
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             self._fh.write(memoryview(data.numpy()))
-        self._next += 1
+        self._done += nbytes
+        if self._done == planned.nbytes:
+            self._next += 1
+            self._done = 0
 
     def close(self) -> list[Path]:
         """Finish the last shard and write the index when sharded; returns the files written."""
