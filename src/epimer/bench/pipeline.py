@@ -1,0 +1,454 @@
+"""The benchmark protocol (paper Section 4 and Appendix C, on text): fine-tune, estimate
+Fishers, merge with every registered method, choose each scale on validation, test.
+
+Per seed s (each seed draws its own splits, probes, fine-tuning batches and dropout):
+
+1. Every task: stratified splits (`epimer.bench.data.split_task` with seed s), a linear probe
+   on the frozen pretrained encoder, the encoder fine-tuned under the frozen probe head, and
+   the empirical Fisher of the fine-tuned encoder (`epimer.bench.finetune`, all cached).
+2. Reference rows: the pretrained encoder with each task's head (the analogue of the paper's
+   zero-shot "linear probing" row) and each fine-tuned encoder on its own task.
+3. Every method (`MethodSpec`: every registered method; EpiMer once per ``fisher_norm``),
+   merged once with `epimer.engine.merge_state_dicts` at scale 1 (timed). The engine writes
+   ``θ = θ0 + scale·Δ`` and Δ does not depend on the scale, so ``θ0 + s·(θ_1 − θ0)`` is the
+   merge at scale s: the sweep costs evaluations only. The scale with the best average
+   validation accuracy over the tasks is kept (ties: the first in the grid), and test
+   accuracy is reported at it; methods without a scale (`weight_average`) are evaluated as
+   they are. ``scale: auto`` (SPEC section 6) is computed from the same Δ and the Fishers
+   and reported beside it.
+4. Reported per method: test accuracy per task, average, worst task, normalized accuracy
+   (mean over tasks of merged / fine-tuned accuracy), merge wall time.
+
+Tensors that no task changed (the pooler, unused by mean pooling; the frozen word
+embeddings) are excluded from every merge, so they stay at the pretrained weights; their
+task vectors are zero, and with zero curvature EpiMer's metric would be singular there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epimer.bench import artifacts
+from epimer.bench.data import DEMO_TASKS, TASKS, TaskData, load_task, split_task
+from epimer.bench.evaluate import Encoded, Evaluator, Head, encode
+from epimer.bench.finetune import (
+    FinetuneSettings,
+    FisherSettings,
+    TaskModel,
+    base_state,
+    load_encoder,
+    load_tokenizer,
+    task_fisher,
+    task_model,
+)
+from epimer.diagnostics import auto_scale_terms
+from epimer.engine import merge_state_dicts
+from epimer.errors import InputError
+from epimer.registry import available_methods, get_method
+
+StateDict = dict[str, torch.Tensor]
+
+#: EpiMer's ``fisher_norm`` settings; SPEC 3.4 asks the benchmark to compare all three.
+FISHER_NORMS = ("none", "global", "tensor")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. The defaults are the full "text8" protocol.
+
+    Attributes:
+        tasks: task names (`epimer.bench.data.TASKS`).
+        seeds: one fine-tuning, Fisher and merging round per seed (mean and spread reported).
+        finetune: the per-task recipe (`FinetuneSettings`).
+        fisher: Fisher estimation (`FisherSettings`).
+        max_val, max_test: caps on the validation and test texts scored per task (the first
+            ones of the split, which `split_task` has shuffled); None scores them all.
+        scale_grid: scales tried on validation for every method with a ``scale``. The paper
+            finds optima near 1 for TSV-M and EpiMer and task arithmetic's lie lower (its Δ is
+            a sum over tasks), so the grid spans both; 1.0 is always included.
+        rank_fraction: the one rank_fraction given to every method that has it (TSV-M and
+            EpiMer compared at matched rank).
+        methods: method names to run (None: every registered method).
+        epimer_fisher_norms: EpiMer is run once per ``fisher_norm`` in this list.
+        auto_scale: also evaluate ``scale: auto`` (SPEC 6) for methods with a scale.
+        eval_batch_size: texts per forward pass when scoring.
+    """
+
+    tasks: tuple[str, ...] = tuple(TASKS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    fisher: FisherSettings = field(default_factory=FisherSettings)
+    max_val: int | None = 300
+    max_test: int | None = None
+    scale_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.25, 1.5)
+    rank_fraction: float = 1.0
+    methods: tuple[str, ...] | None = None
+    epimer_fisher_norms: tuple[str, ...] = FISHER_NORMS
+    auto_scale: bool = True
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if len(self.tasks) < 2:
+            raise InputError(f"merging needs at least two tasks; got {list(self.tasks)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise InputError(f"tasks repeat: {list(self.tasks)}")
+        if not self.seeds:
+            raise InputError("at least one seed is needed")
+        if not self.scale_grid or any(not (s > 0 and math.isfinite(s)) for s in self.scale_grid):
+            raise InputError(f"scale_grid must hold positive numbers; got {list(self.scale_grid)}")
+        bad = [n for n in self.epimer_fisher_norms if n not in FISHER_NORMS]
+        if bad:
+            raise InputError(f"unknown fisher_norm {bad}; valid: {', '.join(FISHER_NORMS)}")
+
+    @property
+    def grid(self) -> list[float]:
+        """The scale grid, sorted, with 1.0 included."""
+        return sorted(set(self.scale_grid) | {1.0})
+
+
+#: The full protocol: eight tasks, three seeds.
+TEXT8 = BenchConfig()
+
+#: ``epimer demo``: four short-text tasks, one seed, a budget sized for minutes on a CPU.
+DEMO = BenchConfig(
+    tasks=tuple(DEMO_TASKS),
+    seeds=(0,),
+    finetune=FinetuneSettings(steps=40, lr=1e-4, max_length=64, max_train=512),
+    fisher=FisherSettings(fraction=0.125),
+    max_val=64,
+    max_test=200,
+    scale_grid=(0.3, 0.6, 1.0, 1.4),
+    epimer_fisher_norms=("none",),
+    auto_scale=False,
+)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the comparison: a registered method with fixed parameters.
+
+    ``params`` never holds ``scale``: the pipeline sets it (1 for the merge, then the grid).
+    """
+
+    label: str
+    method: str
+    params: dict[str, Any]
+    has_scale: bool
+    needs_fisher: bool
+
+
+#: Row order of the tables: the paper's (flat methods, then curvature-aware); others after.
+ORDER = ("weight_average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts", "fisher_average", "epimer")
+
+
+def method_specs(config: BenchConfig) -> list[MethodSpec]:
+    """Every method of the run with its parameters (registry defaults, except the matched
+    ``rank_fraction`` and EpiMer's ``fisher_norm`` variants), in `ORDER`."""
+    names = list(config.methods) if config.methods is not None else available_methods()
+    names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    specs = []
+    for name in names:
+        method = get_method(name)  # unknown names raise, listing the valid ones
+        fields = method.Params.model_fields
+        params: dict[str, Any] = {}
+        if "rank_fraction" in fields:
+            params["rank_fraction"] = config.rank_fraction
+        variants: list[tuple[str, dict[str, Any]]] = [(name, params)]
+        if "fisher_norm" in fields and name == "epimer":
+            variants = [(name if norm == "none" else f"{name} (fisher_norm={norm})", {**params, "fisher_norm": norm})
+                        for norm in config.epimer_fisher_norms]
+        for label, p in variants:
+            needs = method.requires_fisher(method.parse_params(p))
+            specs.append(MethodSpec(label, name, p, "scale" in fields, needs))
+    return specs
+
+
+# ------------------------------------------------------------------------------ progress
+
+Advance = Callable[[int], None]
+
+
+class Progress:
+    """Progress reporting of the pipeline: no-op here; the command line passes a rich one."""
+
+    @contextmanager
+    def stage(self, label: str, total: int) -> Iterator[Advance]:
+        yield lambda n: None
+
+    def log(self, message: str) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def scaled(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float) -> StateDict:
+    """``θ0 + scale·Δ`` on the tensors of ``delta``, the base elsewhere."""
+    return {k: (v + scale * delta[k]).to(v.dtype) if k in delta else v for k, v in base.items()}
+
+
+def unchanged_tensors(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
+    """Names of the tensors every model holds exactly at the base's values."""
+    return [k for k, v in base.items() if all(torch.equal(m[k], v) for m in models)]
+
+
+def auto_scale(
+    delta: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    fishers: Sequence[Mapping[str, torch.Tensor]],
+) -> float | None:
+    """SPEC 6 over every merged tensor: ``Σ_t w_t⟨Δ, F_t⊙τ_t⟩ / Σ_t w_t⟨Δ, F_t⊙Δ⟩``, equal
+    weights (as the engine's ``scale: auto``); None where Δ has no curvature."""
+    weights = torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
+    num = den = 0.0
+    for k, d in delta.items():
+        taus = [m[k].to(torch.float32) - base[k].to(torch.float32) for m in models]
+        a, b = auto_scale_terms(d, taus, [f[k] for f in fishers], weights)
+        num, den = num + a, den + b
+    return num / den if den > 0 else None
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _cap(data: TaskData, cap: int | None) -> TaskData:
+    return data if cap is None or len(data) <= cap else data.subset(range(cap))
+
+
+def environment() -> dict[str, Any]:
+    """Machine and package versions, for the report."""
+    import transformers
+
+    from epimer import __version__
+
+    return {
+        "epimer": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "system": platform.system(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------------------ one seed
+
+
+@dataclass
+class _SeedContext:
+    base: StateDict
+    models: list[TaskModel]
+    fishers: list[StateDict]
+    heads: dict[str, Head]
+    val: dict[str, Encoded]
+    test: dict[str, Encoded]
+    evaluator: Evaluator
+
+
+def _prepare_seed(
+    config: BenchConfig,
+    seed: int,
+    model_path: Path,
+    tasks: Mapping[str, TaskData],
+    cache_root: Path,
+    progress: Progress,
+) -> tuple[_SeedContext, dict[str, Any]]:
+    base, fp = base_state(model_path)
+    tokenizer = load_tokenizer(model_path)
+    ft = config.finetune
+    splits = {name: split_task(tasks[name], seed, max_train=ft.max_train) for name in config.tasks}
+    models: list[TaskModel] = []
+    with progress.stage(f"seed {seed}: fine-tuning", ft.steps * len(config.tasks)) as advance:
+        for name in config.tasks:
+            models.append(task_model(model_path, splits[name], seed, ft, cache_root=cache_root / "bench",
+                                     base_fingerprint=fp, base_keys=list(base), tokenizer=tokenizer,
+                                     advance=advance))
+    fs = config.fisher
+    total = sum(max(1, round(fs.fraction * len(splits[n].train))) for n in config.tasks)
+    with progress.stage(f"seed {seed}: Fisher", total) as advance:
+        fishers = [task_fisher(m, model_path, splits[m.task].train, fs, ft, tokenizer=tokenizer, advance=advance)
+                   for m in models]
+    val = {n: encode(tokenizer, _cap(splits[n].val, config.max_val), ft.max_length) for n in config.tasks}
+    test = {n: encode(tokenizer, _cap(splits[n].test, config.max_test), ft.max_length) for n in config.tasks}
+    info = {
+        name: {
+            "n_train": len(splits[name].train),
+            "n_val": len(val[name]),
+            "n_test": len(test[name]),
+            "classes": splits[name].train.label_names,
+            "probe": m.info.get("probe", {}),
+            "finetune": {k: v for k, v in m.info.get("finetune", {}).items()},
+            "cache": str(m.folder),
+        }
+        for name, m in zip(config.tasks, models)
+    }
+    evaluator = Evaluator(load_encoder(model_path), batch_size=config.eval_batch_size)
+    heads = {m.task: m.head for m in models}
+    return _SeedContext(base, models, fishers, heads, val, test, evaluator), info
+
+
+def _score(ctx: _SeedContext, state: StateDict, split: str) -> dict[str, float]:
+    return ctx.evaluator.accuracies(state, ctx.heads, ctx.val if split == "val" else ctx.test)
+
+
+def _summary(test: Mapping[str, float], finetuned: Mapping[str, float]) -> dict[str, Any]:
+    return {
+        "avg": _mean(list(test.values())),
+        "worst": min(test.values()),
+        "worst_task": min(test, key=lambda t: test[t]),
+        "normalized": _mean([test[t] / finetuned[t] if finetuned[t] > 0 else 0.0 for t in test]),
+    }
+
+
+def _run_method(
+    spec: MethodSpec, ctx: _SeedContext, config: BenchConfig, exclude: list[str], ft_test: Mapping[str, float],
+    progress: Progress,
+) -> dict[str, Any]:
+    models = [m.encoder for m in ctx.models]
+    params = {**spec.params, **({"scale": 1.0} if spec.has_scale else {})}
+    start = time.perf_counter()
+    merged = merge_state_dicts(ctx.base, models, spec.method, params, fishers=ctx.fishers, exclude=exclude)
+    merge_seconds = time.perf_counter() - start
+    delta = {k: merged[k].to(torch.float32) - ctx.base[k].to(torch.float32)
+             for k, v in ctx.base.items() if v.is_floating_point() and not _excluded(k, exclude)}
+    row: dict[str, Any] = {"label": spec.label, "method": spec.method, "params": spec.params,
+                           "has_scale": spec.has_scale, "merge_seconds": merge_seconds}
+    grid = config.grid if spec.has_scale else [1.0]
+    sweep: dict[str, dict[str, Any]] = {}
+    with progress.stage(f"{spec.label}: scale on validation", len(grid)) as advance:
+        for s in grid:
+            val = _score(ctx, scaled(ctx.base, delta, s) if spec.has_scale else merged, "val")
+            sweep[f"{s:g}"] = {"scale": s, "val": val, "val_avg": _mean(list(val.values()))}
+            advance(1)
+    best = max(sweep.values(), key=lambda r: r["val_avg"])  # max keeps the first of equal values
+    chosen = best["scale"]
+    test = _score(ctx, scaled(ctx.base, delta, chosen) if spec.has_scale else merged, "test")
+    row.update(scale=chosen if spec.has_scale else None, sweep=list(sweep.values()) if spec.has_scale else [],
+               val=best["val"], val_avg=best["val_avg"], test=test, **_summary(test, ft_test))
+    if spec.has_scale and config.auto_scale:
+        s_auto = auto_scale(delta, ctx.base, models, ctx.fishers)
+        if s_auto is not None:
+            state = scaled(ctx.base, delta, s_auto)
+            auto_val, auto_test = _score(ctx, state, "val"), _score(ctx, state, "test")
+            row["auto"] = {"scale": s_auto, "val": auto_val, "val_avg": _mean(list(auto_val.values())),
+                           "test": auto_test, **_summary(auto_test, ft_test)}
+        else:
+            row["auto"] = {"scale": None}
+    progress.log(f"{spec.label}: scale {row['scale']}, val {row['val_avg']:.3f}, test avg {row['avg']:.3f}, "
+                 f"worst {row['worst']:.3f}, merge {merge_seconds:.1f} s")
+    return row
+
+
+def _excluded(name: str, patterns: Sequence[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def run_seed(
+    config: BenchConfig,
+    seed: int,
+    *,
+    model_path: Path,
+    tasks: Mapping[str, TaskData],
+    cache_root: Path,
+    progress: Progress,
+) -> dict[str, Any]:
+    """The protocol for one seed: task models, references and every method's row."""
+    ctx, task_info = _prepare_seed(config, seed, model_path, tasks, cache_root, progress)
+    with progress.stage(f"seed {seed}: reference rows", 1 + len(ctx.models)) as advance:
+        pre_val, pre_test = _score(ctx, ctx.base, "val"), _score(ctx, ctx.base, "test")
+        advance(1)
+        ft_val, ft_test = {}, {}
+        for m in ctx.models:
+            ctx.evaluator.load(m.encoder)
+            ft_val[m.task] = ctx.evaluator.accuracy(None, m.head, ctx.val[m.task])
+            ft_test[m.task] = ctx.evaluator.accuracy(None, m.head, ctx.test[m.task])
+            advance(1)
+    references = {
+        "pretrained": {"val": pre_val, "test": pre_test, **_summary(pre_test, ft_test)},
+        "finetuned": {"val": ft_val, "test": ft_test, **_summary(ft_test, ft_test)},
+    }
+    unchanged = unchanged_tensors(ctx.base, [m.encoder for m in ctx.models])
+    exclude = [f"^{re.escape(k)}$" for k in unchanged]
+    rows = [_run_method(spec, ctx, config, exclude, ft_test, progress) for spec in method_specs(config)]
+    return {"seed": seed, "tasks": task_info, "references": references, "excluded": unchanged, "methods": rows}
+
+
+def run_benchmark(
+    config: BenchConfig,
+    out: Path | None = None,
+    *,
+    model_path: Path | None = None,
+    tasks: Mapping[str, TaskData] | None = None,
+    cache_root: Path | None = None,
+    progress: Progress | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Run the protocol for every seed; with ``out``, write ``results.json``, ``results.md``
+    and the plots there (rewritten after each seed, so an interrupted run keeps what it did).
+
+    Args:
+        config: what to run (`TEXT8`, `DEMO` or a variant made with ``dataclasses.replace``).
+        out: report folder (created), or None to only return the results.
+        model_path: pretrained model folder (default: all-MiniLM-L6-v2, `artifacts.model_dir`).
+        tasks: name -> task data (default: `epimer.bench.data.load_task` of each name).
+        cache_root: cache folder (default ``$EPIMER_CACHE``); models go under ``bench/``.
+        progress: progress sink (the command line's rich bars).
+        plots: draw the PNG plots (matplotlib) besides the tables.
+    Returns:
+        The results (what ``results.json`` holds).
+    """
+    from epimer.bench import report
+
+    progress = progress or Progress()
+    model_path = Path(model_path) if model_path is not None else artifacts.model_dir()
+    cache_root = Path(cache_root) if cache_root is not None else artifacts.cache_dir()
+    data = dict(tasks) if tasks is not None else {name: load_task(name) for name in config.tasks}
+    missing = [t for t in config.tasks if t not in data]
+    if missing:
+        raise InputError(f"no data for task(s) {missing}; given: {sorted(data)}")
+    results: dict[str, Any] = {
+        "benchmark": "text8",
+        "config": asdict(config),
+        "model": str(model_path),
+        "environment": environment(),
+        "methods": [asdict(s) for s in method_specs(config)],
+        "runs": [],
+    }
+    start = time.perf_counter()
+    for seed in config.seeds:
+        results["runs"].append(run_seed(config, seed, model_path=model_path, tasks=data, cache_root=cache_root,
+                                        progress=progress))
+        results["wall_seconds"] = time.perf_counter() - start
+        if out is not None:
+            report.write_report(results, Path(out), plots=plots)
+    return results
+
+
+def config_with(base: BenchConfig, **changes: Any) -> BenchConfig:
+    """``base`` with top-level fields and fine-tuning fields (``steps``, ``lr``, ...) replaced."""
+    ft_fields = set(FinetuneSettings.__dataclass_fields__)
+    fisher_fields = {f"fisher_{k}": k for k in FisherSettings.__dataclass_fields__}
+    ft = {k: v for k, v in changes.items() if k in ft_fields and v is not None}
+    fs = {fisher_fields[k]: v for k, v in changes.items() if k in fisher_fields and v is not None}
+    top = {k: v for k, v in changes.items() if k not in ft_fields and k not in fisher_fields and v is not None}
+    return replace(base, finetune=replace(base.finetune, **ft), fisher=replace(base.fisher, **fs), **top)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A ``results.json`` written by `run_benchmark`."""
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,290 @@
+"""Tables and plots of a benchmark run: ``results.md`` (shaped like the paper's Tables 2, 3,
+4 and 6) and PNG figures (per-task bars, scale sweep), from the ``results.json`` data.
+
+Figures over seeds are ``mean ± standard deviation`` (sample deviation, n − 1) when a run
+has several seeds. Accuracies are fractions in [0, 1], printed with three decimals as in the
+paper.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Display names (the paper's where it has one).
+NAMES = {
+    "pretrained": "Pretrained + heads (linear probe)",
+    "finetuned": "Fine-tuned (individual)",
+    "weight_average": "Weight average (AM)",
+    "task_arithmetic": "Task arithmetic",
+    "ties": "TIES",
+    "dare": "DARE",
+    "fisher_average": "Fisher averaging",
+    "tsv_m": "TSV-M",
+    "iso_c": "Iso-C",
+    "iso_cts": "Iso-CTS",
+    "epimer": "EpiMer",
+}
+
+
+def display(label: str) -> str:
+    """The display name of a row label (``epimer (fisher_norm=global)`` keeps its suffix)."""
+    head, _, rest = label.partition(" ")
+    return NAMES.get(head, head) + (f" {rest}" if rest else "")
+
+
+@dataclass
+class Row:
+    """One method (or reference) over every seed of a run."""
+
+    label: str
+    group: str  # "reference", "flat" or "curvature"
+    avg: list[float] = field(default_factory=list)
+    worst: list[float] = field(default_factory=list)
+    normalized: list[float] = field(default_factory=list)
+    per_task: dict[str, list[float]] = field(default_factory=dict)
+    scales: list[float | None] = field(default_factory=list)
+    merge_seconds: list[float] = field(default_factory=list)
+    auto_avg: list[float] = field(default_factory=list)
+    auto_scales: list[float] = field(default_factory=list)
+    auto_worst: list[float] = field(default_factory=list)
+
+
+def _add(row: Row, entry: dict[str, Any]) -> None:
+    row.avg.append(entry["avg"])
+    row.worst.append(entry["worst"])
+    row.normalized.append(entry["normalized"])
+    for task, acc in entry["test"].items():
+        row.per_task.setdefault(task, []).append(acc)
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    """Reference rows, then every method in the order of the run, aggregated over seeds."""
+    needs = {m["label"]: m["needs_fisher"] for m in results["methods"]}
+    out: dict[str, Row] = {"pretrained": Row("pretrained", "reference"), "finetuned": Row("finetuned", "reference")}
+    for run in results["runs"]:
+        for ref in ("pretrained", "finetuned"):
+            _add(out[ref], run["references"][ref])
+        for m in run["methods"]:
+            row = out.setdefault(m["label"], Row(m["label"], "curvature" if needs.get(m["label"]) else "flat"))
+            _add(row, m)
+            row.scales.append(m["scale"])
+            row.merge_seconds.append(m["merge_seconds"])
+            auto = m.get("auto") or {}
+            if auto.get("avg") is not None:
+                row.auto_avg.append(auto["avg"])
+                row.auto_worst.append(auto["worst"])
+                row.auto_scales.append(auto["scale"])
+    return list(out.values())
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def fmt(xs: Sequence[float], digits: int = 3) -> str:
+    """``.912 ± .004`` (no spread for one value), ``–`` for none; paper style without the 0."""
+    if not xs:
+        return "–"
+    m, s = mean_std(xs)
+
+    def short(v: float) -> str:
+        text = f"{v:.{digits}f}"
+        return text[1:] if text.startswith("0.") else text
+
+    return short(m) if s is None else f"{short(m)} ± {short(s)}"
+
+
+def _scales(xs: Sequence[float | None]) -> str:
+    vals = [x for x in xs if x is not None]
+    return ", ".join(f"{x:.3g}" for x in vals) if vals else "–"
+
+
+def _seconds(xs: Sequence[float]) -> str:
+    return f"{sorted(xs)[len(xs) // 2]:.1f}" if xs else "–"
+
+
+# ------------------------------------------------------------------------------ markdown
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return lines + [""]
+
+
+def comparison(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The headline table (paper Table 2 plus worst task, normalized accuracy, scale, time):
+    header and body rows of strings. Shared by ``results.md`` and the demo's printout."""
+    header = ["Method", "Avg acc", "Normalized", "Worst task", "Scale (val)", "Avg acc, scale auto",
+              "Auto scale", "Merge s"]
+    body: list[list[str]] = []
+    for group, title in (("reference", "Baselines"), ("flat", "Flat-geometry methods"),
+                         ("curvature", "Curvature-aware methods")):
+        members = [r for r in rows(results) if r.group == group]
+        if not members:
+            continue
+        body.append([f"*{title}*"] + [""] * (len(header) - 1))
+        for r in members:
+            body.append([display(r.label), fmt(r.avg), fmt(r.normalized), fmt(r.worst), _scales(r.scales),
+                         fmt(r.auto_avg), _scales(r.auto_scales), _seconds(r.merge_seconds)])
+    return header, body
+
+
+def _config_lines(results: dict[str, Any]) -> list[str]:
+    cfg = results["config"]
+    ft, fs = cfg["finetune"], cfg["fisher"]
+    env = results["environment"]
+    seeds = ", ".join(str(s) for s in cfg["seeds"])
+    return [
+        f"- Model: `{results['model']}`; tasks ({len(cfg['tasks'])}): {', '.join(cfg['tasks'])}; seeds: {seeds}.",
+        f"- Probe: {ft['probe_shots'] or 'all'} training texts per class, L2 from {ft['probe_l2']} on validation. "
+        f"Fine-tuning: {ft['steps']} AdamW steps, batch {ft['batch_size']}, lr {ft['lr']:g}, "
+        f"max length {ft['max_length']}, training split capped at {ft['max_train'] or 'none'}, "
+        f"word embeddings {'frozen' if ft['freeze_word_embeddings'] else 'trained'}.",
+        f"- Fisher: {fs['estimator']} estimator on a fraction {fs['fraction']:g} of each training split (seed "
+        f"{fs['seed']}). rank_fraction {cfg['rank_fraction']:g} for every method that has it (TSV-M and EpiMer "
+        f"at matched rank).",
+        f"- Scale chosen on validation (average accuracy over tasks, at most {cfg['max_val'] or 'all'} texts "
+        f"per task) from {sorted(set(cfg['scale_grid']) | {1.0})}; test accuracy at that scale (at most "
+        f"{cfg['max_test'] or 'all'} texts per task).",
+        f"- Machine: {env['system']} {env['machine']}, {env['torch_threads']} torch threads; epimer "
+        f"{env['epimer']}, torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}. "
+        f"Wall time {results.get('wall_seconds', 0.0):.0f} s.",
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md``: setup, the headline table, the per-task, worst-task and scale-sweep tables."""
+    tasks = results["config"]["tasks"]
+    all_rows = rows(results)
+    lines = ["# Merging benchmark results", "", *_config_lines(results), ""]
+
+    lines += ["## Average test accuracy (paper Table 2)", ""]
+    lines += _table(*comparison(results))
+    lines += ["Normalized: mean over tasks of merged / fine-tuned test accuracy. Merge s: median wall "
+              "time of one merge (scale 1) with `merge_state_dicts`.", ""]
+
+    lines += ["## Test accuracy per task (paper Table 6)", ""]
+    header = ["Method", *tasks, "Avg"]
+    body = [[display(r.label), *(fmt(r.per_task.get(t, [])) for t in tasks), fmt(r.avg)] for r in all_rows]
+    lines += _table(header, body)
+
+    lines += ["## Worst-task accuracy (paper Table 4)", ""]
+    body = []
+    for r in all_rows:
+        if r.group == "reference":
+            continue
+        worst_names = sorted({m["worst_task"] for run in results["runs"] for m in run["methods"]
+                              if m["label"] == r.label})
+        body.append([display(r.label), fmt(r.worst), ", ".join(worst_names), fmt(r.auto_worst)])
+    lines += _table(["Method", "Worst task acc", "Worst task", "Worst, scale auto"], body)
+
+    sweep_methods = [m for m in results["runs"][0]["methods"] if m["sweep"]]
+    if sweep_methods:
+        scales = [p["scale"] for p in sweep_methods[0]["sweep"]]
+        lines += ["## Scale sweep: average validation accuracy (paper Table 3)", ""]
+        body = []
+        for m in sweep_methods:
+            per_scale = [[p["val_avg"] for run in results["runs"] for mm in run["methods"] if mm["label"] == m["label"]
+                          for p in mm["sweep"] if p["scale"] == s] for s in scales]
+            body.append([display(m["label"]), *(fmt(v) for v in per_scale)])
+        lines += _table(["Method", *(f"{s:g}" for s in scales)], body)
+
+    lines += ["## Per-task models", ""]
+    body = []
+    for t in tasks:
+        info = [run["tasks"][t] for run in results["runs"]]
+        probe = [run["references"]["pretrained"]["test"][t] for run in results["runs"]]
+        tuned = [run["references"]["finetuned"]["test"][t] for run in results["runs"]]
+        body.append([t, str(info[0]["n_train"]), str(info[0]["n_val"]), str(info[0]["n_test"]), fmt(probe), fmt(tuned),
+                     f"{sum(i['finetune'].get('seconds', 0.0) for i in info) / len(info):.0f}"])
+    lines += _table(["Task", "Train", "Val (scored)", "Test (scored)", "Probe test acc", "Fine-tuned test acc",
+                     "Fine-tune s"], body)
+    lines += ["![per-task test accuracy](per_task.png)", "", "![scale sweep](scale_sweep.png)", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_task(results: dict[str, Any], path: Path) -> None:
+    """Grouped bars: test accuracy per task for the references and every method (seed mean)."""
+    plt = _pyplot()
+    tasks = results["config"]["tasks"]
+    all_rows = rows(results)
+    width = 0.8 / len(all_rows)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(tasks) + 0.25 * len(all_rows)), 4.8))
+    cmap = plt.get_cmap("tab20")
+    for i, r in enumerate(all_rows):
+        means = [mean_std(r.per_task[t])[0] for t in tasks]
+        xs = [j + (i - (len(all_rows) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, means, width, label=display(r.label), color=cmap(i % 20))
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=20, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.set_title("Test accuracy per task (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_scale_sweep(results: dict[str, Any], path: Path) -> None:
+    """Average validation accuracy against the scale, one line per method with a scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    labels = [m["label"] for m in results["runs"][0]["methods"] if m["sweep"]]
+    for label in labels:
+        points: dict[float, list[float]] = {}
+        for run in results["runs"]:
+            for m in run["methods"]:
+                if m["label"] == label:
+                    for p in m["sweep"]:
+                        points.setdefault(p["scale"], []).append(p["val_avg"])
+        xs = sorted(points)
+        ax.plot(xs, [mean_std(points[x])[0] for x in xs], marker="o", label=display(label))
+    ax.set_xlabel("scale")
+    ax.set_ylabel("average validation accuracy")
+    ax.set_title("Scale sweep (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(results: dict[str, Any], out: Path, *, plots: bool = True) -> None:
+    """Write ``results.json``, ``results.md`` and (with ``plots``) the PNG figures into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    _write_text(out / "results.md", markdown(results))
+    if plots:
+        plot_per_task(results, out / "per_task.png")
+        plot_scale_sweep(results, out / "scale_sweep.png")
