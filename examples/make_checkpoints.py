@@ -3,8 +3,8 @@
 The base is a randomly initialised BERT (transformers, built from a config, no download);
 each task model adds a low-rank update plus noise to the base's weights, the way fine-tuning
 moves a pretrained model. Everything is written as Hugging Face folders under
-``examples/checkpoints/``, and a synthetic Fisher file per task goes beside them so the
-curvature-aware methods run too.
+``examples/checkpoints/``, with a Fisher file per task beside them (the empirical Fisher of a
+toy classification task), so the curvature-aware methods run too.
 
     python examples/make_checkpoints.py
     epimer merge examples/ties.yaml -o examples/merged/ties
@@ -16,7 +16,6 @@ import argparse
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 
 def main() -> None:
@@ -28,11 +27,14 @@ def main() -> None:
 
     from transformers import BertConfig, BertModel
 
+    from epimer.curvature.fisher import CrossEntropyLoss, estimate_fisher
+    from epimer.curvature.fisher_io import save_fisher
     from epimer.fingerprint import fingerprint_tensors
 
     torch.manual_seed(args.seed)
     config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=128)
+                        intermediate_size=256, max_position_embeddings=128,
+                        attn_implementation="eager")  # eager attention has vmap rules (Fisher)
     base = BertModel(config).eval()
     base.save_pretrained(args.out / "base")
     base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -53,25 +55,18 @@ def main() -> None:
         model.load_state_dict(sd)
         folder = args.out / f"task_{t}"
         model.save_pretrained(folder)
-        # A synthetic diagonal Fisher with the structure of a linear layer's (outer product of
-        # input and output second moments, times noise), keyed like the checkpoint.
-        saved = {n: v for n, v in model.state_dict().items()}
-        fisher = {}
-        for name, w in saved.items():
-            if not w.is_floating_point():
-                continue
-            if w.ndim == 2:
-                out_m = torch.rand(w.shape[0], 1, generator=gen) + 0.1
-                in_m = torch.rand(1, w.shape[1], generator=gen) + 0.1
-                noise = torch.exp(0.1 * torch.randn(w.shape, generator=gen))
-                fisher[name] = (out_m @ in_m * noise * (t + 1)).contiguous()
-            else:
-                fisher[name] = torch.rand(w.shape, generator=gen) + 0.1
-        save_file(fisher, str(args.out / f"task_{t}.fisher.safetensors"),
-                  metadata={"format": "epimer-fisher", "num_samples": "0", "estimator": "synthetic",
-                            "seed": str(args.seed), "fraction": "1.0",
-                            "fingerprint": fingerprint_tensors(saved, fisher)})
-    print(f"wrote a base and {args.tasks} task models (with synthetic Fisher files) under {args.out}")
+        # The empirical Fisher of a toy task: a frozen random linear head on mean-pooled
+        # features, 64 random token sequences with random labels (SPEC section 4, eq. 9).
+        head = torch.randn(config.hidden_size, 2, generator=gen)
+        loss = CrossEntropyLoss(logits_of=lambda out, h=head: out.last_hidden_state.mean(1) @ h,
+                                additive_padding_mask=True)
+        ids = torch.randint(1, config.vocab_size, (64, 16), generator=gen)
+        batches = [{"input_ids": ids[i:i + 32], "attention_mask": torch.ones(32, 16, dtype=torch.long),
+                    "labels": torch.randint(0, 2, (32,), generator=gen)} for i in (0, 32)]
+        fisher = estimate_fisher(model, batches, loss)
+        save_fisher(args.out / f"task_{t}.fisher.safetensors", fisher, num_samples=64, estimator="empirical",
+                    seed=args.seed, fraction=1.0, model_fingerprint=fingerprint_tensors(model.state_dict(), fisher))
+    print(f"wrote a base and {args.tasks} task models (with Fisher files) under {args.out}")
 
 
 if __name__ == "__main__":

@@ -133,9 +133,55 @@ def methods(as_json: bool) -> None:
         console.print()
 
 
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write every number to this JSON file.")
+@click.option("--top", default=20, show_default=True, help="Rows of the table (worst tensors first).")
+@click.option("--allow-nonfinite", is_flag=True, help="Use tensors holding NaN or Inf instead of refusing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bool, quiet: bool) -> None:
+    """Curvature heterogeneity and error bound (SPEC section 5) of CONFIG's models, per tensor.
+
+    kappa = J(c̄) − J(c*) is what curvature-aware merging gains over flat merging in the
+    subspace objective; kappa_rel = kappa / J(c̄). bound = ½(√V + √R)² estimates the rise of
+    the multi-task loss: V is the subspace Fréchet variance, R the energy left outside the
+    subspace.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from epimer.config import load_config
+    from epimer.engine import diagnose as run_diagnose
+    from epimer.progress import RichProgress
+
+    cfg = load_config(config)
+    with RichProgress(enabled=not quiet) as progress:
+        result = run_diagnose(cfg, progress=progress, allow_nonfinite=allow_nonfinite)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    table = Table(title=f"EpiMer diagnostics of {config} (worst tensors by kappa first)", title_justify="left")
+    for col in ("tensor", "shape", "r", "kappa", "kappa_rel", "V", "R", "bound"):
+        table.add_column(col, justify="left" if col in ("tensor", "shape") else "right")
+    rows = sorted(result["tensors"].items(), key=lambda kv: -kv[1]["kappa"])
+    for name, d in rows[:top]:
+        table.add_row(name, "×".join(map(str, d["shape"])), str(int(d["r"])),
+                      *(f"{d[k]:.4g}" for k in ("kappa", "kappa_rel", "V", "R", "bound")))
+    t = result["total"]
+    table.add_section()
+    table.add_row(f"total ({len(rows)} matrix tensors)", "", "",
+                  *(f"{t[k]:.4g}" for k in ("kappa", "kappa_rel", "V", "R", "bound")))
+    Console(width=160).print(table)
+    if json_path is not None:
+        click.echo(f"wrote {json_path}", err=True)
+
+
 def _type_name(annotation: Any) -> str:
+    """'Union[float, Literal['auto']]' -> "float | 'auto'" for the methods table."""
     text = str(annotation).replace("typing.", "")
-    return re.sub(r"<class '(\w+)'>", r"\1", text)
+    text = re.sub(r"<class '(\w+)'>", r"\1", text)
+    text = re.sub(r"Literal\[([^\]]*)\]", lambda m: m.group(1).replace(", ", " | "), text)
+    text = re.sub(r"Union\[(.*)\]", lambda m: m.group(1).replace(", ", " | "), text)
+    return text
 
 
 def _register_optional_commands() -> None:

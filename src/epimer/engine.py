@@ -519,3 +519,48 @@ def merge_state_dicts(
     run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
     with tempfile.TemporaryDirectory() as tmp:
         return {name: t for name, t in run.tensors(Path(tmp))}
+
+
+# ---------------------------------------------------------------------- diagnostics
+
+#: Per-tensor numbers of SPEC section 5 that add up over tensors (B is block-diagonal across
+#: tensors, so the model's J, kappa, V and R are sums of the tensors').
+_ADDITIVE = ("kappa", "J_flat", "J_star", "V", "R")
+
+
+def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None,
+             allow_nonfinite: bool = False) -> dict[str, Any]:
+    """SPEC section 5 per matrix tensor and in total, without writing a model.
+
+    The diagnostics are those of the EpiMer geometry: with ``method: epimer`` its parameters
+    are used; with any other method, epimer's defaults (keeping ``rank_fraction`` if the
+    config sets one, so a ``tsv_m`` config is diagnosed at its own rank).
+    """
+    if config.method != "epimer":
+        keep = {k: v for k, v in config.parameters.items() if k == "rank_fraction"}
+        config = config.model_copy(update={"method": "epimer", "parameters": keep})
+    run = MergeRun(config, allow_nonfinite=allow_nonfinite, progress=progress)
+    try:
+        method = run.method
+        state = method.prepare(run.params, lambda v: run.stream(v, "prepare"))
+        per: dict[str, dict[str, float]] = {}
+        shapes: dict[str, list[int]] = {}
+
+        def visit(x: TensorInputs) -> None:
+            if x.kind == "matrix":
+                per[x.name] = method.diagnose(x, run.params, state)  # type: ignore[attr-defined]
+                shapes[x.name] = list(x.base.shape)
+
+        run.stream(visit, "diagnose")
+    finally:
+        run.close()
+    total = {k: float(sum(d[k] for d in per.values())) for k in _ADDITIVE}
+    total["kappa_rel"] = total["kappa"] / total["J_flat"] if total["J_flat"] > 0 else 0.0
+    total["bound"] = 0.5 * (total["V"] ** 0.5 + total["R"] ** 0.5) ** 2
+    return {
+        "method": "epimer",
+        "parameters": run.params.model_dump(mode="json"),
+        "models": [str(m.model) for m in config.models],
+        "tensors": {n: {"shape": shapes[n], **d} for n, d in per.items()},
+        "total": total,
+    }

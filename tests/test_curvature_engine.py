@@ -1,0 +1,106 @@
+"""Fisher-based methods through the engine: Fisher files, scale: auto, diagnose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from epimer.cli import main
+from epimer.config import load_config
+from epimer.curvature.fisher_io import save_fisher
+from epimer.diagnostics import auto_scale_terms
+from epimer.engine import diagnose, merge_state_dicts, merge_to_folder
+from epimer.fingerprint import fingerprint_tensors
+from epimer.io import open_checkpoint
+
+
+@pytest.fixture
+def fisher_set(model_set, tmp_path: Path):
+    ms = model_set()
+    g = torch.Generator().manual_seed(5)
+    ms["fisher_paths"], ms["fisher_sds"] = [], []
+    for i, sd in enumerate(ms["task_sds"]):
+        f = {n: torch.rand(v.shape, generator=g) + 0.05 for n, v in sd.items() if v.is_floating_point()}
+        path = ms["root"] / f"f{i}.safetensors"
+        save_fisher(path, f, num_samples=10, estimator="empirical", seed=0, fraction=1.0,
+                    model_fingerprint=fingerprint_tensors(sd, f))
+        ms["fisher_paths"].append(path)
+        ms["fisher_sds"].append(f)
+
+    def config(method: str, params: dict | None = None, fishers: bool = True) -> Path:
+        data = {"base_model": str(ms["base"]), "method": method, "parameters": params or {},
+                "models": [{"model": str(t), **({"fisher": str(f)} if fishers else {})}
+                           for t, f in zip(ms["tasks"], ms["fisher_paths"])]}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    ms["config"] = config
+    return ms
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "tsv_m", "fisher_average", "epimer"])
+def test_scale_auto_is_the_surrogate_minimiser(fisher_set, tmp_path: Path, method: str) -> None:
+    """scale* = Σ w<Δ, F⊙τ> / Σ w<Δ, F⊙Δ> over all tensors (SPEC 6), and the merge uses it."""
+    report = merge_to_folder(load_config(fisher_set["config"](method, {"scale": "auto"})), tmp_path / "out")
+    unit = merge_state_dicts(fisher_set["base_sd"], fisher_set["task_sds"], method, {"scale": 1.0},
+                             fishers=fisher_set["fisher_sds"])
+    w = torch.full((3,), 1 / 3, dtype=torch.float64)
+    num = den = 0.0
+    for name, b in fisher_set["base_sd"].items():
+        if not b.is_floating_point():
+            continue
+        delta = unit[name].double() - b.double()
+        taus = tuple(t[name].double() - b.double() for t in fisher_set["task_sds"])
+        fs = tuple(f[name].double() for f in fisher_set["fisher_sds"])
+        a, c = auto_scale_terms(delta, taus, fs, w)
+        num, den = num + float(a), den + float(c)
+    assert report.scale_auto == pytest.approx(num / den, rel=1e-4)
+    out = open_checkpoint(tmp_path / "out")
+    for name, b in fisher_set["base_sd"].items():
+        if b.is_floating_point():
+            ref = b.double() + report.scale_auto * (unit[name].double() - b.double())
+            torch.testing.assert_close(out.get(name).double(), ref, rtol=1e-4, atol=1e-5)
+    cfg_text = (tmp_path / "out" / "merge_config.yaml").read_text()
+    assert "scale: auto chose" in cfg_text
+    assert yaml.safe_load(cfg_text)["parameters"]["scale"] == pytest.approx(report.scale_auto)
+
+
+def test_fisher_needed_but_missing_is_bad_input(fisher_set, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["merge", str(fisher_set["config"]("epimer", fishers=False)), "-o",
+                                    str(tmp_path / "out")])
+    assert res.exit_code == 2 and "needs a Fisher file" in res.output and "task_0" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_fisher_of_another_model_is_refused(fisher_set, tmp_path: Path) -> None:
+    cfg = yaml.safe_load(fisher_set["config"]("fisher_average").read_text())
+    cfg["models"][0]["fisher"], cfg["models"][1]["fisher"] = cfg["models"][1]["fisher"], cfg["models"][0]["fisher"]
+    (tmp_path / "swap.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["merge", str(tmp_path / "swap.yaml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "f1.safetensors" in res.output and not (tmp_path / "out").exists()
+
+
+def test_diagnose_totals_and_json(fisher_set, tmp_path: Path) -> None:
+    result = diagnose(load_config(fisher_set["config"]("epimer", {"fisher_rank": "exact"})))
+    per = result["tensors"]
+    assert set(per) == {"embed.weight", "layer.0.attn.weight", "layer.0.mlp.weight", "layer.1.mlp.weight"}
+    for d in per.values():
+        assert d["kappa"] >= -1e-9 and 0 <= d["kappa_rel"] <= 1 + 1e-9
+        assert d["kappa"] == pytest.approx(d["J_flat"] - d["J_star"], rel=1e-6, abs=1e-9)
+    t = result["total"]
+    assert t["kappa"] == pytest.approx(sum(d["kappa"] for d in per.values()))
+    assert t["bound"] == pytest.approx(0.5 * (t["V"] ** 0.5 + t["R"] ** 0.5) ** 2)
+    res = CliRunner().invoke(main, ["diagnose", str(fisher_set["config"]("tsv_m")), "--json",
+                                    str(tmp_path / "d.json"), "-q"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "d.json").read_text())
+    for key in ("kappa", "kappa_rel", "V", "R", "bound", "J_flat", "J_star"):
+        assert key in data["total"] and all(key in d for d in data["tensors"].values())
+    assert "total (4 matrix tensors)" in res.output and "layer.0.mlp.weight" in res.output
