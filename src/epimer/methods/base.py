@@ -134,3 +134,9 @@ def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> to
     for t, w in zip(tensors, weights.tolist()):
         out.add_(t, alpha=w)
     return out
+
+
+def task_sum(x: TensorInputs, deltas: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Σ_t T·w_t τ_t: the task-arithmetic sum Σ_t τ_t of SPEC 2/3.3 for equal weights, through
+    which custom ``weight``s still count. ``deltas`` replaces ``x.deltas`` (e.g. DARE's)."""
+    return weighted_sum(x.deltas if deltas is None else deltas, x.weights * x.num_tasks)

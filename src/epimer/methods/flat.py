@@ -22,6 +22,7 @@ from epimer.methods.base import (
     Stream,
     TensorInputs,
     TensorResult,
+    task_sum,
     weighted_sum,
 )
 from epimer.registry import register
@@ -43,11 +44,6 @@ def _task_factors(x: TensorInputs) -> torch.Tensor:
 def _weighted_in_place(x: TensorInputs, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
     """T·w_t x_t, scaling tensors this module just made (never the inputs) to spare T copies."""
     return [t.mul_(f) for t, f in zip(fresh, _task_factors(x).tolist())]
-
-
-def _summed(x: TensorInputs, deltas: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Σ_t T·w_t τ_t."""
-    return weighted_sum(deltas, _task_factors(x))
 
 
 class WeightAverageParams(MethodParams):
@@ -88,7 +84,7 @@ class TaskArithmetic(MergeMethod):
         return True
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
-        return _summed(x, x.deltas)
+        return task_sum(x)
 
 
 class TiesParams(MethodParams):
@@ -192,4 +188,4 @@ class Dare(MergeMethod):
         ]
         if p.combine == "ties":
             return ties_fn.sign_consensus_merge(_weighted_in_place(x, dropped), p.sign)
-        return _summed(x, tuple(dropped))
+        return task_sum(x, tuple(dropped))

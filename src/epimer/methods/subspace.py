@@ -27,6 +27,7 @@ from epimer.methods.base import (
     Stream,
     TensorInputs,
     TensorResult,
+    task_sum,
     weighted_sum,
 )
 from epimer.methods.fisher_average import (
@@ -95,12 +96,6 @@ class TsvM(MergeMethod):
 # ----------------------------------------------------------------------- Iso-C / Iso-CTS
 
 
-def _summed(x: TensorInputs) -> torch.Tensor:
-    """The task-arithmetic matrix ``Σ_t T·w_t τ_t`` (= Σ_t τ_t of SPEC 3.3 for equal weights, as
-    task_arithmetic, so unequal user weights count), float32 (float64 for float64 inputs)."""
-    return weighted_sum(x.deltas, x.weights).mul_(x.num_tasks).to(compute_dtype(x.deltas[0]))
-
-
 def _isotropic(us: list[torch.Tensor], vs: list[torch.Tensor], ss: list[torch.Tensor]) -> torch.Tensor:
     """``mean(σ) · U⊥ V⊥ᵀ`` over concatenated singular triples (Marczak et al. 2025)."""
     u = polar(torch.cat(us, dim=1))  # (m, p)
@@ -121,7 +116,7 @@ class IsoC(MergeMethod):
     def merge(self, x: TensorInputs, params: IsoCParams, state: None) -> torch.Tensor:
         if x.kind == "vector":
             return weighted_sum(x.deltas, x.weights)
-        total = _summed(x)  # M = Σ_t τ_t
+        total = task_sum(x).to(compute_dtype(x.deltas[0]))  # M = Σ_t τ_t
         p, sigma, qh = torch.linalg.svd(total, full_matrices=False)
         return (sigma.mean() * (p @ qh)).to(x.deltas[0].dtype)
 
@@ -157,7 +152,7 @@ class IsoCts(MergeMethod):
             return weighted_sum(x.deltas, x.weights)
         dtype = compute_dtype(x.deltas[0])
         k_c, n_t = iso_cts_dims(min(x.base.shape), x.num_tasks, params.common_fraction)
-        total = _summed(x)  # Σ_t τ_t
+        total = task_sum(x).to(compute_dtype(x.deltas[0]))  # Σ_t τ_t
         u, s, vh = torch.linalg.svd(total, full_matrices=False)
         u_c = u[:, :k_c]  # (m, k_c)
         us, vs, ss = [u_c], [vh[:k_c].T], [s[:k_c]]
