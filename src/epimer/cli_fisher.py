@@ -1,0 +1,377 @@
+"""``epimer fisher``: estimate the diagonal empirical Fisher of a sequence classifier (SPEC 4).
+
+Usable alone as ``python -m epimer.cli_fisher`` and, launched by ``torchrun``
+(``WORLD_SIZE`` > 1), across processes: each rank takes a disjoint contiguous share of the
+selected samples, the sums and counts are all-reduced and rank 0 writes the file, which equals
+the single-process file up to float rounding.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from epimer.curvature.fisher import (
+    ESTIMATORS,
+    FisherSums,
+    all_reduce_sums,
+    fisher_sums,
+    select_fraction,
+    sequence_classification_loss,
+    shard_bounds,
+)
+from epimer.curvature.fisher_io import save_fisher, tensor_fingerprints
+from epimer.errors import InputError
+from epimer.fingerprint import fingerprint_tensors
+
+DATA_SUFFIXES = (".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample of the data file: its text field(s), raw label and line number."""
+
+    texts: tuple[str, ...]
+    label: Any
+    line: int
+
+
+def read_records(path: Path, text_fields: Sequence[str], label_field: str | None) -> list[Record]:
+    """Samples of a .jsonl (one JSON object a line) or .csv (with a header) file.
+
+    ``label_field=None`` reads no labels (``estimator="true"`` draws them from the model).
+    """
+    if not path.is_file():
+        raise InputError(f"{path}: data file not found")
+    fields = [*text_fields, *([label_field] if label_field else [])]
+    if path.suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+    elif path.suffix == ".csv":
+        rows = _csv_rows(path, fields)
+    else:
+        raise InputError(f"{path}: unsupported data file type {path.suffix!r}; use {' or '.join(DATA_SUFFIXES)}")
+    records = []
+    for line, row in rows:
+        for field in fields:
+            if field not in row:
+                raise InputError(f"{path}:{line}: no field {field!r} (fields: {', '.join(map(str, row))})")
+        texts = tuple(row[f] for f in text_fields)
+        for field, text in zip(text_fields, texts):
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{line}: field {field!r} is {type(text).__name__}, expected text")
+        records.append(Record(texts, row[label_field] if label_field else None, line))
+    if not records:
+        raise InputError(f"{path}: no samples in the data file")
+    return records
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+            yield line, row
+
+
+def _csv_rows(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for field in fields:
+            if field not in columns:
+                raise InputError(f"{path}:1: no column {field!r} (columns: {', '.join(columns) or 'none'})")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def label_id(raw: Any, label2id: dict[str, int], num_labels: int, where: str) -> int:
+    """Class index of a label: an int, a name in config.label2id, or an integer written as text."""
+    if isinstance(raw, str) and raw in label2id:
+        idx = int(label2id[raw])
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        idx = raw
+    elif isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
+        idx = int(raw)
+    else:
+        names = ", ".join(repr(k) for k in sorted(label2id))
+        raise InputError(
+            f"{where}: unknown label {raw!r}; the model's labels are {names} or integers 0..{num_labels - 1}"
+        )
+    if not 0 <= idx < num_labels:
+        raise InputError(f"{where}: label {raw!r} is out of range for a model with {num_labels} labels")
+    return idx
+
+
+def _batches(
+    records: Sequence[Record], labels: Sequence[int] | None, tokenizer: Any, batch_size: int, max_length: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        columns = [list(c) for c in zip(*(r.texts for r in chunk))]
+        enc = tokenizer(*columns, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        if labels is not None:
+            batch["labels"] = torch.tensor(labels[start : start + batch_size], dtype=torch.long)
+        yield batch
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def _init_distributed() -> _Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size <= 1:
+        return _Dist(0, 1, torch.device("cuda" if cuda else "cpu"))
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    return _Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _load_config(model_dir: Path) -> Any:
+    if not model_dir.is_dir():
+        raise InputError(f"{model_dir}: model folder not found")
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir}: not a model folder (no config.json)")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{model_dir}: cannot read config.json ({e})") from None
+    if config.num_labels < 2:
+        raise InputError(
+            f"{model_dir}: the model has {config.num_labels} output(s); the Fisher uses the "
+            "cross-entropy of a classifier with at least 2 labels"
+        )
+    return config
+
+
+def _load_model(model_dir: Path, config: Any, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # ours is the progress bar; theirs would break the one-line errors
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        # Eager attention: SDPA's backward has no vmap batching rule on CPU (a slow loop).
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, config=config, local_files_only=True, attn_implementation="eager", dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{model_dir}: cannot load a sequence classifier and its tokenizer ({e})") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _check_names_against_checkpoint(model_dir: Path, names: Sequence[str], model: Any) -> None:
+    """The Fisher keys must be the checkpoint's names, or the merge could not use the file."""
+    from epimer.io.reader import open_checkpoint
+
+    params = dict(model.named_parameters())
+    with open_checkpoint(model_dir) as ckpt:
+        for name in names:
+            if name not in ckpt:
+                raise InputError(
+                    f"{model_dir}: parameter {name!r} of the loaded model is not a tensor of its checkpoint "
+                    "(transformers renamed it on loading); re-save the model with save_pretrained first"
+                )
+            if tuple(ckpt.meta(name).shape) != tuple(params[name].shape):
+                raise InputError(
+                    f"{model_dir}: parameter {name!r} has shape {list(params[name].shape)} in the loaded model "
+                    f"but {list(ckpt.meta(name).shape)} in the checkpoint"
+                )
+
+
+def _progress_bar(enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+    from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class SamplesPerSecond(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            elapsed = task.elapsed
+            if not elapsed or not task.completed:
+                return Text("? samples/s")
+            return Text(f"{task.completed / elapsed:.1f} samples/s")  # the average since the start
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        SamplesPerSecond(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def run_fisher(
+    model_dir: Path,
+    data_file: Path,
+    out_file: Path,
+    *,
+    text_fields: Sequence[str] = ("text",),
+    label_field: str = "label",
+    fraction: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_length: int = 128,
+    estimator: str = "empirical",
+    params_regex: str | None = None,
+    chunk_size: int | None = 8,
+    quiet: bool = False,
+) -> FisherSums | None:
+    """Estimate and write the Fisher file; returns the summed result on rank 0 (None elsewhere)."""
+    if batch_size < 1 or max_length < 1:
+        raise InputError(f"--batch-size and --max-length must be positive; got {batch_size=}, {max_length=}")
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"--chunk-size must be positive; got {chunk_size=}")
+    if not 1 <= len(text_fields) <= 2:
+        raise InputError(f"give one --text-field, or two for sentence pairs; got {len(text_fields)}")
+    if out_file.is_dir():
+        raise InputError(f"{out_file}: --out is a folder; give a file name such as task.fisher.safetensors")
+    pattern = None
+    if params_regex is not None:
+        try:
+            pattern = re.compile(params_regex)
+        except re.error as e:
+            raise InputError(f"--params {params_regex!r} is not a regular expression ({e})") from None
+    config = _load_config(model_dir)
+    records = read_records(data_file, text_fields, label_field if estimator == "empirical" else None)
+    indices = select_fraction(len(records), fraction, seed)
+    labels = None
+    if estimator == "empirical":
+        label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+        labels = [
+            label_id(records[i].label, label2id, config.num_labels, f"{data_file}:{records[i].line}")
+            for i in indices
+        ]
+
+    dist_info = _init_distributed()
+    try:
+        model, tokenizer = _load_model(model_dir, config, dist_info.device)
+        names = [n for n, p in model.named_parameters() if p.requires_grad and (pattern is None or pattern.search(n))]
+        if not names:
+            raise InputError(f"--params {params_regex!r} matches no parameter of the model in {model_dir}")
+        _check_names_against_checkpoint(model_dir, names, model)
+
+        start, stop = shard_bounds(len(indices), dist_info.rank, dist_info.world_size)
+        mine = [records[i] for i in indices[start:stop]]
+        my_labels = labels[start:stop] if labels is not None else None
+        show = not quiet and dist_info.rank == 0
+        with _progress_bar(show) as bar:
+            what = "Fisher" if not dist_info.active else f"Fisher (rank 0 of {dist_info.world_size})"
+            task = bar.add_task(what, total=len(mine))
+            local = fisher_sums(
+                model,
+                _batches(mine, my_labels, tokenizer, batch_size, max_length),
+                sequence_classification_loss,
+                params=names,
+                estimator=estimator,
+                seed=seed,
+                first_index=start,
+                chunk_size=chunk_size,
+                progress=lambda n: bar.advance(task, n),
+            )
+        total = all_reduce_sums(local) if dist_info.active else local
+        if dist_info.rank != 0:
+            return None
+        state = model.state_dict()
+        save_fisher(
+            out_file,
+            total.mean(),
+            num_samples=total.count,
+            estimator=estimator,
+            seed=seed,
+            fraction=fraction,
+            model_fingerprint=fingerprint_tensors(state, names=names),
+            tensor_fingerprints=tensor_fingerprints(
+                names, lambda n: tuple(state[n].shape), lambda n, k: state[n].reshape(-1)[:k]
+            ),
+        )
+        if not quiet:
+            click.echo(
+                f"wrote {out_file}: Fisher of {len(names)} tensor(s) over {total.count} sample(s) ({estimator})",
+                err=True,
+            )
+        return total
+    finally:
+        if dist_info.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+@click.command("fisher", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of a transformers sequence classifier (with its tokenizer).")
+@click.option("--data", "data_file", required=True, type=click.Path(path_type=Path),
+              help="Training samples: .jsonl (one JSON object a line) or .csv with a header.")
+@click.option("--text-field", "text_fields", multiple=True, default=("text",), show_default=True,
+              help="Field holding the text; give it twice for sentence pairs.")
+@click.option("--label-field", default="label", show_default=True,
+              help="Field holding the label: an integer or a name of the model's config.label2id.")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path),
+              help="Fisher file to write (.safetensors).")
+@click.option("--fraction", default=1.0, show_default=True, type=float,
+              help="Share of the samples used: a seeded shuffle's prefix of max(1, round(F*n)).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the shuffle and the true-Fisher labels.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Samples tokenised and run together.")
+@click.option("--max-length", default=128, show_default=True, type=int, help="Tokens kept per sample.")
+@click.option("--estimator", default="empirical", show_default=True, type=click.Choice(ESTIMATORS),
+              help="empirical: the data's labels (eq. 9); true: labels drawn from the model.")
+@click.option("--params", "params_regex", default=None,
+              help="Only parameters whose name matches this regular expression (default: all).")
+@click.option("--chunk-size", default=8, show_default=True, type=int,
+              help="Samples per vectorised gradient call; smaller uses less memory (fastest on CPU: 8-16).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def fisher_command(ctx: click.Context, **options: Any) -> None:
+    """Estimate the diagonal empirical Fisher of a classifier (per-sample squared gradients).
+
+    Under torchrun (WORLD_SIZE > 1) the samples are split across processes and rank 0
+    writes the file.
+    """
+    try:
+        run_fisher(
+            options.pop("model_dir"), options.pop("data_file"), options.pop("out_file"),
+            text_fields=tuple(options.pop("text_fields")), **options,
+        )
+    except InputError as err:
+        click.echo("error: " + " ".join(str(err).split()), err=True)
+        ctx.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(fisher_command())

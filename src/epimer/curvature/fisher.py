@@ -1,0 +1,467 @@
+"""Diagonal empirical Fisher of a model from per-sample gradients (SPEC section 4, paper eq. 9).
+
+    F = (1/N) Σ_{n=1..N} (∇_θ ℓ(x_n, y_n; θ))²
+
+evaluated at the fine-tuned θ with the task loss. The square is taken per sample, never of a
+batch gradient: ``(Σ_n g_n)²`` would drop the per-sample variance that F measures. Per-sample
+gradients come from ``torch.func``: ``vmap(grad(ℓ))`` over the batch, with the model called
+through ``functional_call`` so that only the chosen parameters are differentiated (the others
+and the buffers enter as constants). ``nn.Embedding`` weights take an exact row-wise path (see
+``_EmbeddingRows``) instead of a dense (vocab, dim) gradient per sample.
+
+``estimator="empirical"`` uses the true labels y_n; ``estimator="true"`` draws y_n from the
+model's own predictive distribution p(y | x_n; θ) (the "true" Fisher's Monte-Carlo estimate),
+with one generator per sample seeded from ``(seed, sample index)``, so a dataset split into
+shards draws the same labels as the whole.
+
+The loss is a per-sample callable ``loss_fn(forward, sample) -> scalar``: ``forward(**inputs)``
+runs the model with the parameters being differentiated and ``sample`` is one sample's tensors
+(the batch dimension removed by vmap; ``forward`` may also be the module itself, run outside
+vmap on one sample). A loss may define ``prepare_batch(model, batch)``, run once per batch
+outside vmap, and must define ``sample_targets(model, batch, *, seed, first_index)`` for
+``estimator="true"``; :class:`CrossEntropyLoss` does both. :data:`sequence_classification_loss`
+is the one for Hugging Face sequence classifiers, :data:`cross_entropy_loss` the one for a
+module mapping an input to logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from epimer.errors import InputError
+
+Batch = Mapping[str, torch.Tensor]
+#: ``forward(*args, **kwargs)``: the model called with the parameters being differentiated.
+Forward = Callable[..., Any]
+#: ``loss_fn(forward, sample) -> scalar``: the loss of one sample (its tensors without batch dim).
+PerSampleLoss = Callable[[Forward, Batch], torch.Tensor]
+#: Called after each batch with the number of samples it held.
+ProgressFn = Callable[[int], None]
+
+ESTIMATORS = ("empirical", "true")
+_ACCUMULATE_DTYPES = (torch.float32, torch.float64)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _hf_logits(output: Any) -> torch.Tensor:
+    return output.logits
+
+
+def _sample_generator(seed: int, index: int) -> torch.Generator:
+    """A generator that depends only on (seed, global sample index), not on batching or rank."""
+    digest = hashlib.sha256(f"epimer-fisher:{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class CrossEntropyLoss:
+    """Per-sample cross-entropy ``ℓ(x, y) = −log softmax(f(x))_y`` of a classifier.
+
+    Attributes:
+        target_key: the sample's key holding the class index y (an int64 scalar per sample).
+        logits_of: model output -> logits of shape (1, C) (the sample is run as a batch of 1).
+        additive_padding_mask: turn a 2-D ``attention_mask`` (1 = token, 0 = padding) into the
+            4-D additive mask (B, 1, 1, L) of the model's dtype before vmap. Hugging Face
+            models look at the mask's values to decide whether to skip it, which is
+            data-dependent control flow that vmap refuses; a prepared 4-D mask is used as is.
+    """
+
+    target_key: str = "labels"
+    logits_of: Callable[[Any], torch.Tensor] = _identity
+    additive_padding_mask: bool = False
+
+    def __call__(self, forward: Forward, sample: Batch) -> torch.Tensor:
+        # Under vmap the sample has lost its batch dimension; models expect one, so run it
+        # as a batch of 1.
+        inputs = {k: v.unsqueeze(0) for k, v in sample.items() if k != self.target_key}
+        logits = self.logits_of(forward(**inputs))  # (1, C)
+        return F.cross_entropy(logits, sample[self.target_key].reshape(1))
+
+    def prepare_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """The batch as the per-sample function needs it (outside vmap; called once per batch)."""
+        out = dict(batch)
+        mask = out.get("attention_mask")
+        if self.additive_padding_mask and mask is not None and mask.dim() == 2:
+            dtype = _float_dtype(model)
+            blocked = torch.finfo(dtype).min
+            out["attention_mask"] = ((1 - mask.to(dtype)) * blocked)[:, None, None, :]  # (B, 1, 1, L)
+        return out
+
+    def sample_targets(
+        self, model: nn.Module, batch: Batch, *, seed: int, first_index: int
+    ) -> dict[str, torch.Tensor]:
+        """The batch with y_n ~ p(y | x_n; θ) in place of its labels (``estimator="true"``).
+
+        Sample n of the batch has global index ``first_index + n``; its draw depends only on
+        ``(seed, first_index + n)``.
+        """
+        inputs = {k: v for k, v in batch.items() if k != self.target_key}
+        with torch.no_grad():
+            logits = self.logits_of(model(**inputs))  # (B, C)
+        probs = torch.softmax(logits.detach().to(torch.float64), dim=-1).cpu()
+        draws = [
+            torch.multinomial(probs[n], 1, generator=_sample_generator(seed, first_index + n))
+            for n in range(probs.shape[0])
+        ]
+        return {**batch, self.target_key: torch.cat(draws).to(logits.device)}
+
+
+#: Cross-entropy for a module that maps its inputs straight to logits (B, C).
+cross_entropy_loss = CrossEntropyLoss()
+#: Cross-entropy on ``output.logits`` of a Hugging Face ``…ForSequenceClassification`` model.
+sequence_classification_loss = CrossEntropyLoss(logits_of=_hf_logits, additive_padding_mask=True)
+
+
+@dataclass(frozen=True)
+class FisherSums:
+    """Σ_n g_n² per parameter over ``count`` samples; what ranks add up before dividing."""
+
+    sums: dict[str, torch.Tensor]
+    count: int
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """F = sums / count (eq. 9)."""
+        if self.count < 1:
+            raise InputError("no samples: the Fisher needs at least one sample")
+        return {name: s / self.count for name, s in self.sums.items()}
+
+
+def select_fraction(num_samples: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the samples a Fisher uses: a seeded shuffle's prefix of size max(1, round(f·n)).
+
+    The same (num_samples, fraction, seed) always gives the same indices, on any machine.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise InputError(f"fraction must lie in (0, 1]; got {fraction=}")
+    if num_samples < 1:
+        raise InputError(f"no samples to select from ({num_samples=})")
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    keep = max(1, round(fraction * num_samples))
+    return order[:keep].tolist()
+
+
+def shard_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share; shares are disjoint, cover all and differ by ≤ 1."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank out of range: {rank=}, {world_size=}")
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _chosen_parameters(model: nn.Module, params: Iterable[str] | None) -> list[str]:
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+    else:
+        names = list(dict.fromkeys(params))
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise InputError(
+                f"{len(unknown)} name(s) in params are not parameters of the model, e.g. {unknown[0]!r}; "
+                f"the model has {len(named)} parameters, e.g. {next(iter(named), '(none)')!r}"
+            )
+    if not names:
+        raise InputError("no parameters to estimate the Fisher of (params is empty, or nothing requires grad)")
+    return names
+
+
+def _batch_size(batch: Batch) -> int:
+    sizes = {k: int(v.shape[0]) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if not sizes or len(batch) != len(sizes):
+        raise InputError(f"a batch must map names to tensors with a batch dimension; got keys {sorted(batch)}")
+    if len(set(sizes.values())) != 1:
+        raise InputError(f"the tensors of a batch differ in batch size: {sizes}")
+    return next(iter(sizes.values()))
+
+
+class _EmbeddingRows:
+    """Exact per-sample Fisher of ``nn.Embedding`` weights without dense per-sample gradients.
+
+    vmap would materialise a (vocab, dim) gradient per sample (47 MB a sample for BERT's word
+    embeddings, 770 MB for a 250k vocabulary), although a sample touches only the rows of its
+    tokens. Here the embedding's weight is held constant and a zero "probe" is added to its
+    output under vmap; ∂ℓ/∂probe is the gradient w.r.t. the looked-up rows, and the per-sample
+    gradient of row v is the sum of those rows over the sample's positions holding token v
+    (what ``F.embedding``'s backward does, per sample). Used for plain ``nn.Embedding`` modules
+    (no max_norm, no scale_grad_by_freq, padding_idx honoured) whose weight is not tied and
+    reaches the loss only through that module's single call; anything else takes the vmap path.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        modules = dict(model.named_modules())
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        self.modules: dict[str, nn.Embedding] = {}
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            m = modules.get(owner)
+            if (
+                leaf == "weight"
+                and isinstance(m, nn.Embedding)
+                and type(m).forward is nn.Embedding.forward
+                and m.max_norm is None
+                and not m.scale_grad_by_freq
+                and uses[id(m.weight)] == 1
+            ):
+                self.modules[name] = m
+        self._mode: str | None = None  # None (hooks idle), "record" or "probe"
+        self._probes: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._calls: Counter[str] = Counter()
+        self._leaky: set[str] | None = None
+        self.active: list[str] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_EmbeddingRows":
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if self._mode == "record":
+                self._calls[name] += 1
+                self.shapes[name] = tuple(output.shape)
+                return output.detach()  # any gradient the weight still gets comes from elsewhere
+            if self._mode == "probe" and name in self._probes:
+                self.inputs[name] = args[0]
+                return output + self._probes[name]
+            return None
+
+        return hook
+
+    def discover(self, model: nn.Module, loss_fn: PerSampleLoss, sample: Batch) -> None:
+        """Per-sample output shapes (one sample run as a batch of 1) and which modules qualify."""
+        if not self.modules:
+            return
+        self._calls.clear()
+        self._mode = "record"
+        try:
+            if self._leaky is None:  # once: does a weight reach the loss other than via its module?
+                candidates = [n for n, m in self.modules.items() if m.weight.requires_grad]
+                with torch.enable_grad():  # the caller may be under no_grad; torch.func ignores it
+                    loss = loss_fn(model, sample)
+                self._leaky = set(self.modules) - set(candidates)
+                if loss.requires_grad and candidates:
+                    weights = [self.modules[n].weight for n in candidates]
+                    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                    self._leaky |= {n for n, g in zip(candidates, grads) if g is not None}
+            else:
+                with torch.no_grad():
+                    loss_fn(model, sample)
+        finally:
+            self._mode = None
+        self.active = [n for n in self.modules if n not in self._leaky and self._calls[n] == 1]
+
+    def run_probed(
+        self, probes: dict[str, torch.Tensor], run: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``run()`` with ``probes[name]`` added to each active embedding's output; also returns
+        the ids each active embedding looked up (inside vmap: one sample's)."""
+        self._mode, self._probes, self.inputs = "probe", probes, {}
+        try:
+            return run(), dict(self.inputs)
+        finally:
+            self._mode, self._probes = None, {}
+
+    def accumulate(
+        self, sums: dict[str, torch.Tensor], row_grads: dict[str, torch.Tensor], ids: dict[str, torch.Tensor]
+    ) -> None:
+        """sums[v] += Σ_n (Σ_{t: ids_n[t] = v} ∂ℓ_n/∂e_n[t])² for each active embedding."""
+        for name, grads in row_grads.items():
+            m = self.modules[name]
+            acc = sums[name]
+            c, dim = grads.shape[0], grads.shape[-1]
+            rows = grads.reshape(c, -1, dim)  # (c, positions, dim)
+            tokens = ids[name].reshape(c, -1).to(acc.device)  # (c, positions)
+            keys = torch.arange(c, device=acc.device).unsqueeze(1) * m.num_embeddings + tokens
+            if m.padding_idx is not None:  # F.embedding gives the padding row no gradient
+                keep = tokens != m.padding_idx
+                keys, flat = keys[keep], rows[keep]
+            else:
+                keys, flat = keys.reshape(-1), rows.reshape(-1, dim)
+            uniq, inverse = torch.unique(keys, return_inverse=True)
+            per_sample = torch.zeros(len(uniq), dim, dtype=acc.dtype, device=acc.device)
+            per_sample.index_add_(0, inverse, flat.to(acc.dtype))  # (sample, token) rows
+            acc.index_add_(0, uniq % m.num_embeddings, per_sample.square())
+
+
+def fisher_sums(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: PerSampleLoss,
+    *,
+    params: Iterable[str] | None = None,
+    estimator: str = "empirical",
+    seed: int = 0,
+    first_index: int = 0,
+    chunk_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    sparse_embeddings: bool = True,
+    progress: ProgressFn | None = None,
+) -> FisherSums:
+    """Σ_n (∇_θ ℓ(x_n, y_n; θ))² over every sample of ``batches``, and the sample count.
+
+    See :func:`estimate_fisher`; this is its numerator, kept separate so that shards of one
+    dataset (processes of a distributed run) can add their sums before dividing.
+    ``first_index`` is the global index of the first sample (it seeds ``estimator="true"``).
+    """
+    if estimator not in ESTIMATORS:
+        raise InputError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
+    if dtype not in _ACCUMULATE_DTYPES:
+        raise InputError(f"the Fisher accumulates in float32 or float64; got {dtype=}")
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive integer or None; got {chunk_size=}")
+    sample_targets = getattr(loss_fn, "sample_targets", None)
+    if estimator == "true" and sample_targets is None:
+        raise InputError(
+            "estimator='true' needs a loss with a sample_targets(model, batch, seed=, first_index=) method "
+            "(e.g. epimer.curvature.fisher.CrossEntropyLoss)"
+        )
+    prepare_batch = getattr(loss_fn, "prepare_batch", None)
+
+    names = _chosen_parameters(model, params)
+    named = dict(model.named_parameters())
+    device = named[names[0]].device
+    # Detached views: the differentiated parameters are vmap/grad inputs; the rest are constants
+    # (no autograd graph is built for them).
+    diff = {n: named[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in named.items() if n not in diff}
+    frozen.update(dict(model.named_buffers()))
+    rows = _EmbeddingRows(model, names if sparse_embeddings else ())
+
+    def sample_loss(
+        theta: dict[str, torch.Tensor], probes: dict[str, torch.Tensor], consts: dict[str, torch.Tensor],
+        sample: Batch,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, (theta, consts), args, kwargs)
+
+        return rows.run_probed(probes, lambda: loss_fn(forward, sample))
+
+    per_sample_grads = vmap(grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, 0, None, 0))
+    sums = {n: torch.zeros(p.shape, dtype=dtype, device=device) for n, p in diff.items()}
+    count = 0
+    layout: tuple[Any, ...] | None = None
+    was_training = model.training
+    model.eval()  # eq. 9 is the Fisher of the deterministic model: no dropout
+    try:
+        with rows:
+            for raw in batches:
+                size = _batch_size(raw)
+                batch = {k: v.to(device) for k, v in raw.items()}
+                if prepare_batch is not None:
+                    batch = prepare_batch(model, batch)
+                if estimator == "true":
+                    batch = sample_targets(model, batch, seed=seed, first_index=first_index + count)
+                step = chunk_size or size
+                # Chunking bounds memory: vmap materialises (chunk, *shape) gradients per parameter.
+                for start in range(0, size, step):
+                    chunk = {k: v[start : start + step] for k, v in batch.items()}
+                    c = next(iter(chunk.values())).shape[0]
+                    shapes = tuple((k, tuple(v.shape[1:])) for k, v in sorted(chunk.items()))
+                    if shapes != layout:  # the embeddings' output shapes follow the inputs'
+                        rows.discover(model, loss_fn, {k: v[0] for k, v in chunk.items()})
+                        layout = shapes
+                    theta = {n: t for n, t in diff.items() if n not in rows.active}
+                    consts = {**frozen, **{n: diff[n] for n in rows.active}}
+                    probes = {
+                        n: torch.zeros((c, *rows.shapes[n]), dtype=diff[n].dtype, device=device)
+                        for n in rows.active
+                    }
+                    (grads, row_grads), ids = per_sample_grads(theta, probes, consts, chunk)
+                    for n, g in grads.items():
+                        sums[n] += g.to(dtype).square().sum(dim=0)
+                    rows.accumulate(sums, row_grads, ids)
+                count += size
+                if progress is not None:
+                    progress(size)
+    finally:
+        model.train(was_training)
+    return FisherSums(sums, count)
+
+
+def estimate_fisher(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: PerSampleLoss,
+    *,
+    params: Iterable[str] | None = None,
+    estimator: str = "empirical",
+    seed: int = 0,
+    chunk_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    sparse_embeddings: bool = True,
+    progress: ProgressFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher ``F = (1/N) Σ_n (∇_θ ℓ(x_n, y_n; θ))²`` (SPEC section 4, eq. 9).
+
+    Args:
+        model: evaluated at its current parameters, in eval mode (its mode is restored).
+        batches: mappings of name -> tensor with a leading batch dimension B, e.g.
+            ``{"input_ids": (B, L), "attention_mask": (B, L), "labels": (B,)}``.
+        loss_fn: ``loss_fn(forward, sample) -> scalar``, see the module docstring.
+        params: names of the parameters to estimate (default: every parameter that requires
+            grad); the others are held constant.
+        estimator: ``"empirical"`` (true labels) or ``"true"`` (labels drawn from the model).
+        seed: seeds the label draws of ``estimator="true"``.
+        chunk_size: samples per vmap call (default: the whole batch); smaller uses less memory.
+        dtype: accumulation dtype, float32 or float64.
+        sparse_embeddings: per-sample gradients of ``nn.Embedding`` weights only on the rows a
+            sample uses (exact; see ``_EmbeddingRows``); False runs every parameter through vmap.
+        progress: called with each batch's sample count.
+
+    Returns:
+        name -> F of the parameter's shape, in ``dtype``, on the parameter's device.
+    """
+    return fisher_sums(
+        model,
+        batches,
+        loss_fn,
+        params=params,
+        estimator=estimator,
+        seed=seed,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        sparse_embeddings=sparse_embeddings,
+        progress=progress,
+    ).mean()
+
+
+def all_reduce_sums(local: FisherSums) -> FisherSums:
+    """Add the sums and counts of every process of the default ``torch.distributed`` group."""
+    import torch.distributed as dist
+
+    sums = {}
+    for name in sorted(local.sums):  # the same order on every rank
+        s = local.sums[name].clone()
+        dist.all_reduce(s, op=dist.ReduceOp.SUM)
+        sums[name] = s
+    device = next(iter(local.sums.values())).device
+    count = torch.tensor([local.count], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return FisherSums(sums, int(count.item()))

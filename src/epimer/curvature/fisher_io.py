@@ -1,0 +1,228 @@
+"""Fisher files: safetensors holding F per parameter, named as in the model's checkpoint.
+
+A Fisher file is a plain ``.safetensors`` file (float32 tensors, one per parameter, with the
+checkpoint's names and shapes) whose string metadata records how it was made (SPEC section 4):
+
+    format               "epimer-fisher"
+    version              FORMAT_VERSION
+    num_samples          N, the samples averaged
+    estimator            "empirical" or "true"
+    seed, fraction       the sample selection (seeded shuffle, prefix of max(1, round(f·n)))
+    fingerprint          :func:`epimer.fingerprint.fingerprint` of the model over the file's names
+    tensor_fingerprints  (optional) JSON name -> the same fingerprint of that tensor alone
+
+:func:`check_fisher` refuses a Fisher file for a checkpoint it was not computed on; the
+per-tensor fingerprints let the message name the first tensor that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from epimer.curvature.fisher import ESTIMATORS
+from epimer.errors import InputError
+from epimer.fingerprint import fingerprint
+
+FORMAT = "epimer-fisher"
+FORMAT_VERSION = "1"
+
+ShapeOf = Callable[[str], tuple[int, ...]]
+PrefixOf = Callable[[str, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FisherMeta:
+    """What a Fisher file records about its making (see the module docstring)."""
+
+    path: str
+    num_samples: int
+    estimator: str
+    seed: int
+    fraction: float
+    fingerprint: str
+    version: str
+    tensor_fingerprints: dict[str, str] | None = None
+
+
+def tensor_fingerprints(names: Iterable[str], shape_of: ShapeOf, prefix_of: PrefixOf) -> dict[str, str]:
+    """name -> fingerprint of that tensor alone, so a mismatch can be traced to its tensor."""
+    return {n: fingerprint([n], shape_of, prefix_of) for n in names}
+
+
+def save_fisher(
+    path: str | os.PathLike[str],
+    fisher: Mapping[str, torch.Tensor],
+    *,
+    num_samples: int,
+    estimator: str,
+    seed: int,
+    fraction: float,
+    model_fingerprint: str,
+    tensor_fingerprints: Mapping[str, str] | None = None,
+) -> None:
+    """Write a Fisher file (float32) atomically: a temporary file beside ``path``, then a rename.
+
+    ``model_fingerprint`` is ``fingerprint_tensors(model.state_dict(), names=fisher.keys())``
+    of the model the Fisher was computed on; the names must be the checkpoint's names.
+    """
+    path = Path(path)
+    if not fisher:
+        raise InputError(f"{path}: refusing to write a Fisher file with no tensors")
+    if num_samples < 1:
+        raise InputError(f"{path}: a Fisher file needs num_samples >= 1; got {num_samples=}")
+    if estimator not in ESTIMATORS:
+        raise InputError(f"{path}: unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
+    if not 0.0 < fraction <= 1.0:
+        raise InputError(f"{path}: fraction must lie in (0, 1]; got {fraction=}")
+    for name, t in fisher.items():
+        if not t.is_floating_point():
+            raise InputError(f"{path}: Fisher tensor {name!r} has non-floating dtype {t.dtype}")
+    tensors = {n: t.detach().to(device="cpu", dtype=torch.float32).contiguous() for n, t in fisher.items()}
+    metadata = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "num_samples": str(int(num_samples)),
+        "estimator": estimator,
+        "seed": str(int(seed)),
+        "fraction": repr(float(fraction)),
+        "fingerprint": model_fingerprint,
+    }
+    if tensor_fingerprints is not None:
+        missing = sorted(set(tensors) - set(tensor_fingerprints))
+        if missing:
+            raise InputError(f"{path}: tensor_fingerprints lacks {len(missing)} Fisher tensor(s), e.g. {missing[0]!r}")
+        metadata["tensor_fingerprints"] = json.dumps({n: tensor_fingerprints[n] for n in sorted(tensors)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _open(path: Path):  # type: ignore[no-untyped-def]
+    if not path.is_file():
+        raise InputError(f"{path}: Fisher file not found")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for a malformed header
+        raise InputError(f"{path}: not a safetensors file ({e}); estimate one with `epimer fisher`") from None
+
+
+def load_fisher_meta(path: str | os.PathLike[str]) -> FisherMeta:
+    """The metadata of a Fisher file; InputError if the file is missing or not a Fisher file."""
+    path = Path(path)
+    with _open(path) as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise InputError(
+            f"{path}: not an epimer Fisher file (metadata format is {meta.get('format')!r}, "
+            f"expected {FORMAT!r}); estimate one with `epimer fisher`"
+        )
+    try:
+        per_tensor = meta.get("tensor_fingerprints")
+        return FisherMeta(
+            path=str(path),
+            num_samples=int(meta["num_samples"]),
+            estimator=meta["estimator"],
+            seed=int(meta["seed"]),
+            fraction=float(meta["fraction"]),
+            fingerprint=meta["fingerprint"],
+            version=meta["version"],
+            tensor_fingerprints=json.loads(per_tensor) if per_tensor is not None else None,
+        )
+    except (KeyError, ValueError) as e:
+        raise InputError(f"{path}: malformed Fisher metadata ({type(e).__name__}: {e})") from None
+
+
+def fisher_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor of a Fisher file, read from its header only."""
+    path = Path(path)
+    with _open(path) as f:
+        return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+
+
+def load_fisher_tensor(path: str | os.PathLike[str], name: str) -> torch.Tensor:
+    """One Fisher tensor as float32; InputError if it is absent, negative or not finite."""
+    path = Path(path)
+    with _open(path) as f:
+        if name not in f.keys():
+            raise InputError(f"{path}: no Fisher values for tensor {name!r}")
+        t = f.get_tensor(name).to(torch.float32)
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise InputError(f"{path}: Fisher tensor {name!r} holds negative or non-finite values")
+    return t
+
+
+def load_fisher(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a Fisher file (float32); for small models and tests."""
+    return {n: load_fisher_tensor(path, n) for n in fisher_shapes(path)}
+
+
+def check_fisher(
+    fisher_path: str | os.PathLike[str],
+    names: Iterable[str],
+    shape_of: ShapeOf,
+    prefix_of: PrefixOf,
+) -> FisherMeta:
+    """Refuse a Fisher file that was not computed on the given model checkpoint.
+
+    Args:
+        fisher_path: the Fisher file.
+        names: every tensor name of the model checkpoint.
+        shape_of: checkpoint name -> shape.
+        prefix_of: (checkpoint name, n) -> its first min(n, numel) elements (flattened).
+
+    Raises InputError naming the Fisher file and the tensor when a Fisher tensor is not in the
+    checkpoint, its shape differs, or the fingerprint over the Fisher's names differs (the
+    weights differ). Reads the header and the checkpoint's prefixes only. Returns the metadata.
+    """
+    path = Path(fisher_path)
+    meta = load_fisher_meta(path)
+    shapes = fisher_shapes(path)
+    available = set(names)
+    for name in sorted(shapes):
+        if name not in available:
+            raise InputError(
+                f"{path}: Fisher tensor {name!r} is not in the model checkpoint; "
+                "the Fisher file was computed on another model, estimate it on this one with `epimer fisher`"
+            )
+        want = tuple(int(s) for s in shape_of(name))
+        if shapes[name] != want:
+            raise InputError(
+                f"{path}: Fisher tensor {name!r} has shape {list(shapes[name])} but the model checkpoint's "
+                f"has shape {list(want)}; the Fisher file was computed on another model"
+            )
+    actual = fingerprint(shapes, shape_of, prefix_of)
+    if actual != meta.fingerprint:
+        culprit = _first_changed(meta, sorted(shapes), shape_of, prefix_of)
+        where = f" (first differing tensor: {culprit!r})" if culprit else ""
+        raise InputError(
+            f"{path}: the model checkpoint's weights differ from those the Fisher file was computed on"
+            f"{where}: fingerprint {actual[:12]} != {meta.fingerprint[:12]}; "
+            "estimate the Fisher on this model with `epimer fisher`"
+        )
+    return meta
+
+
+def _first_changed(meta: FisherMeta, names: list[str], shape_of: ShapeOf, prefix_of: PrefixOf) -> str | None:
+    if not meta.tensor_fingerprints:
+        return None
+    for name in names:
+        recorded = meta.tensor_fingerprints.get(name)
+        if recorded is not None and recorded != fingerprint([name], shape_of, prefix_of):
+            return name
+    return None
+
