@@ -496,3 +496,41 @@ def test_torchrun_two_processes_match_single(hf_task, tmp_path):
     assert load_fisher_meta(double).num_samples == load_fisher_meta(single).num_samples == 45
     assert load_fisher_meta(double).fingerprint == load_fisher_meta(single).fingerprint
     assert_dicts_close(load_fisher(double), load_fisher(single), rtol=1e-4, atol=1e-9)
+
+
+def test_cli_fisher_files_drop_into_a_merge_config(hf_task, tmp_path):
+    """`epimer fisher` on two task folders, then `epimer merge` with method epimer accepts them."""
+    import yaml
+
+    from epimer.cli import main
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_task["model"], local_files_only=True)
+    g = torch.Generator().manual_seed(9)
+    folders = {}
+    for label in ("base", "task_a", "task_b"):
+        sd = {n: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() and label != "base" else v
+              for n, v in model.state_dict().items()}
+        m = transformers.AutoModelForSequenceClassification.from_pretrained(hf_task["model"], local_files_only=True)
+        m.load_state_dict(sd)
+        m.save_pretrained(tmp_path / label)
+        _write_tokenizer(tmp_path / label)
+        folders[label] = tmp_path / label
+    models = []
+    for label in ("task_a", "task_b"):
+        out = tmp_path / f"{label}.fisher.safetensors"
+        res = CliRunner().invoke(main, ["fisher", "--model", str(folders[label]), "--data", str(hf_task["data"]),
+                                        "--out", str(out), "--batch-size", "16", "--max-length", "16", "--quiet"])
+        assert res.exit_code == 0, res.output
+        models.append({"model": str(folders[label]), "fisher": str(out)})
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"base_model": str(folders["base"]), "models": models, "method": "epimer",
+                                   "parameters": {"scale": "auto"}}))
+    res = CliRunner().invoke(main, ["merge", str(cfg), "-o", str(tmp_path / "merged"), "-q"])
+    assert res.exit_code == 0, res.output
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
+    # Swapping the Fisher files between the models is refused (fingerprints differ).
+    models[0]["fisher"], models[1]["fisher"] = models[1]["fisher"], models[0]["fisher"]
+    cfg.write_text(yaml.safe_dump({"base_model": str(folders["base"]), "models": models, "method": "epimer"}))
+    res = CliRunner().invoke(main, ["merge", str(cfg), "-o", str(tmp_path / "merged2"), "-q"])
+    assert res.exit_code == 2 and "task_b.fisher.safetensors" in res.output
