@@ -146,3 +146,15 @@ def test_row_blocks_give_the_same_merge(model_set, tmp_path: Path, monkeypatch, 
         ref = json.loads((tmp_path / "whole" / "merge_report.json").read_text())["tensors"]
         for n, info in report.tensors.items():
             assert info["kept_fraction"] == pytest.approx(ref[n]["kept_fraction"], abs=1e-12)
+
+
+def test_in_memory_merge_reassembles_row_blocks(monkeypatch) -> None:
+    """merge_state_dicts returns whole tensors even when the engine streams row blocks."""
+    import epimer.engine as engine
+
+    base, tasks = random_models(3, seed=4)
+    whole = merge_state_dicts(base, tasks, "task_arithmetic")
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    blocked = merge_state_dicts(base, tasks, "task_arithmetic")
+    for n, v in whole.items():
+        assert blocked[n].shape == v.shape and torch.equal(blocked[n], v), n

@@ -185,11 +185,15 @@ def _type_name(annotation: Any) -> str:
 
 
 def _register_optional_commands() -> None:
+    # Fisher estimation and the benchmark need transformers (the [hf] / [bench] extras).
     try:
+        from epimer.cli_bench import bench, demo
         from epimer.cli_fisher import fisher_command
-    except ImportError:  # pragma: no cover - Fisher estimation needs transformers
+    except ImportError:  # pragma: no cover
         return
     main.add_command(fisher_command, "fisher")
+    main.add_command(bench)
+    main.add_command(demo)
 
 
 _register_optional_commands()

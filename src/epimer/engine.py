@@ -517,8 +517,11 @@ def merge_state_dicts(
         [DictCheckpoint(f, f"<fisher {i}>") for i, f in enumerate(fishers)] if fishers else None,
     )
     run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
+    parts: dict[str, list[torch.Tensor]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        return {name: t for name, t in run.tensors(Path(tmp))}
+        for name, t in run.tensors(Path(tmp)):  # large tensors come in row blocks
+            parts.setdefault(name, []).append(t)
+    return {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
 
 
 # ---------------------------------------------------------------------- diagnostics

@@ -77,10 +77,11 @@ def rows(results: dict[str, Any]) -> list[Row]:
             row.scales.append(m["scale"])
             row.merge_seconds.append(m["merge_seconds"])
             auto = m.get("auto") or {}
+            if auto.get("scale") is not None:
+                row.auto_scales.append(auto["scale"])
             if auto.get("avg") is not None:
                 row.auto_avg.append(auto["avg"])
                 row.auto_worst.append(auto["worst"])
-                row.auto_scales.append(auto["scale"])
     return list(out.values())
 
 
@@ -158,7 +159,8 @@ def _config_lines(results: dict[str, Any]) -> list[str]:
         f"- Scale chosen on validation (average accuracy over tasks, at most {cfg['max_val'] or 'all'} texts "
         f"per task) from {sorted(set(cfg['scale_grid']) | {1.0})}; test accuracy at that scale (at most "
         f"{cfg['max_test'] or 'all'} texts per task).",
-        f"- Machine: {env['system']} {env['machine']}, {env['torch_threads']} torch threads; epimer "
+        f"- Machine: {env['system']} {env['machine']}, {env.get('cpus', '?')} CPUs, {env['torch_threads']} torch "
+        f"threads; epimer "
         f"{env['epimer']}, torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}. "
         f"Wall time {results.get('wall_seconds', 0.0):.0f} s.",
     ]
@@ -233,17 +235,19 @@ def plot_per_task(results: dict[str, Any], path: Path) -> None:
     tasks = results["config"]["tasks"]
     all_rows = rows(results)
     width = 0.8 / len(all_rows)
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(tasks) + 0.25 * len(all_rows)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.6 * len(tasks) + 0.25 * len(all_rows) + 2.5), 4.8))
     cmap = plt.get_cmap("tab20")
     for i, r in enumerate(all_rows):
         means = [mean_std(r.per_task[t])[0] for t in tasks]
         xs = [j + (i - (len(all_rows) - 1) / 2) * width for j in range(len(tasks))]
         ax.bar(xs, means, width, label=display(r.label), color=cmap(i % 20))
+    lowest = min(mean_std(r.per_task[t])[0] for r in all_rows for t in tasks)
+    floor = max(0.0, math.floor((lowest - 0.05) * 10) / 10)  # differences of a few points stay visible
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=20, ha="right")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.0, 1.0)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.set_ylabel("test accuracy" + (f" (axis from {floor:.1f})" if floor > 0 else ""))
+    ax.set_ylim(floor, 1.0)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Test accuracy per task (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -253,7 +257,7 @@ def plot_per_task(results: dict[str, Any], path: Path) -> None:
 def plot_scale_sweep(results: dict[str, Any], path: Path) -> None:
     """Average validation accuracy against the scale, one line per method with a scale."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     labels = [m["label"] for m in results["runs"][0]["methods"] if m["sweep"]]
     for label in labels:
         points: dict[float, list[float]] = {}
@@ -267,7 +271,7 @@ def plot_scale_sweep(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("scale")
     ax.set_ylabel("average validation accuracy")
     ax.set_title("Scale sweep (mean over seeds)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,152 @@
+"""``epimer bench text8`` and ``epimer demo``: the offline benchmark from the command line.
+
+Thin over `epimer.bench.pipeline`: options become a `BenchConfig`, progress goes to rich bars
+on stderr, and the comparison table is printed at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from epimer.bench.data import TASKS
+
+
+def _progress(quiet: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bars
+
+    from epimer.bench.pipeline import Advance, Progress
+
+    class RichProgress(Progress):
+        """One bar per stage (removed when done, leaving a line with its time)."""
+
+        def __init__(self) -> None:
+            self.console = Console(stderr=True)
+            self.bar = Bars(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=quiet,
+            )
+
+        @contextmanager
+        def stage(self, label: str, total: int) -> Iterator[Advance]:
+            task = self.bar.add_task(label, total=max(total, 1))
+            try:
+                yield lambda n: self.bar.advance(task, n)
+            finally:
+                elapsed = next(t.elapsed for t in self.bar.tasks if t.id == task) or 0.0
+                self.bar.remove_task(task)
+                if not quiet and not label.endswith("on validation"):
+                    self.console.print(f"{label}: {elapsed:.1f} s", highlight=False)
+
+        def log(self, message: str) -> None:
+            if not quiet:
+                self.console.print(message, markup=False, highlight=False)
+
+    return RichProgress()
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from epimer.bench.report import comparison
+
+    header, body = comparison(results)
+    seeds = len(results["runs"])
+    table = Table(title=f"Merged MiniLM on {len(results['config']['tasks'])} tasks, test accuracy"
+                  + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""), title_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in body:
+        if row[0].startswith("*"):
+            table.add_section()
+            table.add_row(f"[italic]{row[0].strip('*')}[/]", *row[1:])
+        else:
+            table.add_row(*row)
+    Console(width=max(120, Console().width)).print(table)
+
+
+def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool) -> None:
+    import torch
+
+    from epimer.bench.pipeline import run_benchmark
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:  # transformers' own per-load bars would interleave with ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - very old transformers
+        pass
+    progress = _progress(quiet)
+    with progress.bar:
+        results = run_benchmark(config, out, progress=progress, plots=plots)
+    _print_table(results)
+    click.echo(f"report: {out / 'results.md'} (tables), {out / 'results.json'} (all figures)"
+               + (", per_task.png, scale_sweep.png" if plots else "")
+               + f"; {results['wall_seconds']:.0f} s", err=True)
+
+
+def _tasks(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if not names:
+        return None
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise click.BadParameter(f"unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}", param_hint="--tasks")
+    return tuple(names)
+
+
+_threads = click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="torch CPU threads (default: torch's choice).")
+_quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+
+
+@click.group("bench")
+def bench() -> None:
+    """Offline benchmarks: fine-tune, merge with every method, evaluate."""
+
+
+@bench.command("text8")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Number of seeds (0 .. N-1): splits, probes, fine-tuning and merges per seed.")
+@click.option("--tasks", multiple=True, help=f"Tasks, repeated or comma-separated (default: all {len(TASKS)}).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Fine-tuning steps per task.")
+@click.option("--lr", type=float, default=None, help="Fine-tuning learning rate.")
+@click.option("--max-train", type=click.IntRange(min=2), default=None, help="Cap on each training split.")
+@click.option("--fisher-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Share of each training split the Fisher uses.")
+@click.option("--rank-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="rank_fraction of TSV-M and EpiMer (matched).")
+@_threads
+@click.option("--no-plots", is_flag=True, help="Tables only.")
+@_quiet
+def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: float | None,
+          max_train: int | None, fisher_fraction: float | None, rank_fraction: float | None,
+          threads: int | None, no_plots: bool, quiet: bool) -> None:
+    """The paper's protocol on a pretrained MiniLM and eight text tasks (writes OUT/results.md)."""
+    from epimer.bench.pipeline import TEXT8, config_with
+
+    config = config_with(TEXT8, tasks=_tasks(tasks), seeds=tuple(range(seeds)), steps=steps, lr=lr,
+                         max_train=max_train, fisher_fraction=fisher_fraction, rank_fraction=rank_fraction)
+    _run(config, out, threads, quiet, not no_plots)
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("epimer-demo"),
+              show_default=True, help="Report folder.")
+@_threads
+@_quiet
+def demo(out: Path, threads: int | None, quiet: bool) -> None:
+    """Four tasks, a small budget, end to end: fine-tune, Fisher, merge with every method, evaluate."""
+    from epimer.bench.pipeline import DEMO
+
+    _run(DEMO, out, threads, quiet, True)
