@@ -14,13 +14,11 @@ The merged models are checked: finite, and EpiMer's differs from TSV-M's (it use
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 from epimer.cli import main, parse_size
 from tests.conftest import write_config, write_folder

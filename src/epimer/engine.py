@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from epimer.config import DTYPES, MergeConfig, ModelSpec, parse_config
+from epimer.config import DTYPES, MergeConfig, parse_config
 from epimer.errors import InputError
 from epimer.io.reader import Checkpoint, DictCheckpoint, open_checkpoint
 from epimer.io.writer import CheckpointWriter, PlannedTensor
@@ -160,7 +160,7 @@ class MergeRun:
         for name in self.base.names():
             meta = self.base.meta(name)
             floating = meta.dtype in _FLOATS
-            for spec, task in zip(self.config.models, self.tasks):
+            for task in self.tasks:
                 if name not in task:
                     raise InputError(
                         f"{task.path}: tensor {name!r} of the base model is missing from this task model"
