@@ -1,0 +1,69 @@
+"""How well does the factored metric (``fisher_rank: s``) approximate real Fishers?
+
+Reads fine-tuned encoders and their Fisher files from the benchmark cache (written by
+``epimer demo`` or ``epimer bench text8``), builds the tagged basis of each matrix tensor
+from the real task vectors, and reports per tensor the relative Frobenius error of the
+rank-s approximation of F and of the projected metric H against the exact H, for s in 1, 4,
+16. Matrices are those of the encoder layers (384 x 384, 1536 x 384, 384 x 1536).
+
+    python benchmarks/real_fisher_rank.py [--cache ~/.cache/epimer/bench] [--layers 0 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+from epimer.curvature.metric import projected_metric_exact, projected_metric_factored
+from epimer.io import open_checkpoint
+from epimer.subspace import tagged_basis
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", type=Path, default=Path(os.environ.get("EPIMER_CACHE", "~/.cache/epimer")).expanduser() / "bench")
+    p.add_argument("--base", type=Path, default=None, help="pretrained model folder (default: the cached MiniLM)")
+    p.add_argument("--layers", type=int, nargs="+", default=[0, 5])
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16])
+    args = p.parse_args()
+    if args.base is None:
+        from epimer.bench.artifacts import model_dir
+        args.base = model_dir()
+    runs = sorted(d for d in args.cache.iterdir() if (d / "model").is_dir() and list(d.glob("fisher-*.safetensors")))
+    base = open_checkpoint(args.base)
+    tasks = [open_checkpoint(d / "model") for d in runs]
+    fishers = [open_checkpoint(next(d.glob("fisher-*.safetensors"))) for d in runs]
+    print(f"{len(runs)} fine-tuned encoders with Fisher files under {args.cache}")
+    names = [n for n in fishers[0].names()
+             if n.endswith(".weight") and len(fishers[0].meta(n).shape) == 2
+             and any(f".layer.{i}." in n for i in args.layers)]
+    print("| tensor | shape | r | " + " | ".join(f"F err s={s} | H err s={s}" for s in args.ranks) + " |")
+    print("|---|---|---:|" + "---:|---:|" * len(args.ranks))
+    errs: dict[int, list[tuple[float, float]]] = {s: [] for s in args.ranks}
+    for name in names:
+        b = base.get(name).float()
+        deltas = [t.get(name).float() - b for t in tasks]
+        basis = tagged_basis(deltas)
+        row = []
+        for f_ck in fishers:
+            f = f_ck.get(name).float().clamp_min(0)
+            exact = projected_metric_exact(f, basis.u, basis.v)
+            for s in args.ranks:
+                h, f_err = projected_metric_factored(f, basis.u, basis.v, s)
+                errs[s].append((f_err, float((h - exact).norm() / exact.norm())))
+        cells = []
+        for s in args.ranks:
+            last = errs[s][-len(fishers):]
+            cells += [f"{statistics.median(e[0] for e in last):.2e}", f"{statistics.median(e[1] for e in last):.2e}"]
+        print(f"| {name} | {'x'.join(map(str, b.shape))} | {basis.u.shape[1]} | " + " | ".join(cells) + " |")
+    print("\nmedian over tensors and tasks: " + ", ".join(
+        f"s={s}: F {statistics.median(e[0] for e in errs[s]):.2e}, H {statistics.median(e[1] for e in errs[s]):.2e}"
+        for s in args.ranks))
+
+
+if __name__ == "__main__":
+    main()
