@@ -4,7 +4,9 @@ This is the only module that touches both files and mathematics. For every tenso
 base checkpoint, in storage order, it loads the base and the T task tensors (and Fisher
 diagonals when the method needs them), checks them, hands float32 task vectors to the
 method, and writes ``θ = θ0 + scale · Δ`` in the output dtype. At most one tensor's inputs
-are held at a time, so peak memory is a small multiple of (T + 2) × the largest tensor.
+are held at a time, so peak memory is a small multiple of (T + 2) × the largest tensor; for
+elementwise methods the unit is a block of rows (``BLOCK_ELEMENTS`` entries) instead, so
+memory does not grow with the model at all.
 """
 
 from __future__ import annotations
