@@ -136,7 +136,13 @@ def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> to
     return out
 
 
+def task_factors(x: TensorInputs) -> torch.Tensor:
+    """(T,) float64 ``T · w_t``: 1 per task for equal weights, where SPEC 2/3.3 sum task
+    vectors unweighted; custom ``weight``s still count through it."""
+    return x.weights * x.num_tasks
+
+
 def task_sum(x: TensorInputs, deltas: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """Σ_t T·w_t τ_t: the task-arithmetic sum Σ_t τ_t of SPEC 2/3.3 for equal weights, through
-    which custom ``weight``s still count. ``deltas`` replaces ``x.deltas`` (e.g. DARE's)."""
-    return weighted_sum(x.deltas if deltas is None else deltas, x.weights * x.num_tasks)
+    """Σ_t T·w_t τ_t: the task-arithmetic sum Σ_t τ_t for equal weights. ``deltas`` replaces
+    ``x.deltas`` (e.g. DARE's)."""
+    return weighted_sum(x.deltas if deltas is None else deltas, task_factors(x))

@@ -22,6 +22,7 @@ from epimer.methods.base import (
     Stream,
     TensorInputs,
     TensorResult,
+    task_factors,
     task_sum,
     weighted_sum,
 )
@@ -36,14 +37,9 @@ _SCOPE_DOC = (
 )
 
 
-def _task_factors(x: TensorInputs) -> torch.Tensor:
-    """(T,) float64 ``T · w_t``: 1 per task for equal weights (SPEC section 2 sums task vectors)."""
-    return x.weights * x.num_tasks
-
-
 def _weighted_in_place(x: TensorInputs, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
     """T·w_t x_t, scaling tensors this module just made (never the inputs) to spare T copies."""
-    return [t.mul_(f) for t, f in zip(fresh, _task_factors(x).tolist())]
+    return [t.mul_(f) for t, f in zip(fresh, task_factors(x).tolist())]
 
 
 class WeightAverageParams(MethodParams):
