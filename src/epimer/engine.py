@@ -488,6 +488,36 @@ def merge_to_folder(
         run.close()
 
 
+def _in_memory(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    method: str,
+    parameters: dict[str, Any] | None,
+    weights: list[float] | None,
+    fishers: list[dict[str, torch.Tensor]] | None,
+    exclude: list[str] | None,
+    dtype: str | None,
+    source: str,
+) -> tuple[MergeConfig, tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None]]:
+    """The config and checkpoints of a merge of in-memory state dicts."""
+    specs = [
+        {"model": f"<model {i}>", "weight": (weights[i] if weights else 1.0),
+         **({"fisher": f"<fisher {i}>"} if fishers else {})}
+        for i in range(len(models))
+    ]
+    cfg = parse_config(
+        {"base_model": "<base>", "models": specs, "method": method, "parameters": parameters or {},
+         "exclude": exclude or [], "dtype": dtype},
+        source=source,
+    )
+    cks = (
+        DictCheckpoint(base, "<base>"),
+        [DictCheckpoint(m, f"<model {i}>") for i, m in enumerate(models)],
+        [DictCheckpoint(f, f"<fisher {i}>") for i, f in enumerate(fishers)] if fishers else None,
+    )
+    return cfg, cks
+
+
 def merge_state_dicts(
     base: dict[str, torch.Tensor],
     models: list[dict[str, torch.Tensor]],
@@ -503,27 +533,27 @@ def merge_state_dicts(
 
     The same engine as ``epimer merge`` (same checks, same maths), without files.
     """
-    specs = [
-        {"model": f"<model {i}>", "weight": (weights[i] if weights else 1.0),
-         **({"fisher": f"<fisher {i}>"} if fishers else {})}
-        for i in range(len(models))
-    ]
-    cfg = parse_config(
-        {"base_model": "<base>", "models": specs, "method": method, "parameters": parameters or {},
-         "exclude": exclude or [], "dtype": dtype},
-        source="merge_state_dicts",
-    )
-    cks = (
-        DictCheckpoint(base, "<base>"),
-        [DictCheckpoint(m, f"<model {i}>") for i, m in enumerate(models)],
-        [DictCheckpoint(f, f"<fisher {i}>") for i, f in enumerate(fishers)] if fishers else None,
-    )
+    cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, dtype, "merge_state_dicts")
     run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
     parts: dict[str, list[torch.Tensor]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, t in run.tensors(Path(tmp)):  # large tensors come in row blocks
             parts.setdefault(name, []).append(t)
     return {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
+
+
+def diagnose_state_dicts(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    fishers: list[dict[str, torch.Tensor]],
+    parameters: dict[str, Any] | None = None,
+    *,
+    weights: list[float] | None = None,
+    exclude: list[str] | None = None,
+) -> dict[str, Any]:
+    """`diagnose` (SPEC section 5, EpiMer with ``parameters``) on in-memory state dicts."""
+    cfg, cks = _in_memory(base, models, "epimer", parameters, weights, fishers, exclude, None, "diagnose_state_dicts")
+    return diagnose(cfg, checkpoints=cks)
 
 
 # ---------------------------------------------------------------------- diagnostics
@@ -533,8 +563,9 @@ def merge_state_dicts(
 _ADDITIVE = ("kappa", "J_flat", "J_star", "V", "R")
 
 
-def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None,
-             allow_nonfinite: bool = False) -> dict[str, Any]:
+def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow_nonfinite: bool = False,
+             checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
+             ) -> dict[str, Any]:
     """SPEC section 5 per matrix tensor and in total, without writing a model.
 
     The diagnostics are those of the EpiMer geometry: with ``method: epimer`` its parameters
@@ -544,7 +575,8 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None,
     if config.method != "epimer":
         keep = {k: v for k, v in config.parameters.items() if k == "rank_fraction"}
         config = config.model_copy(update={"method": "epimer", "parameters": keep})
-    run = MergeRun(config, allow_nonfinite=allow_nonfinite, progress=progress)
+    run = MergeRun(config, allow_nonfinite=allow_nonfinite, progress=progress, checkpoints=checkpoints,
+                   verify_fishers=checkpoints is None)
     try:
         method = run.method
         state = method.prepare(run.params, lambda v: run.stream(v, "prepare"))

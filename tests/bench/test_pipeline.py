@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from epimer.bench import report  # noqa: E402
+from epimer.bench import pipeline, report  # noqa: E402
 from epimer.bench.data import TaskData, split_task  # noqa: E402
 from epimer.bench.evaluate import Evaluator, encode  # noqa: E402
 from epimer.bench.finetune import (  # noqa: E402
@@ -169,10 +169,12 @@ def test_scaled_is_base_plus_scale_times_delta() -> None:
     assert torch.equal(out["w"], torch.full((2, 2), 1.5)) and out["ids"] is base["ids"]
 
 
-def test_pipeline_end_to_end(tiny_model: Path, tasks: dict[str, TaskData], tmp_path: Path) -> None:
+def test_pipeline_end_to_end(tiny_model: Path, tasks: dict[str, TaskData], tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
     config = BenchConfig(tasks=tuple(tasks), seeds=(0,), finetune=SETTINGS,
                          fisher=FisherSettings(fraction=0.5, batch_size=8, chunk_size=8),
-                         max_val=None, max_test=None, scale_grid=(0.5, 1.5), epimer_fisher_norms=("none", "global"))
+                         max_val=None, max_test=None, scale_grid=(0.5, 1.5), epimer_fisher_norms=("none", "global"),
+                         rank_fractions=(0.25, 1.0), fisher_fractions=(0.2, 0.5))
     out = tmp_path / "report"
     results = run_benchmark(config, out, model_path=tiny_model, tasks=tasks, cache_root=tmp_path / "cache")
 
@@ -216,9 +218,35 @@ def test_pipeline_end_to_end(tiny_model: Path, tasks: dict[str, TaskData], tmp_p
     assert len(header) == len(body[0])
     assert rows["epimer"]["auto"]["val"].keys() == set(tasks)
 
-    # a second run reuses the cached task models and Fishers
+    # the studies: at the headline's own rank and Fisher fraction they are the headline rows
+    studies = run["studies"]
+    assert [r["rank_fraction"] for r in studies["rank"]] == [0.25, 1.0]
+    full = studies["rank"][1]
+    assert full["tsv_m"]["test"] == rows["tsv_m"]["test"] and full["epimer"]["test"] == rows["epimer"]["test"]
+    for r in studies["rank"]:
+        assert r["gain"] == pytest.approx(r["epimer"]["avg"] - r["tsv_m"]["avg"])
+        d = r["diagnostics"]
+        assert d["kappa"] >= 0 and 0 <= d["kappa_rel"] <= 1 and d["bound"] >= 0
+    low = studies["rank"][0]
+    assert low["tsv_m"]["params"]["rank_fraction"] == low["epimer"]["params"]["rank_fraction"] == 0.25
+    assert [f["fraction"] for f in studies["fisher_fraction"]] == [0.2, 0.5]
+    assert studies["fisher_fraction"][1]["epimer"]["test"] == rows["epimer"]["test"]
+    n_train = {t: i["n_train"] for t, i in run["tasks"].items()}
+    assert studies["fisher_fraction"][0]["samples"] == {t: round(0.2 * n) for t, n in n_train.items()}
+    for name in ("rank_sweep.png", "kappa_gain.png", "fisher_fraction.png"):
+        assert (out / name).stat().st_size > 0, name
+    for needle in ("Rank sweep", "Fisher data fraction", "kappa_rel"):
+        assert needle in text
+
+    # a second run reuses the cached task models, Fishers and method rows: no merge runs again
+    def no_merge(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached row was merged again")
+
+    monkeypatch.setattr(pipeline, "_run_method", no_merge)
     again = run_benchmark(config, None, model_path=tiny_model, tasks=tasks, cache_root=tmp_path / "cache")
     assert again["runs"][0]["references"] == refs
+    assert again["runs"][0]["methods"] == json.loads(json.dumps(run["methods"]))
+    assert again["runs"][0]["studies"]["rank"][0]["epimer"] == json.loads(json.dumps(low["epimer"]))
 
 
 def test_evaluator_scores_each_task_with_its_head(tiny_model: Path, tasks: dict[str, TaskData]) -> None:

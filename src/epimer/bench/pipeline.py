@@ -48,6 +48,7 @@ from epimer.bench.finetune import (
     FisherSettings,
     TaskModel,
     base_state,
+    cache_key,
     load_encoder,
     load_tokenizer,
     task_fisher,
@@ -87,20 +88,30 @@ class BenchConfig:
         auto_scale: also score ``scale: auto`` (SPEC 6) on validation and test; its value is
             reported for every method with a scale either way.
         eval_batch_size: texts per forward pass when scoring.
+        study_seeds: the paper's studies run on the first this many seeds (0: none). Each
+            study row is a merge with its scale chosen on validation, as in the headline
+            table, without the ``scale: auto`` scoring.
+        rank_fractions: the rank sweep (paper Sec. 4.4): TSV-M and EpiMer at each matched
+            ``rank_fraction``, with EpiMer's kappa (SPEC 5) at that rank beside the gain.
+        fisher_fractions: the Fisher data study (paper Sec. 4.5): EpiMer with Fishers
+            estimated on each share of the training split.
     """
 
     tasks: tuple[str, ...] = tuple(TASKS)
     seeds: tuple[int, ...] = (0, 1, 2)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     fisher: FisherSettings = field(default_factory=FisherSettings)
-    max_val: int | None = 300
+    max_val: int | None = 200
     max_test: int | None = 1000  # binds on two tasks only (rt_sentiment, vader_movie_reviews)
-    scale_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.25, 1.5, 2.0)
+    scale_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
     rank_fraction: float = 1.0
     methods: tuple[str, ...] | None = None
     epimer_fisher_norms: tuple[str, ...] = FISHER_NORMS
     auto_scale: bool = True
     eval_batch_size: int = 64
+    study_seeds: int = 1
+    rank_fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)
+    fisher_fractions: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
 
     def __post_init__(self) -> None:
         if len(self.tasks) < 2:
@@ -111,6 +122,9 @@ class BenchConfig:
             raise InputError("at least one seed is needed")
         if not self.scale_grid or any(not (s > 0 and math.isfinite(s)) for s in self.scale_grid):
             raise InputError(f"scale_grid must hold positive numbers; got {list(self.scale_grid)}")
+        if any(not 0 < f <= 1 for f in (*self.rank_fractions, *self.fisher_fractions)):
+            raise InputError(f"rank and Fisher fractions must lie in (0, 1]; got {list(self.rank_fractions)} and "
+                             f"{list(self.fisher_fractions)}")
         bad = [n for n in self.epimer_fisher_norms if n not in FISHER_NORMS]
         if bad:
             raise InputError(f"unknown fisher_norm {bad}; valid: {', '.join(FISHER_NORMS)}")
@@ -138,6 +152,7 @@ DEMO = BenchConfig(
     scale_grid=(0.5, 1.0, 1.5),
     epimer_fisher_norms=("none",),
     auto_scale=False,
+    study_seeds=0,
 )
 
 
@@ -266,6 +281,9 @@ class _SeedContext:
     val: dict[str, Encoded]
     test: dict[str, Encoded]
     evaluator: Evaluator
+    splits: dict[str, Splits]
+    model_path: Path
+    tokenizer: Any
 
 
 def _prepare_seed(
@@ -311,7 +329,7 @@ def _prepare_seed(
     }
     evaluator = Evaluator(load_encoder(model_path), batch_size=config.eval_batch_size)
     heads = {m.task: m.head for m in models}
-    return _SeedContext(base, models, fishers, heads, val, test, evaluator), info
+    return _SeedContext(base, models, fishers, heads, val, test, evaluator, splits, model_path, tokenizer), info
 
 
 def _score(ctx: _SeedContext, state: StateDict, split: str) -> dict[str, float]:
@@ -374,6 +392,48 @@ def _run_method(
     return row
 
 
+# A method's row costs a merge and a scale sweep of forward passes, so rows are cached too: an
+# interrupted run resumes at the first method it had not finished.
+ROW_VERSION = 1
+
+
+def _row_key(config: BenchConfig, seed: int, ctx: _SeedContext, spec: MethodSpec) -> str:
+    from epimer import __version__
+
+    return cache_key({
+        "row": ROW_VERSION,
+        "epimer": __version__,
+        "seed": seed,
+        "models": [m.folder.name for m in ctx.models],  # each key hashes data, seed and recipe
+        "fisher": config.fisher.key(),
+        "spec": asdict(spec),
+        "max_val": config.max_val,
+        "max_test": config.max_test,
+        "grid": config.grid,
+        "auto_scale": config.auto_scale,
+    })
+
+
+def _row_path(cache_root: Path, key: str) -> Path:
+    return cache_root / "bench" / "rows" / f"{key}.json"
+
+
+def _cached_row(cache_root: Path, key: str) -> dict[str, Any] | None:
+    path = _row_path(cache_root, key)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _store_row(cache_root: Path, key: str, row: Mapping[str, Any]) -> None:
+    path = _row_path(cache_root, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)
+
+
 def run_seed(
     config: BenchConfig,
     seed: int,
@@ -382,8 +442,10 @@ def run_seed(
     tasks: Mapping[str, TaskData],
     cache_root: Path,
     progress: Progress,
+    studies: bool = False,
 ) -> dict[str, Any]:
-    """The protocol for one seed: task models, references and every method's row."""
+    """The protocol for one seed: task models, references and every method's row; with
+    ``studies``, the rank sweep and the Fisher fraction study too (`_studies`)."""
     ctx, task_info = _prepare_seed(config, seed, model_path, tasks, cache_root, progress)
     with progress.stage(f"seed {seed}: reference rows", 1 + len(ctx.models)) as advance:
         pre_val, pre_test = _score(ctx, ctx.base, "val"), _score(ctx, ctx.base, "test")
@@ -399,8 +461,80 @@ def run_seed(
         "finetuned": {"val": ft_val, "test": ft_test, **_summary(ft_test, ft_test)},
     }
     unchanged = unchanged_tensors(ctx.base, [m.encoder for m in ctx.models])
-    rows = [_run_method(spec, ctx, config, unchanged, ft_test, progress) for spec in method_specs(config)]
-    return {"seed": seed, "tasks": task_info, "references": references, "excluded": unchanged, "methods": rows}
+
+    def row(spec: MethodSpec, cfg: BenchConfig = config, c: _SeedContext = ctx) -> dict[str, Any]:
+        key = _row_key(cfg, seed, c, spec)
+        found = _cached_row(cache_root, key)
+        if found is None:
+            found = _run_method(spec, c, cfg, unchanged, ft_test, progress)
+            _store_row(cache_root, key, found)
+        else:
+            progress.log(f"{spec.label}: from the cache ({key})")
+        return found
+
+    rows = [row(spec) for spec in method_specs(config)]
+    out = {"seed": seed, "tasks": task_info, "references": references, "excluded": unchanged, "methods": rows}
+    if studies:
+        out["studies"] = _studies(config, seed, ctx, rows, unchanged, row, progress)
+    return out
+
+
+def _spec(config: BenchConfig, method: str, note: str = "", **params: Any) -> MethodSpec:
+    """The `method_specs` row of ``method`` (EpiMer: its first ``fisher_norm``) with
+    ``params`` changed, labelled ``method (note)``."""
+    spec = next(s for s in method_specs(replace(config, methods=(method,))))
+    return replace(spec, label=f"{method} ({note})" if note else method, params={**spec.params, **params})
+
+
+def _studies(
+    config: BenchConfig, seed: int, ctx: _SeedContext, rows: Sequence[dict[str, Any]], unchanged: Sequence[str],
+    row: Callable[..., dict[str, Any]], progress: Progress,
+) -> dict[str, Any]:
+    """The paper's rank sweep with kappa (Sec. 4.4) and Fisher data fraction (Sec. 4.5) for
+    one seed. The scale sweep (Sec. 4.3) and worst task (Sec. 4.6) come from the headline rows."""
+    from epimer.engine import diagnose_state_dicts
+
+    study = replace(config, auto_scale=False)
+    headline = {r["label"]: r for r in rows}
+    exclude = [f"^{re.escape(k)}$" for k in unchanged]
+    encoders = [m.encoder for m in ctx.models]
+
+    def pick(method: str, note: str, cfg: BenchConfig, c: _SeedContext, **params: Any) -> dict[str, Any]:
+        spec = _spec(config, method, note, **params)
+        main = _spec(config, method)
+        if spec.params == main.params and cfg.fisher == config.fisher and main.label in headline:
+            return headline[main.label]  # the headline row is this very merge
+        return row(spec, cfg, c)
+
+    rank = []
+    for rf in config.rank_fractions:
+        note = f"rank_fraction={rf:g}"
+        tsv, epi = pick("tsv_m", note, study, ctx, rank_fraction=rf), pick("epimer", note, study, ctx, rank_fraction=rf)
+        diag = diagnose_state_dicts(ctx.base, encoders, ctx.fishers, {"rank_fraction": rf}, exclude=exclude)["total"]
+        rank.append({"rank_fraction": rf, "tsv_m": _brief(tsv), "epimer": _brief(epi),
+                     "gain": epi["avg"] - tsv["avg"], "worst_gain": epi["worst"] - tsv["worst"],
+                     "diagnostics": diag})
+        progress.log(f"rank_fraction {rf:g}: TSV-M {tsv['avg']:.3f}, EpiMer {epi['avg']:.3f}, "
+                     f"kappa_rel {diag['kappa_rel']:.3g}")
+    fraction = []
+    ft = config.finetune
+    for f in config.fisher_fractions:
+        fs = replace(config.fisher, fraction=f)
+        total = sum(max(1, round(f * len(ctx.splits[m.task].train))) for m in ctx.models)
+        with progress.stage(f"seed {seed}: Fisher on {f:g} of the training texts", total) as advance:
+            fishers = [task_fisher(m, ctx.model_path, ctx.splits[m.task].train, fs, ft, tokenizer=ctx.tokenizer,
+                                   advance=advance) for m in ctx.models]
+        epi = pick("epimer", f"Fisher fraction {f:g}", replace(study, fisher=fs), replace(ctx, fishers=fishers))
+        fraction.append({"fraction": f, "samples": {m.task: max(1, round(f * len(ctx.splits[m.task].train)))
+                                                    for m in ctx.models}, "epimer": _brief(epi)})
+        progress.log(f"Fisher fraction {f:g}: EpiMer {epi['avg']:.3f} (worst {epi['worst']:.3f})")
+    return {"rank": rank, "fisher_fraction": fraction}
+
+
+def _brief(row: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("label", "params", "scale", "val_avg", "test", "avg", "worst", "worst_task", "normalized",
+            "merge_seconds", "sweep")
+    return {k: row[k] for k in keys if k in row}
 
 
 def run_benchmark(
@@ -445,9 +579,9 @@ def run_benchmark(
         "runs": [],
     }
     start = time.perf_counter()
-    for seed in config.seeds:
+    for i, seed in enumerate(config.seeds):
         results["runs"].append(run_seed(config, seed, model_path=model_path, tasks=data, cache_root=cache_root,
-                                        progress=progress))
+                                        progress=progress, studies=i < config.study_seeds))
         results["wall_seconds"] = time.perf_counter() - start
         if out is not None:
             report.write_report(results, Path(out), plots=plots)

@@ -214,7 +214,62 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _table(["Task", "Train", "Val (scored)", "Test (scored)", "Probe test acc", "Fine-tuned test acc",
                      "Fine-tune s"], body)
     lines += ["![per-task test accuracy](per_task.png)", "", "![scale sweep](scale_sweep.png)", ""]
+    lines += _study_lines(results)
     return "\n".join(lines)
+
+
+def _study_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [run for run in results["runs"] if run.get("studies")]
+
+
+def _by(runs: Sequence[dict[str, Any]], study: str, key: str) -> dict[float, list[dict[str, Any]]]:
+    """Study entries grouped by their ``key`` value (rank or Fisher fraction) over seeds."""
+    out: dict[float, list[dict[str, Any]]] = {}
+    for run in runs:
+        for entry in run["studies"][study]:
+            out.setdefault(entry[key], []).append(entry)
+    return dict(sorted(out.items()))
+
+
+def _study_lines(results: dict[str, Any]) -> list[str]:
+    runs = _study_runs(results)
+    if not runs:
+        return []
+    seeds = ", ".join(str(run["seed"]) for run in runs)
+    lines = [f"## Rank sweep: TSV-M and EpiMer at matched rank, with kappa (paper Sec. 4.4; seed {seeds})", ""]
+    body = []
+    for rf, entries in _by(runs, "rank", "rank_fraction").items():
+        body.append([f"{rf:g}", fmt([e["tsv_m"]["avg"] for e in entries]), fmt([e["epimer"]["avg"] for e in entries]),
+                     _signed([e["gain"] for e in entries]), fmt([e["tsv_m"]["worst"] for e in entries]),
+                     fmt([e["epimer"]["worst"] for e in entries]), _signed([e["worst_gain"] for e in entries]),
+                     _sci([e["diagnostics"]["kappa_rel"] for e in entries]),
+                     _sci([e["diagnostics"]["kappa"] for e in entries])])
+    lines += _table(["rank_fraction", "TSV-M avg", "EpiMer avg", "Gain", "TSV-M worst", "EpiMer worst", "Worst gain",
+                     "kappa_rel", "kappa"], body)
+    lines += ["Each merge's scale is chosen on validation. kappa = J(c̄) − J(c*) is EpiMer's predicted "
+              "improvement over the flat mean in its own second-order surrogate (SPEC 5) and kappa_rel = "
+              "kappa / J(c̄); Gain is EpiMer's average test accuracy minus TSV-M's.", "",
+              "![rank sweep](rank_sweep.png)", "", "![kappa and gain](kappa_gain.png)", ""]
+    lines += [f"## Fisher data fraction (paper Sec. 4.5; seed {seeds})", ""]
+    body = []
+    for f, entries in _by(runs, "fisher_fraction", "fraction").items():
+        samples = sorted(n for e in entries for n in e["samples"].values())
+        body.append([f"{f:g}", f"{samples[0]}–{samples[-1]}", fmt([e["epimer"]["avg"] for e in entries]),
+                     fmt([e["epimer"]["worst"] for e in entries]), _scales([e["epimer"]["scale"] for e in entries])])
+    lines += _table(["Fraction of training texts", "Texts per task", "EpiMer avg", "EpiMer worst", "Scale (val)"],
+                    body)
+    lines += ["![Fisher fraction](fisher_fraction.png)", ""]
+    return lines
+
+
+def _signed(xs: Sequence[float]) -> str:
+    m, sd = mean_std(xs)
+    return f"{m:+.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def _sci(xs: Sequence[float]) -> str:
+    m, sd = mean_std(xs)
+    return f"{m:.3g}" + (f" ± {sd:.2g}" if sd is not None else "")
 
 
 # ------------------------------------------------------------------------------ plots
@@ -277,6 +332,64 @@ def plot_scale_sweep(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_rank_sweep(results: dict[str, Any], path: Path) -> None:
+    """Average test accuracy of TSV-M and EpiMer against the matched rank_fraction."""
+    plt = _pyplot()
+    groups = _by(_study_runs(results), "rank", "rank_fraction")
+    xs = list(groups)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in ("tsv_m", "epimer"):
+        for stat, style in (("avg", "-"), ("worst", ":")):
+            ys = [mean_std([e[method][stat] for e in groups[x]])[0] for x in xs]
+            ax.plot(xs, ys, style, marker="o", label=f"{display(method)} ({'average' if stat == 'avg' else 'worst task'})")
+    ax.set_xscale("log")
+    ax.set_xlabel("rank_fraction (matched)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Rank sweep")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_kappa_gain(results: dict[str, Any], path: Path) -> None:
+    """kappa_rel (the surrogate's predicted gain) and the observed EpiMer − TSV-M gain, by rank."""
+    plt = _pyplot()
+    groups = _by(_study_runs(results), "rank", "rank_fraction")
+    xs = list(groups)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(xs, [mean_std([e["diagnostics"]["kappa_rel"] for e in groups[x]])[0] for x in xs], "o-", color="C0")
+    ax.set_xscale("log")
+    ax.set_xlabel("rank_fraction")
+    ax.set_ylabel("kappa_rel (predicted)", color="C0")
+    right = ax.twinx()
+    right.plot(xs, [mean_std([e["gain"] for e in groups[x]])[0] for x in xs], "s--", color="C3")
+    right.axhline(0.0, color="C3", lw=0.5)
+    right.set_ylabel("EpiMer − TSV-M avg test accuracy (observed)", color="C3")
+    ax.set_title("Curvature heterogeneity vs gain over TSV-M")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fisher_fraction(results: dict[str, Any], path: Path) -> None:
+    """EpiMer's average and worst-task test accuracy against the Fisher's share of training texts."""
+    plt = _pyplot()
+    groups = _by(_study_runs(results), "fisher_fraction", "fraction")
+    xs = list(groups)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for stat, label in (("avg", "average"), ("worst", "worst task")):
+        ax.plot(xs, [mean_std([e["epimer"][stat] for e in groups[x]])[0] for x in xs], "o-", label=f"EpiMer {label}")
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of each training split used for the Fisher")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Fisher data fraction")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
@@ -292,3 +405,7 @@ def write_report(results: dict[str, Any], out: Path, *, plots: bool = True) -> N
     if plots:
         plot_per_task(results, out / "per_task.png")
         plot_scale_sweep(results, out / "scale_sweep.png")
+        if _study_runs(results):
+            plot_rank_sweep(results, out / "rank_sweep.png")
+            plot_kappa_gain(results, out / "kappa_gain.png")
+            plot_fisher_fraction(results, out / "fisher_fraction.png")
