@@ -79,17 +79,27 @@ def parse_size(text: str) -> int:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, strict: bool,
           allow_nonfinite: bool, quiet: bool) -> None:
-    """Merge the models of CONFIG (YAML) into the folder OUT."""
+    """Merge the models of CONFIG (YAML) into the folder OUT.
+
+    Under ``torchrun --nproc_per_node N`` the processes split the tensors (balanced by
+    size); each writes its own shards and rank 0 the index and metadata files.
+    """
     from epimer.config import load_config
+    from epimer.distributed import init_from_env, shutdown
     from epimer.engine import merge_to_folder
     from epimer.progress import RichProgress
 
     cfg = load_config(config)
     size = parse_size(shard_size) if shard_size else None
-    with RichProgress(enabled=not quiet) as progress:
-        report = merge_to_folder(cfg, out, shard_size=size, overwrite=overwrite, strict=strict,
-                                 allow_nonfinite=allow_nonfinite, progress=progress)
-    if report.scale_auto is not None:
+    group = init_from_env()
+    quiet = quiet or group.rank != 0  # one progress bar and one summary: rank 0's
+    try:
+        with RichProgress(enabled=not quiet) as progress:
+            report = merge_to_folder(cfg, out, shard_size=size, overwrite=overwrite, strict=strict,
+                                     allow_nonfinite=allow_nonfinite, progress=progress, group=group)
+    finally:
+        shutdown(group)
+    if report.scale_auto is not None and group.rank == 0:
         click.echo(f"scale: auto -> {report.scale_auto:.6g}", err=True)
     if not quiet:
         click.echo(f"merged {len(cfg.models)} model(s) with {cfg.method} into {out}", err=True)

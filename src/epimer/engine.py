@@ -24,10 +24,18 @@ import torch
 import yaml
 
 from epimer.config import DTYPES, MergeConfig, parse_config
+from epimer.distributed import SINGLE, Group, exact_sum, partition
 from epimer.errors import InputError
 from epimer.io.reader import Checkpoint, DictCheckpoint, open_checkpoint
-from epimer.io.writer import CheckpointWriter, PlannedTensor
-from epimer.methods.base import MergeMethod, MethodParams, TensorInputs, TensorKind, TensorResult
+from epimer.io.writer import CheckpointWriter, PlannedTensor, plan_layout, write_index
+from epimer.methods.base import (
+    MergeMethod,
+    MethodParams,
+    ShardedStream,
+    TensorInputs,
+    TensorKind,
+    TensorResult,
+)
 from epimer.registry import get_method
 
 #: Files of a Hugging Face model folder that travel with the merged weights.
@@ -107,6 +115,8 @@ class MergeRun:
         checkpoints: already-open (base, tasks, fishers) to use instead of the config's paths.
         verify_fishers: check Fisher files against the task checkpoints (names, shapes,
             fingerprint). Only in-memory Fisher dicts, which carry no fingerprint, skip it.
+        group: the merge processes (torchrun); this one streams and yields only the tensors
+            it owns (`epimer.distributed.partition`, balanced by bytes read).
     """
 
     def __init__(
@@ -118,8 +128,10 @@ class MergeRun:
         progress: ProgressSink | None = None,
         checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
         verify_fishers: bool = True,
+        group: Group = SINGLE,
     ) -> None:
         self.config = config
+        self.group = group
         self.allow_nonfinite = allow_nonfinite
         self.progress = progress or ProgressSink()
         self.method: MergeMethod = get_method(config.method)
@@ -134,6 +146,9 @@ class MergeRun:
         elif self.fishers is None:
             raise InputError(f"method {config.method!r} with these parameters needs a Fisher file for every model")
         self.plan = self._build_plan(strict)
+        #: The rank that merges and writes each tensor of the plan, and this process's share.
+        self.owners = partition([p.in_bytes for p in self.plan], group.world_size)
+        self.own = [p for p, r in zip(self.plan, self.owners) if r == group.rank]
         self.blocked = self.method.elementwise(self.params)
         if self.fishers is not None:
             self._check_fishers(verify_fishers)
@@ -255,10 +270,14 @@ class MergeRun:
             fishers = tuple(self._load_float(f, p.name, "Fisher", rows) for f in self.fishers)
         return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind)
 
+    def prepare_stream(self) -> ShardedStream:
+        """The stream a method's :meth:`~MergeMethod.prepare` gets (this process's share)."""
+        return ShardedStream(lambda v: self.stream(v, "prepare"), len(self.tasks), self.group)
+
     def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass") -> None:
         """Call ``visitor`` once per merged tensor, or per row block for elementwise methods
         (the ``Stream`` a method's prepare gets)."""
-        todo = [p for p in self.plan if p.action == "merge"]
+        todo = [p for p in self.own if p.action == "merge"]
         self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
         for p in todo:
             for rows in self.row_blocks(p, self.blocked):
@@ -291,14 +310,14 @@ class MergeRun:
 
         ``workdir`` holds the float32 Δ spill file when ``scale: auto`` needs two passes.
         """
-        state = self.method.prepare(self.params, lambda v: self.stream(v, "prepare"))
+        state = self.method.prepare(self.params, self.prepare_stream())
         scale = self.method.scale(self.params)
         spill: Checkpoint | None = None
         if scale == "auto":
             scale, spill = self._auto_scale(state, workdir)
             self.report.scale_auto = scale
         self.report.scale = float(scale)
-        todo = self.plan
+        todo = self.own
         self.progress.start("merge", sum(p.in_bytes for p in todo), len(todo))
         try:
             for p in todo:
@@ -328,22 +347,25 @@ class MergeRun:
         """SPEC section 6: one pass computes Δ, spills it, and accumulates the surrogate terms."""
         from epimer.diagnostics import auto_scale_terms
 
-        merged = [p for p in self.plan if p.action == "merge"]
-        spill_dir = workdir / ".delta-spill"
+        merged = [p for p in self.own if p.action == "merge"]
+        spill_dir = workdir / f".delta-spill-{self.group.rank}"
         spill_dir.mkdir(parents=True, exist_ok=True)
         writer = CheckpointWriter(spill_dir, [PlannedTensor(p.name, p.shape, torch.float32) for p in merged])
-        num = den = 0.0
+        terms: list[tuple[float, float]] = []
         self.progress.start("scale: auto", sum(p.in_bytes for p in merged), len(merged))
         for p in merged:
             for rows in self.row_blocks(p, self.blocked):
                 delta, x = self._delta(p, state, rows)
                 assert x.fishers is not None
                 a, b = auto_scale_terms(delta, x.deltas, x.fishers, x.weights)
-                num, den = num + float(a), den + float(b)
+                terms.append((float(a), float(b)))
                 writer.write(p.name, delta)
             self.progress.advance(p.in_bytes)
         self.progress.finish()
         writer.close()
+        # exact sums: the same value whatever the order or split of the terms over processes
+        terms = [t for share in self.group.all_gather(terms) for t in share]
+        num, den = exact_sum([a for a, _ in terms]), exact_sum([b for _, b in terms])
         if den <= 0:
             raise InputError("scale: auto is undefined: the merged update has zero curvature under every Fisher")
         scale = num / den
@@ -427,25 +449,44 @@ def write_merge(
     """Merge and write OUT atomically: everything goes to a temporary folder beside OUT,
     renamed into place at the end. OUT is never half written; an existing OUT is replaced
     only with ``overwrite`` and only once the new one is complete.
+
+    Under several processes (``run.group``) every rank writes the shards of its own tensors
+    into rank 0's temporary folder; rank 0 then writes the index and the metadata files
+    and renames the folder.
     """
     from epimer import __version__
 
+    group = run.group
     out = Path(out).resolve()
     if out.exists() and not overwrite:
         raise InputError(f"{out}: output already exists; choose another path or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    made = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)) if group.rank == 0 else None
+    tmp = Path(group.broadcast(str(made) if made else None))
     writer: CheckpointWriter | None = None
     try:
         planned = [PlannedTensor(p.name, p.shape, p.out_dtype) for p in run.plan]
-        writer = CheckpointWriter(tmp, planned, shard_size,
-                                  metadata={"merged_by": f"epimer {__version__}", "merge_method": run.config.method})
+        shards, files, ranks = plan_layout(planned, run.owners, group.world_size, shard_size)
+        mine = [i for i, r in enumerate(ranks) if r == group.rank]
+        writer = CheckpointWriter(tmp, [], metadata={"merged_by": f"epimer {__version__}",
+                                                     "merge_method": run.config.method},
+                                  layout=([shards[i] for i in mine], [files[i] for i in mine]))
         for name, tensor in run.tensors(tmp):
             writer.write(name, tensor)
         writer.close()
-        shutil.rmtree(tmp / ".delta-spill", ignore_errors=True)
+        shutil.rmtree(tmp / f".delta-spill-{group.rank}", ignore_errors=True)
+        if group.active:
+            parts = group.all_gather(run.report.tensors)
+            if group.rank != 0:
+                group.barrier()  # rank 0 finishes the folder
+                return run.report
+            order = {p.name: i for i, p in enumerate(run.plan)}
+            run.report.tensors = dict(sorted(((k, v) for part in parts for k, v in part.items()),
+                                             key=lambda kv: order[kv[0]]))
+        if len(shards) > 1:
+            write_index(tmp, shards, files)
         _copy_aux_files(run.config.base_model, tmp, run.config.dtype)
         (tmp / "merge_config.yaml").write_text(_resolved_config_yaml(run.config, run.params, run.report, __version__))
         (tmp / "README.md").write_text(model_card(run.config, run.params, run.report, __version__))
@@ -459,6 +500,7 @@ def write_merge(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+        group.barrier()
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -476,12 +518,14 @@ def merge_to_folder(
     strict: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressSink | None = None,
+    group: Group = SINGLE,
 ) -> MergeReport:
-    """Python API of ``epimer merge``: validate, merge and write OUT."""
+    """Python API of ``epimer merge``: validate, merge and write OUT (``group``: this
+    process's place among torchrun's merge processes, `epimer.distributed.init_from_env`)."""
     out_path = Path(out).resolve()
     if out_path.exists() and not overwrite:  # refuse before any reading
         raise InputError(f"{out_path}: output already exists; choose another path or pass --overwrite")
-    run = MergeRun(config, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress)
+    run = MergeRun(config, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress, group=group)
     try:
         return write_merge(run, out_path, shard_size=shard_size, overwrite=overwrite)
     finally:
@@ -579,7 +623,7 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
                    verify_fishers=checkpoints is None)
     try:
         method = run.method
-        state = method.prepare(run.params, lambda v: run.stream(v, "prepare"))
+        state = method.prepare(run.params, run.prepare_stream())
         per: dict[str, dict[str, float]] = {}
         shapes: dict[str, list[int]] = {}
 

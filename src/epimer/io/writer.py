@@ -55,6 +55,35 @@ def plan_shards(tensors: list[PlannedTensor], shard_size: int | None) -> list[li
     return shards
 
 
+def plan_layout(
+    tensors: list[PlannedTensor], owners: list[int], world_size: int, shard_size: int | None
+) -> tuple[list[list[PlannedTensor]], list[str], list[int]]:
+    """Shards of a checkpoint written by ``world_size`` processes: each process's tensors (in
+    order) sharded by `plan_shards`, the processes' shards in rank order. Returns the shards,
+    their file names and the rank writing each; one process gets exactly `plan_shards`.
+    A process owning no tensor writes no shard."""
+    shards: list[list[PlannedTensor]] = []
+    ranks: list[int] = []
+    for r in range(world_size):
+        mine = [t for t, o in zip(tensors, owners) if o == r]
+        if mine or (world_size == 1):
+            for shard in plan_shards(mine, shard_size):
+                shards.append(shard)
+                ranks.append(r)
+    return shards, _shard_names(len(shards)), ranks
+
+
+def write_index(folder: Path, shards: list[list[PlannedTensor]], files: list[str]) -> Path:
+    """``model.safetensors.index.json`` for a sharded checkpoint."""
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
+        "weight_map": {t.name: files[i] for i, s in enumerate(shards) for t in s},
+    }
+    path = Path(folder) / SAFETENSORS_INDEX
+    path.write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
 def _shard_names(n: int) -> list[str]:
     if n == 1:
         return ["model.safetensors"]
@@ -84,6 +113,8 @@ class CheckpointWriter:
         tensors: every tensor to be written, in the order :meth:`write` will receive them.
         shard_size: maximum bytes of tensor data per shard, or None for a single file.
         metadata: string metadata stored in every shard header (``format: pt`` is added).
+        layout: instead of ``shard_size``, this writer's own shards and file names out of a
+            layout shared with other processes (`plan_layout`); the caller writes the index.
     """
 
     def __init__(
@@ -92,11 +123,18 @@ class CheckpointWriter:
         tensors: list[PlannedTensor],
         shard_size: int | None = None,
         metadata: dict[str, str] | None = None,
+        *,
+        layout: tuple[list[list[PlannedTensor]], list[str]] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.shards = plan_shards(tensors, shard_size)
-        self.files = _shard_names(len(self.shards))
+        if layout is None:
+            self.shards = plan_shards(tensors, shard_size)
+            self.files = _shard_names(len(self.shards))
+            self._index = len(self.shards) > 1
+        else:
+            self.shards, self.files = layout
+            self._index = False
         self._order = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
         self._next = 0
         self._done = 0  # bytes of the current tensor written so far (tensors may come in row blocks)
@@ -144,21 +182,16 @@ class CheckpointWriter:
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise RuntimeError(f"writer: closed before tensor {missing!r} was written")
-        if self._fh is None:  # an empty plan still gets a valid (empty) file
+        if self._fh is None and self.shards:  # an empty plan still gets a valid (empty) file
             self._open_shard(0)
-        assert self._fh is not None
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
         written = [self.folder / f for f in self.files]
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
-                "weight_map": {t.name: self.files[i] for i, s in enumerate(self.shards) for t in s},
-            }
-            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            written.append(self.folder / SAFETENSORS_INDEX)
+        if self._index:
+            written.append(write_index(self.folder, self.shards, self.files))
         return written
 
     def abort(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from epimer.distributed import SINGLE, Group
 from epimer.errors import InputError
 
 #: ``scale`` of a method: a number, or ``"auto"`` for the data-free scale of SPEC section 6.
@@ -68,6 +69,26 @@ class TensorResult:
 Visitor = Callable[[TensorInputs], None]
 #: Calls the visitor once per mergeable tensor, in checkpoint order.
 Stream = Callable[[Visitor], None]
+
+
+@dataclass(frozen=True)
+class ShardedStream:
+    """The `Stream` the engine hands to :meth:`MergeMethod.prepare`: it visits this process's
+    share of the tensors, and ``group`` combines the shares (`epimer.distributed`). In a
+    single process the share is every tensor and the reductions are identities."""
+
+    visit_all: Callable[[Visitor], None]
+    num_tasks: int
+    group: Group = SINGLE
+
+    def __call__(self, visitor: Visitor) -> None:
+        self.visit_all(visitor)
+
+
+def group_of(stream: Stream) -> Group:
+    """The process group a stream's partial results must be combined over (plain callables:
+    one process)."""
+    return stream.group if isinstance(stream, ShardedStream) else SINGLE
 
 
 class MergeMethod(ABC):

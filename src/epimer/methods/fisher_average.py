@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
+from epimer.distributed import exact_sum
 from epimer.errors import InputError
 from epimer.frechet import frechet_diagonal
 from epimer.methods.base import (
@@ -23,6 +24,7 @@ from epimer.methods.base import (
     Scale,
     Stream,
     TensorInputs,
+    group_of,
 )
 from epimer.registry import register
 
@@ -65,21 +67,27 @@ def fisher_weighted_average(
 def task_fisher_norms(stream: Stream, method: str, squared: bool) -> tuple[float, ...]:
     """One pass over every tensor: per task ``(Σ F_t²)^½`` (``squared``) or ``mean(F_t)``
     over the whole model, F clamped at 0. A task whose Fisher is all zero gets 1.0 (no scaling).
+
+    Per-tensor sums are added with `exact_sum`, so the result does not depend on how the
+    tensors are split across processes.
     """
-    sums: list[float] = []
+    parts: list[list[float]] = []  # per tensor: T sums
     count = 0
 
     def visit(x: TensorInputs) -> None:
-        nonlocal sums, count
+        nonlocal count
         fishers = require_fishers(method, x)
-        if not sums:
-            sums = [0.0] * len(fishers)
-        for t, f in enumerate(fishers):
-            f = f.clamp(min=0)
-            sums[t] += float((f.square() if squared else f).sum(dtype=torch.float64))
+        parts.append([float((f.clamp(min=0).square() if squared else f.clamp(min=0)).sum(dtype=torch.float64))
+                      for f in fishers])
         count += fishers[0].numel()
 
     stream(visit)
+    group = group_of(stream)
+    parts = [p for share in group.all_gather(parts) for p in share]
+    count = sum(group.all_gather(count))
+    if not parts:
+        return ()
+    sums = [exact_sum([p[t] for p in parts]) for t in range(len(parts[0]))]
     if squared:
         values = [math.sqrt(s) for s in sums]
     else:

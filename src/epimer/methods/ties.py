@@ -23,13 +23,13 @@ non-finite inputs unless told otherwise; this only keeps the functions from fail
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Literal
 
 import torch
 
-from epimer.methods.base import Stream, TensorInputs
+from epimer.methods.base import ShardedStream, Stream, TensorInputs, group_of
 
 SignRule = Literal["mass", "frequency"]
 Scope = Literal["global", "tensor"]
@@ -147,6 +147,17 @@ class StreamingKthLargest:
         counts = torch.bincount(bits[(bits >> 16) == self._bin] & 0xFFFF, minlength=_BINS)
         self._low = counts if self._low is None else self._low + counts.to(self._low.device)
 
+    def combine(self, all_sum: Callable[[torch.Tensor], torch.Tensor], which: Literal["high", "low"]) -> None:
+        """Replace this pass's counts by their sum over processes (``all_sum``), so that every
+        process selects from the histogram of the whole stream."""
+        if which == "high":
+            counts = self._high if self._high is not None else torch.zeros(_BINS, dtype=torch.int64)
+            self._high = all_sum(counts.to(torch.int64))
+            self.numel = int(all_sum(torch.tensor([self.numel], dtype=torch.int64)).item())
+        elif self._bin is not None:
+            counts = self._low if self._low is not None else torch.zeros(_BINS, dtype=torch.int64)
+            self._low = all_sum(counts.to(torch.int64))
+
     def result(self) -> Threshold:
         """The exact k-th largest magnitude (None when k == 0)."""
         if self.k == 0:
@@ -170,9 +181,12 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
     """Per-task threshold keeping ``floor(density · D)`` magnitudes of τ_t over all tensors.
 
     ``D`` is the number of entries over every tensor ``stream`` yields (the same for every
-    task). Streams the checkpoints twice (SPEC section 2: exact and streaming).
+    task). Streams the checkpoints twice (SPEC section 2: exact and streaming); across
+    processes the histograms, being integer counts, are summed exactly.
     """
-    selectors: list[StreamingKthLargest] = []
+    group = group_of(stream)
+    num_tasks = stream.num_tasks if isinstance(stream, ShardedStream) else None
+    selectors: list[StreamingKthLargest] = [StreamingKthLargest() for _ in range(num_tasks or 0)]
 
     def high(x: TensorInputs) -> None:
         if not selectors:
@@ -185,6 +199,8 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
             sel.observe_low(delta)
 
     stream(high)
+    for sel in selectors:
+        sel.combine(group.all_sum, "high")
     if not selectors:
         return ()
     k = keep_count(density, selectors[0].numel)
@@ -192,4 +208,6 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
         sel.select(k)
     if k > 0:
         stream(low)
+        for sel in selectors:
+            sel.combine(group.all_sum, "low")
     return tuple(sel.result() for sel in selectors)
