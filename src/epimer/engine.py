@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from epimer._allocator import tune_allocator
 from epimer.config import DTYPES, MergeConfig, parse_config
 from epimer.distributed import SINGLE, Group, exact_sum, partition
 from epimer.errors import InputError
@@ -61,6 +64,20 @@ AUX_FILES = (
 #: small enough that a block's inputs and temporaries stay in cache (measured fastest of
 #: 64K..4M on a 2-core machine), large enough that per-block Python overhead is small.
 BLOCK_ELEMENTS = 1 << 18
+
+#: One unit of streamed work: (tensor, row block or None for all of it, last unit of the tensor).
+Unit = tuple["TensorPlan", "tuple[int, int] | None", bool]
+
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """This thread's reusable uint8 read buffer, grown to at least ``nbytes``."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _SCRATCH.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf
+
 
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
 
@@ -130,6 +147,7 @@ class MergeRun:
         verify_fishers: bool = True,
         group: Group = SINGLE,
     ) -> None:
+        tune_allocator()  # streaming reuses block buffers: keep freed memory for reuse
         self.config = config
         self.group = group
         self.allow_nonfinite = allow_nonfinite
@@ -235,7 +253,13 @@ class MergeRun:
     # ------------------------------------------------------------------ streaming
 
     def _load_float(self, ckpt: Checkpoint, name: str, what: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        t = ckpt.get(name) if rows is None else ckpt.get_rows(name, *rows)
+        if rows is None:
+            t = ckpt.get(name)
+        elif ckpt.meta(name).dtype == torch.float32:
+            t = ckpt.get_rows(name, *rows)  # owned: the caller may write into it
+        else:  # converted at once, so the raw bytes can go to this thread's reused buffer
+            t = ckpt.view_rows(name, *rows, _scratch(ckpt.meta(name).nbytes // max(1, ckpt.meta(name).shape[0])
+                                                     * (rows[1] - rows[0])))
         x = t.to(torch.float32) if t.dtype != torch.float32 else t
         # A finite sum proves every entry finite, at a fraction of isfinite()'s cost; only an
         # infinite or NaN sum (non-finite entries, or an overflow) needs the entrywise check.
@@ -274,19 +298,48 @@ class MergeRun:
         """The stream a method's :meth:`~MergeMethod.prepare` gets (this process's share)."""
         return ShardedStream(lambda v: self.stream(v, "prepare"), len(self.tasks), self.group)
 
+    def _units(self, todo: list[TensorPlan]) -> list[tuple[TensorPlan, tuple[int, int] | None, bool]]:
+        """(tensor, row block, last block of the tensor) for every unit of work, in order."""
+        out = []
+        for p in todo:
+            blocks = self.row_blocks(p, self.blocked or p.action == "copy")
+            out += [(p, rows, i == len(blocks) - 1) for i, rows in enumerate(blocks)]
+        return out
+
+    def _ahead(self, units: list[Unit], load: Callable[[Unit], Any]) -> Iterator[tuple[Unit, Any]]:
+        """``(unit, load(unit))`` in order, loading the next unit in a worker thread while the
+        caller works on this one. Reading and torch's conversions release the GIL, so input
+        and computation overlap on two cores. Only row blocks go ahead: whole tensors
+        (non-elementwise methods) would double the memory held."""
+        if not self.blocked or len(units) < 2:
+            for u in units:
+                yield u, load(u)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="epimer-read") as pool:
+            nxt = pool.submit(load, units[0])
+            try:
+                for i, u in enumerate(units):
+                    value = nxt.result()
+                    if i + 1 < len(units):
+                        nxt = pool.submit(load, units[i + 1])
+                    yield u, value
+            finally:
+                nxt.cancel()
+
     def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass") -> None:
         """Call ``visitor`` once per merged tensor, or per row block for elementwise methods
         (the ``Stream`` a method's prepare gets)."""
         todo = [p for p in self.own if p.action == "merge"]
         self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
-        for p in todo:
-            for rows in self.row_blocks(p, self.blocked):
-                visitor(self.load_inputs(p, rows))
-            self.progress.advance(p.in_bytes)
+        for (p, _, last), x in self._ahead(self._units(todo), lambda u: self.load_inputs(u[0], u[1])):
+            visitor(x)
+            if last:
+                self.progress.advance(p.in_bytes)
         self.progress.finish()
 
-    def _delta(self, p: TensorPlan, state: Any, rows: tuple[int, int] | None) -> tuple[torch.Tensor, TensorInputs]:
-        x = self.load_inputs(p, rows)
+    def _delta(self, p: TensorPlan, state: Any, rows: tuple[int, int] | None,
+               x: TensorInputs | None = None) -> tuple[torch.Tensor, TensorInputs]:
+        x = self.load_inputs(p, rows) if x is None else x
         out = self.method.merge(x, self.params, state)
         res = out if isinstance(out, TensorResult) else TensorResult(out)
         if res.delta.shape != x.base.shape:
@@ -319,25 +372,31 @@ class MergeRun:
         self.report.scale = float(scale)
         todo = self.own
         self.progress.start("merge", sum(p.in_bytes for p in todo), len(todo))
+
+        def load(u: Unit) -> Any:
+            p, rows, _ = u
+            if p.action == "copy":
+                return self.base.get(p.name) if rows is None else self.base.get_rows(p.name, *rows)
+            if spill is not None:
+                delta = spill.get(p.name) if rows is None else spill.get_rows(p.name, *rows)
+                return delta, self._load_float(self.base, p.name, "base", rows)
+            return self.load_inputs(p, rows)
+
         try:
-            for p in todo:
+            for (p, rows, last), loaded in self._ahead(self._units(todo), load):
                 if p.action == "copy":
-                    for rows in self.row_blocks(p, True):
-                        t = self.base.get(p.name) if rows is None else self.base.get_rows(p.name, *rows)
-                        yield p.name, t.to(p.out_dtype)
-                    self.progress.advance(p.in_bytes)
-                    continue
-                for rows in self.row_blocks(p, self.blocked):
+                    yield p.name, loaded.to(p.out_dtype)
+                else:
                     if spill is not None:
-                        delta = spill.get(p.name) if rows is None else spill.get_rows(p.name, *rows)
-                        base = self._load_float(self.base, p.name, "base", rows)
+                        delta, base = loaded
                     else:
-                        delta, x = self._delta(p, state, rows)
+                        delta, x = self._delta(p, state, rows, loaded)
                         base = x.base
-                        del x  # drop the task vectors before the output is built
+                        del x, loaded  # drop the task vectors before the output is built
                     theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
                     yield p.name, theta.to(p.out_dtype)
-                self.progress.advance(p.in_bytes)
+                if last:
+                    self.progress.advance(p.in_bytes)
         finally:
             self.progress.finish()
             if spill is not None:
@@ -353,14 +412,14 @@ class MergeRun:
         writer = CheckpointWriter(spill_dir, [PlannedTensor(p.name, p.shape, torch.float32) for p in merged])
         terms: list[tuple[float, float]] = []
         self.progress.start("scale: auto", sum(p.in_bytes for p in merged), len(merged))
-        for p in merged:
-            for rows in self.row_blocks(p, self.blocked):
-                delta, x = self._delta(p, state, rows)
-                assert x.fishers is not None
-                a, b = auto_scale_terms(delta, x.deltas, x.fishers, x.weights)
-                terms.append((float(a), float(b)))
-                writer.write(p.name, delta)
-            self.progress.advance(p.in_bytes)
+        for (p, rows, last), loaded in self._ahead(self._units(merged), lambda u: self.load_inputs(u[0], u[1])):
+            delta, x = self._delta(p, state, rows, loaded)
+            assert x.fishers is not None
+            a, b = auto_scale_terms(delta, x.deltas, x.fishers, x.weights)
+            terms.append((float(a), float(b)))
+            writer.write(p.name, delta)
+            if last:
+                self.progress.advance(p.in_bytes)
         self.progress.finish()
         writer.close()
         # exact sums: the same value whatever the order or split of the terms over processes

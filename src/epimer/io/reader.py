@@ -110,6 +110,12 @@ class Checkpoint(ABC):
         """Rows ``start:stop`` (along dim 0) of the tensor, owning their memory."""
         return self.get(name)[start:stop]
 
+    def view_rows(self, name: str, start: int, stop: int, scratch: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop``, to be read at once and never written: the result may share
+        memory with ``scratch`` (a uint8 buffer reused across calls, which spares the page
+        faults of fresh memory) or with the checkpoint's own storage."""
+        return self.get_rows(name, start, stop)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -209,12 +215,14 @@ class SafetensorsCheckpoint(Checkpoint):
             h = self._handles[file] = open(file, "rb", buffering=0)  # noqa: SIM115
         return h
 
-    def _read(self, name: str, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
-        """``nbytes`` bytes (default: all) of the tensor's data from byte ``offset``."""
+    def _read(self, name: str, offset: int = 0, nbytes: int | None = None,
+              scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """``nbytes`` bytes (default: all) of the tensor's data from byte ``offset``, into
+        ``scratch`` when it is large enough."""
         self.meta(name)  # names the file when the tensor is unknown
         span = self._spans[name]
         n = span.nbytes - offset if nbytes is None else min(nbytes, span.nbytes - offset)
-        buf = torch.empty(n, dtype=torch.uint8)
+        buf = scratch[:n] if scratch is not None and scratch.numel() >= n else torch.empty(n, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         f = self._handle(span.file)
         got = 0
@@ -248,6 +256,15 @@ class SafetensorsCheckpoint(Checkpoint):
             return torch.empty((max(stop - start, 0), *row_shape), dtype=meta.dtype)
         buf = self._read(name, start * row_bytes, (stop - start) * row_bytes)
         return buf.view(meta.dtype).reshape(stop - start, *row_shape)
+
+    def view_rows(self, name: str, start: int, stop: int, scratch: torch.Tensor) -> torch.Tensor:
+        meta = self.meta(name)
+        row_bytes = meta.nbytes // meta.shape[0] if meta.shape and meta.shape[0] else 0
+        stop = min(stop, meta.shape[0])
+        if stop <= start or row_bytes == 0:
+            return self.get_rows(name, start, stop)
+        buf = self._read(name, start * row_bytes, (stop - start) * row_bytes, scratch)
+        return buf.view(meta.dtype).reshape(stop - start, *meta.shape[1:])
 
     def close(self) -> None:
         for h in self._handles.values():
@@ -321,6 +338,10 @@ class TorchCheckpoint(Checkpoint):
         meta = self.meta(name)
         return self._load(meta.file)[name][start:stop].clone()
 
+    def view_rows(self, name: str, start: int, stop: int, scratch: torch.Tensor) -> torch.Tensor:
+        meta = self.meta(name)
+        return self._load(meta.file)[name][start:stop]
+
     def close(self) -> None:
         self._loaded, self._loaded_file = {}, None
 
@@ -391,3 +412,7 @@ class DictCheckpoint(Checkpoint):
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         self.meta(name)
         return self._tensors[name][start:stop].clone()
+
+    def view_rows(self, name: str, start: int, stop: int, scratch: torch.Tensor) -> torch.Tensor:
+        self.meta(name)
+        return self._tensors[name][start:stop]

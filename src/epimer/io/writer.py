@@ -9,9 +9,11 @@ held in memory. The files are plain safetensors and load with ``safetensors.safe
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -138,21 +140,15 @@ class CheckpointWriter:
         self._order = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
         self._next = 0
         self._done = 0  # bytes of the current tensor written so far (tensors may come in row blocks)
-        self._fh: BinaryIO | None = None
-        self._shard = -1
-
-    def _open_shard(self, i: int) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        self._fh = open(self.folder / self.files[i], "wb")  # noqa: SIM115
-        self._fh.write(_header(self.shards[i], self.metadata))
-        self._shard = i
+        self._io = _ShardIO(self)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor, whole or as its next block of rows (dim 0).
 
         Name, dtype and trailing dimensions must match the plan; a tensor is complete once
-        its planned number of bytes has been written.
+        its planned number of bytes has been written. The bytes go to disk from a background
+        thread (the caller must not modify ``tensor`` afterwards); an I/O error surfaces at a
+        later call.
         """
         if self._next >= len(self._order):
             raise RuntimeError(f"writer: tensor {name!r} is beyond the plan")
@@ -166,36 +162,122 @@ class CheckpointWriter:
                 f"writer: expected {planned.name!r} {list(planned.shape)} {planned.dtype} "
                 f"({self._done} of {planned.nbytes} bytes written), got {name!r} {list(tensor.shape)} {tensor.dtype}"
             )
-        if shard != self._shard:
-            self._open_shard(shard)
-        assert self._fh is not None
-        if nbytes:
-            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            self._fh.write(memoryview(data.numpy()))
+        self._io.put(shard, tensor.detach().contiguous().reshape(-1).view(torch.uint8) if nbytes else None)
         self._done += nbytes
         if self._done == planned.nbytes:
             self._next += 1
             self._done = 0
 
     def close(self) -> list[Path]:
-        """Finish the last shard and write the index when sharded; returns the files written."""
+        """Finish the last shard and write the index when sharded; returns the files written.
+        Every shard is flushed to disk (fsync) before this returns."""
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise RuntimeError(f"writer: closed before tensor {missing!r} was written")
-        if self._fh is None and self.shards:  # an empty plan still gets a valid (empty) file
-            self._open_shard(0)
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+        if self.shards:
+            self._io.put(0 if self._io.shard < 0 else self._io.shard, None)  # an empty plan gets a valid file
+        self._io.finish()
         written = [self.folder / f for f in self.files]
         if self._index:
             written.append(write_index(self.folder, self.shards, self.files))
         return written
 
     def abort(self) -> None:
-        """Close any open file without completing (the caller removes the folder)."""
+        """Stop writing without completing (the caller removes the folder)."""
+        self._io.finish(abort=True)
+
+
+class _ShardIO:
+    """The writer's background thread: appends byte blocks to the shard files in order, and
+    fsyncs each shard as it moves to the next, so the flush of one shard overlaps the
+    computing of the next. At most ``LIMIT`` bytes wait in the queue (or one larger block)."""
+
+    LIMIT = 64 << 20
+
+    def __init__(self, owner: CheckpointWriter) -> None:
+        self.owner = owner
+        self.shard = -1  # shard last handed to the thread
+        self._items: collections.deque[tuple[int, torch.Tensor | None]] = collections.deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._abort = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._fh: BinaryIO | None = None
+        self._open = -1
+
+    def put(self, shard: int, data: torch.Tensor | None) -> None:
+        n = 0 if data is None else data.numel()
+        with self._cond:
+            self._raise()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="epimer-write", daemon=True)
+                self._thread.start()
+            while self._pending and self._pending + n > self.LIMIT and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._items.append((shard, data))
+            self._pending += n
+            self.shard = shard
+            self._cond.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _switch(self, shard: int) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            self._sync_close()
+        self._fh = open(self.owner.folder / self.owner.files[shard], "wb")  # noqa: SIM115
+        self._fh.write(_header(self.owner.shards[shard], self.owner.metadata))
+        self._open = shard
+
+    def _sync_close(self) -> None:
+        assert self._fh is not None
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._items and not self._closing:
+                        self._cond.wait()
+                    if self._abort or (self._closing and not self._items):
+                        break
+                    shard, data = self._items[0]
+                if shard != self._open:
+                    self._switch(shard)
+                if data is not None:
+                    assert self._fh is not None
+                    self._fh.write(memoryview(data.numpy()))
+                with self._cond:
+                    self._items.popleft()
+                    self._pending -= 0 if data is None else data.numel()
+                    self._cond.notify_all()
+            if self._fh is not None and not self._abort:
+                self._sync_close()
+        except BaseException as err:  # noqa: BLE001 - handed to the producer
+            with self._cond:
+                self._error = err
+                self._cond.notify_all()
+        finally:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def finish(self, abort: bool = False) -> None:
+        """Wait until everything queued is on disk (or, with ``abort``, stop at once)."""
+        with self._cond:
+            self._closing = True
+            self._abort = self._abort or abort
+            if abort:
+                self._items.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if not abort:
+            self._raise()

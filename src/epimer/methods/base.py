@@ -151,8 +151,9 @@ class MergeMethod(ABC):
 
 def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
     """Σ_t w_t x_t in float32 without stacking (memory stays one tensor's size)."""
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weights.tolist()):
+    ws = weights.tolist()
+    out = torch.mul(tensors[0], ws[0])
+    for t, w in zip(tensors[1:], ws[1:]):
         out.add_(t, alpha=w)
     return out
 
@@ -160,7 +161,7 @@ def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> to
 def task_factors(x: TensorInputs) -> torch.Tensor:
     """(T,) float64 ``T · w_t``: 1 per task for equal weights, where SPEC 2/3.3 sum task
     vectors unweighted; custom ``weight``s still count through it."""
-    return x.weights * x.num_tasks
+    return x.weights * x.num_tasks  # float64: T·w_t is exact for equal weights
 
 
 def task_sum(x: TensorInputs, deltas: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:

@@ -68,7 +68,8 @@ def trim(x: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """τ̂ = τ · [|τ| >= threshold] (a new tensor; zeros when the threshold is None)."""
     if threshold is None:
         return torch.zeros_like(x)
-    return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
+    # NaN fails |x| < threshold and would survive masked_fill: compare the other way round
+    return x.masked_fill(~(x.abs() >= threshold), 0.0)
 
 
 def trim_to_density(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -89,11 +90,11 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor) -> torch
     total = torch.zeros_like(trimmed[0])
     count = torch.zeros_like(trimmed[0])
     for t in trimmed:
-        # sign(t) == γ already excludes t == 0 unless γ == 0, which must contribute nothing
-        agree = (torch.sign(t) == gamma) & (t != 0)
-        total.add_(torch.where(agree, t, torch.zeros_like(t)))
-        count.add_(agree.to(count.dtype))
-    return total / count.clamp(min=1)
+        # t·γ > 0 exactly when t is non-zero with γ's sign (γ = 0 agrees with nothing; NaN never)
+        agree = torch.mul(t, gamma) > 0
+        total.add_(t.masked_fill(~agree, 0.0))
+        count.add_(agree)
+    return total.div_(count.clamp_(min=1))
 
 
 def sign_consensus_merge(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass") -> torch.Tensor:
@@ -122,12 +123,18 @@ class StreamingKthLargest:
 
     @staticmethod
     def _bits(x: torch.Tensor) -> torch.Tensor:
-        return _magnitude(x.detach().to(torch.float32)).reshape(-1).view(torch.int32)
+        """The int32 bit patterns of |x|: x's with the sign bit cleared; NaN (patterns above
+        +inf's) ranks as 0."""
+        bits = x.detach().to(torch.float32).reshape(-1).view(torch.int32) & 0x7FFFFFFF
+        return bits.masked_fill_(bits > 0x7F800000, 0)
 
     def observe_high(self, x: torch.Tensor) -> None:
         """Pass 1: count the high 16 bits of |x|."""
-        counts = torch.bincount(self._bits(x) >> 16, minlength=_BINS)
-        self._high = counts if self._high is None else self._high + counts.to(self._high.device)
+        counts = torch.bincount(self._bits(x).bitwise_right_shift_(16), minlength=_BINS)
+        if self._high is None:
+            self._high = counts
+        else:
+            self._high.add_(counts.to(self._high.device))
         self.numel += x.numel()
 
     def select(self, k: int) -> None:
@@ -143,9 +150,12 @@ class StreamingKthLargest:
         """Pass 2: count the low 16 bits of the entries whose high bits fall in the selected bin."""
         if self._bin is None:
             return  # k == 0: nothing to refine
-        bits = self._bits(x)
-        counts = torch.bincount(bits[(bits >> 16) == self._bin] & 0xFFFF, minlength=_BINS)
-        self._low = counts if self._low is None else self._low + counts.to(self._low.device)
+        low = self._bits(x).sub_(self._bin << 16)  # in [0, 65536) exactly for the bin's entries
+        counts = torch.bincount(low[(low >= 0) & (low < _BINS)], minlength=_BINS)
+        if self._low is None:
+            self._low = counts
+        else:
+            self._low.add_(counts.to(self._low.device))
 
     def combine(self, all_sum: Callable[[torch.Tensor], torch.Tensor], which: Literal["high", "low"]) -> None:
         """Replace this pass's counts by their sum over processes (``all_sum``), so that every
