@@ -34,7 +34,9 @@ def llama_shapes(args: argparse.Namespace) -> tuple[dict[str, tuple[int, ...]], 
                          tie_word_embeddings=False, torch_dtype="bfloat16")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    return {n: tuple(p.shape) for n, p in model.state_dict().items()}, config.to_dict()
+    meta = config.to_dict()
+    meta["architectures"] = ["LlamaForCausalLM"]  # what loaders (and mergekit) dispatch on
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}, meta
 
 
 def tensor_for(name: str, shape: tuple[int, ...], model_index: int) -> torch.Tensor:
