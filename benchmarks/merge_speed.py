@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--mergekit", type=Path, default=None, help="path of mergekit-yaml (skipped when absent)")
     p.add_argument("--rank-fraction", type=float, default=0.25)
     p.add_argument("--skip", nargs="*", default=[], help="row labels to leave out")
+    p.add_argument("--once", nargs="*", default=[], help="row labels to run in the first round only (slow rows)")
     p.add_argument("--out", type=Path, default=Path("docs/_merge_speed.md"))
     args = p.parse_args()
 
@@ -192,6 +193,8 @@ def main() -> None:
         for threads in (1, 2):
             floors[threads].append(read_floor(inputs, threads))
         for label, cmd, env in rows:
+            if rep and label in args.once:
+                continue
             shutil.rmtree(out, ignore_errors=True)
             read_floor(inputs, 2)  # inputs back in the page cache whatever the last merge evicted
             wall, peak = run_timed(cmd, env)
@@ -231,7 +234,9 @@ def main() -> None:
     lines += ["", f"Machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs; Python "
               f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}. "
               f"Command: `python benchmarks/merge_speed.py --work {args.work} --repeats {args.repeats}"
-              + (f" --mergekit {args.mergekit}" if args.mergekit else "") + "`."]
+              + (f" --mergekit {args.mergekit}" if args.mergekit else "")
+              + "".join(f" --{k} " + " ".join(repr(x) for x in v) for k, v in (("skip", args.skip), ("once", args.once)) if v)
+              + "`."]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

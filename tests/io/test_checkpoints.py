@@ -124,3 +124,62 @@ def test_missing_and_unknown_paths(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(InputError, match="unknown checkpoint format"):
         open_checkpoint(tmp_path / "x.txt")
+
+
+def test_writer_thread_error_surfaces_and_queue_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write error in the background thread is raised to the caller, never swallowed."""
+    from epimer.io import writer as writer_mod
+
+    plan = [PlannedTensor(f"t{i}", (64, 64), torch.float32) for i in range(8)]
+    w = CheckpointWriter(tmp_path, plan, shard_size=2 * 64 * 64 * 4)
+
+    def fail(self: object, shard: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer_mod._ShardIO, "_switch", fail)
+    with pytest.raises(OSError, match="No space left"):
+        for t in plan:
+            w.write(t.name, torch.ones(t.shape))
+        w.close()
+    w.abort()
+
+
+def test_writer_blocks_in_row_blocks_equal_whole_tensors(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    sd = {"a": torch.randn(37, 5, generator=g), "b": torch.randn(4, generator=g), "c": torch.randn(9, 3, generator=g)}
+    plan = [PlannedTensor(n, tuple(v.shape), v.dtype) for n, v in sd.items()]
+    w = CheckpointWriter(tmp_path, plan, shard_size=400)
+    for n, v in sd.items():
+        for rows in torch.split(v, 6) if v.dim() == 2 else [v]:
+            w.write(n, rows.clone())
+    w.close()
+    ck = open_checkpoint(tmp_path)
+    for n, v in sd.items():
+        assert torch.equal(ck.get(n), v), n
+
+
+def test_view_rows_reuses_the_scratch_buffer(tmp_path: Path) -> None:
+    sd = {"w": torch.arange(60, dtype=torch.float32).reshape(12, 5).to(torch.bfloat16)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    ck = open_checkpoint(tmp_path / "m.safetensors")
+    scratch = torch.empty(1000, dtype=torch.uint8)
+    rows = ck.view_rows("w", 3, 7, scratch)
+    assert torch.equal(rows, sd["w"][3:7]) and rows.data_ptr() == scratch.data_ptr()
+    small = torch.empty(4, dtype=torch.uint8)  # too small: a fresh buffer instead
+    rows = ck.view_rows("w", 0, 12, small)
+    assert torch.equal(rows, sd["w"]) and rows.data_ptr() != small.data_ptr()
+    assert torch.equal(ck.get_rows("w", 10, 99), sd["w"][10:])
+
+
+def test_allocator_tuning_is_idempotent() -> None:
+    import sys
+
+    from epimer._allocator import tune_allocator
+
+    first = tune_allocator()
+    assert tune_allocator() == first
+    if sys.platform.startswith("linux"):
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            assert first
