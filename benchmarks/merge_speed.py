@@ -160,7 +160,8 @@ def main() -> None:
     if not (args.work / "base" / "config.json").is_file():
         subprocess.run([sys.executable, str(Path(__file__).with_name("make_checkpoints.py")), "--out",
                         str(args.work), "--tasks", str(args.tasks)], check=True)
-    fishers = fisher_files(args.work, tasks)
+    epimer_label = f"epimer epimer (rank_fraction {args.rank_fraction}, fisher_rank 4)"
+    fishers = fisher_files(args.work, tasks) if epimer_label not in args.skip else [Path("-")] * len(tasks)
     inputs = sorted(f for d in ["base", *tasks] for f in (args.work / d).glob("*.safetensors"))
     in_bytes = sum(f.stat().st_size for f in inputs)
     out = args.work / "speed-out"
@@ -175,8 +176,7 @@ def main() -> None:
     ep("epimer ties (global)", "ties", {"density": 0.2, "scope": "global"})
     ep("epimer ties (per tensor)", "ties", {"density": 0.2, "scope": "tensor"})
     ep(f"epimer tsv_m (rank_fraction {args.rank_fraction})", "tsv_m", {"rank_fraction": args.rank_fraction})
-    ep(f"epimer epimer (rank_fraction {args.rank_fraction}, fisher_rank 4)", "epimer",
-       {"rank_fraction": args.rank_fraction, "fisher_rank": 4})
+    ep(epimer_label, "epimer", {"rank_fraction": args.rank_fraction, "fisher_rank": 4})
     if args.mergekit is not None and args.mergekit.is_file():
         for method in ("task_arithmetic", "ties"):
             cfg = mergekit_config(args.work, tasks, method)
