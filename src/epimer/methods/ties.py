@@ -64,10 +64,18 @@ def kth_largest_magnitude(x: torch.Tensor, k: int) -> Threshold:
     return float(torch.kthvalue(flat, flat.numel() - k + 1).values.item())
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """True when no entry is NaN or ±inf: a finite sum proves it at a fraction of isfinite's
+    cost (an overflowing sum only sends the caller down its exact non-finite path)."""
+    return bool(torch.isfinite(x.sum()))
+
+
 def trim(x: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """τ̂ = τ · [|τ| >= threshold] (a new tensor; zeros when the threshold is None)."""
     if threshold is None:
         return torch.zeros_like(x)
+    if _all_finite(x):
+        return x * (x.abs() >= threshold)  # a multiply is several times faster than masked_fill
     # NaN fails |x| < threshold and would survive masked_fill: compare the other way round
     return x.masked_fill(~(x.abs() >= threshold), 0.0)
 
@@ -89,10 +97,15 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor) -> torch
     """Mean of the non-zero τ̂_t whose sign agrees with γ, per entry (count clamped >= 1)."""
     total = torch.zeros_like(trimmed[0])
     count = torch.zeros_like(trimmed[0])
+    finite = all(_all_finite(t) for t in trimmed)
     for t in trimmed:
         # t·γ > 0 exactly when t is non-zero with γ's sign (γ = 0 agrees with nothing; NaN never)
-        agree = torch.mul(t, gamma) > 0
-        total.add_(t.masked_fill(~agree, 0.0))
+        if finite:
+            agree = torch.mul(t, gamma).gt_(0)  # 1.0 / 0.0 in t's dtype
+            total.addcmul_(t, agree)
+        else:  # inf·0 would be NaN: select instead of multiplying
+            agree = torch.mul(t, gamma) > 0
+            total.add_(t.masked_fill(~agree, 0.0))
         count.add_(agree)
     return total.div_(count.clamp_(min=1))
 
@@ -125,8 +138,9 @@ class StreamingKthLargest:
     def _bits(x: torch.Tensor) -> torch.Tensor:
         """The int32 bit patterns of |x|: x's with the sign bit cleared; NaN (patterns above
         +inf's) ranks as 0."""
-        bits = x.detach().to(torch.float32).reshape(-1).view(torch.int32) & 0x7FFFFFFF
-        return bits.masked_fill_(bits > 0x7F800000, 0)
+        x = x.detach().to(torch.float32)
+        bits = x.reshape(-1).view(torch.int32) & 0x7FFFFFFF
+        return bits if _all_finite(x) else bits.masked_fill_(bits > 0x7F800000, 0)
 
     def observe_high(self, x: torch.Tensor) -> None:
         """Pass 1: count the high 16 bits of |x|."""
@@ -150,8 +164,9 @@ class StreamingKthLargest:
         """Pass 2: count the low 16 bits of the entries whose high bits fall in the selected bin."""
         if self._bin is None:
             return  # k == 0: nothing to refine
-        low = self._bits(x).sub_(self._bin << 16)  # in [0, 65536) exactly for the bin's entries
-        counts = torch.bincount(low[(low >= 0) & (low < _BINS)], minlength=_BINS)
+        # low bits + 1 for the bin's entries; 0 and _BINS + 1 collect those below and above it
+        low = self._bits(x).sub_((self._bin << 16) - 1).clamp_(0, _BINS + 1)
+        counts = torch.bincount(low, minlength=_BINS + 2)[1 : _BINS + 1]
         if self._low is None:
             self._low = counts
         else:
