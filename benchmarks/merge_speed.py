@@ -18,7 +18,8 @@ machine load hit every row alike:
   trims per tensor, so it is compared with ``scope: tensor`` as well).
 
 Each merge runs as its own process; peak memory is that process's maximum resident set
-(``wait4`` rusage). Results: a markdown table on stdout and in ``--out``.
+(``wait4`` rusage; for torchrun rows, the largest single process of the launcher's tree, not
+their sum). The torchrun rows split the tensors over two processes of one thread each. Results: a markdown table on stdout and in ``--out``.
 
     python benchmarks/merge_speed.py --work /work/llm836m --mergekit /work/mkvenv/bin/mergekit-yaml
 """
@@ -168,12 +169,18 @@ def main() -> None:
     epimer = [sys.executable, "-m", "epimer.cli", "merge"]
     rows: list[tuple[str, list[str], dict[str, str] | None]] = []
 
-    def ep(label: str, method: str, params: dict) -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "epimer.cli", "merge"]
+
+    def ep(label: str, method: str, params: dict, distributed: bool = False) -> None:
         cfg = epimer_config(args.work, tasks, fishers, method, params)
         rows.append((label, [*epimer, str(cfg), "-o", str(out), "--overwrite", "-q", "--shard-size", "1GB"], None))
+        if distributed:  # two processes of one thread each, torchrun's default
+            rows.append((label + ", torchrun 2 processes",
+                         [*torchrun, str(cfg), "-o", str(out), "--overwrite", "-q", "--shard-size", "1GB"], None))
 
-    ep("epimer task_arithmetic", "task_arithmetic", {"scale": 0.3})
-    ep("epimer ties (global)", "ties", {"density": 0.2, "scope": "global"})
+    ep("epimer task_arithmetic", "task_arithmetic", {"scale": 0.3}, distributed=True)
+    ep("epimer ties (global)", "ties", {"density": 0.2, "scope": "global"}, distributed=True)
     ep("epimer ties (per tensor)", "ties", {"density": 0.2, "scope": "tensor"})
     ep(f"epimer tsv_m (rank_fraction {args.rank_fraction})", "tsv_m", {"rank_fraction": args.rank_fraction})
     ep(epimer_label, "epimer", {"rank_fraction": args.rank_fraction, "fisher_rank": 4})
