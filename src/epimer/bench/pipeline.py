@@ -579,9 +579,16 @@ def run_benchmark(
         "runs": [],
     }
     start = time.perf_counter()
-    for i, seed in enumerate(config.seeds):
-        results["runs"].append(run_seed(config, seed, model_path=model_path, tasks=data, cache_root=cache_root,
-                                        progress=progress, studies=i < config.study_seeds))
+    # Every seed's headline rows first, then the studies (their rows come from the cache on a
+    # second visit of the seed): an interrupted run has the whole headline table first.
+    visits = [(seed, False) for seed in config.seeds] + [(seed, True) for seed in config.seeds[: config.study_seeds]]
+    for seed, studies in visits:
+        run = run_seed(config, seed, model_path=model_path, tasks=data, cache_root=cache_root, progress=progress,
+                       studies=studies)
+        if studies:
+            results["runs"][config.seeds.index(seed)] = run
+        else:
+            results["runs"].append(run)
         results["wall_seconds"] = time.perf_counter() - start
         if out is not None:
             report.write_report(results, Path(out), plots=plots)
