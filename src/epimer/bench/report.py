@@ -139,6 +139,10 @@ def comparison(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for r in members:
             body.append([display(r.label), fmt(r.avg), fmt(r.normalized), fmt(r.worst), _scales(r.scales),
                          fmt(r.auto_avg), _scales(r.auto_scales), _seconds(r.merge_seconds)])
+    if not any(r.auto_avg for r in rows(results)):  # scale: auto was not scored: drop its empty column
+        col = header.index("Avg acc, scale auto")
+        header = header[:col] + header[col + 1:]
+        body = [b[:col] + b[col + 1:] for b in body]
     return header, body
 
 
@@ -190,7 +194,10 @@ def markdown(results: dict[str, Any]) -> str:
         worst_names = sorted({m["worst_task"] for run in results["runs"] for m in run["methods"]
                               if m["label"] == r.label})
         body.append([display(r.label), fmt(r.worst), ", ".join(worst_names), fmt(r.auto_worst)])
-    lines += _table(["Method", "Worst task acc", "Worst task", "Worst, scale auto"], body)
+    header = ["Method", "Worst task acc", "Worst task", "Worst, scale auto"]
+    if not any(r.auto_worst for r in all_rows):
+        header, body = header[:-1], [b[:-1] for b in body]
+    lines += _table(header, body)
 
     sweep_methods = [m for m in results["runs"][0]["methods"] if m["sweep"]]
     if sweep_methods:
