@@ -291,6 +291,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_per_task(results: dict[str, Any], path: Path) -> None:
     """Grouped bars: test accuracy per task for the references and every method (seed mean)."""
     plt = _pyplot()
@@ -311,9 +317,7 @@ def plot_per_task(results: dict[str, Any], path: Path) -> None:
     ax.set_ylim(floor, 1.0)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Test accuracy per task (mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_scale_sweep(results: dict[str, Any], path: Path) -> None:
@@ -334,9 +338,7 @@ def plot_scale_sweep(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("average validation accuracy")
     ax.set_title("Scale sweep (mean over seeds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_rank_sweep(results: dict[str, Any], path: Path) -> None:
@@ -354,9 +356,7 @@ def plot_rank_sweep(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("Rank sweep")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_kappa_gain(results: dict[str, Any], path: Path) -> None:
@@ -374,9 +374,7 @@ def plot_kappa_gain(results: dict[str, Any], path: Path) -> None:
     right.axhline(0.0, color="C3", lw=0.5)
     right.set_ylabel("EpiMer − TSV-M avg test accuracy (observed)", color="C3")
     ax.set_title("Curvature heterogeneity vs gain over TSV-M")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_fisher_fraction(results: dict[str, Any], path: Path) -> None:
@@ -392,9 +390,7 @@ def plot_fisher_fraction(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("Fisher data fraction")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _write_text(path: Path, text: str) -> None:
