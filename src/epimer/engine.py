@@ -17,8 +17,10 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,7 +66,7 @@ AUX_FILES = (
 #: large enough that per-block Python overhead is small, small enough that memory stays
 #: bounded. On the 836M-parameter benchmark (2 cores, reused buffers, prefetch) 2^20 beat
 #: 2^18 and 2^22: task_arithmetic 5.0-5.3 s against 6.2 s and 6.1 s, ties 31 s against 35 s.
-BLOCK_ELEMENTS = 1 << 20
+BLOCK_ELEMENTS = 1 << 19
 
 #: One unit of streamed work: (tensor, row block or None for all of it, last unit of the tensor).
 Unit = tuple["TensorPlan", "tuple[int, int] | None", bool]
@@ -72,12 +74,18 @@ Unit = tuple["TensorPlan", "tuple[int, int] | None", bool]
 _SCRATCH = threading.local()
 
 
-def _scratch(nbytes: int) -> torch.Tensor:
-    """This thread's reusable uint8 read buffer, grown to at least ``nbytes``."""
-    buf = getattr(_SCRATCH, "buf", None)
+def _scratch(nbytes: int, slot: str = "read") -> torch.Tensor:
+    """This thread's reusable uint8 buffer ``slot``, grown to at least ``nbytes``."""
+    buf = getattr(_SCRATCH, slot, None)
     if buf is None or buf.numel() < nbytes:
-        buf = _SCRATCH.buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        setattr(_SCRATCH, slot, buf)
     return buf
+
+
+def _scratch_float(numel: int, slot: str) -> torch.Tensor:
+    """This thread's reusable float32 buffer ``slot`` of ``numel`` entries."""
+    return _scratch(4 * numel, slot)[: 4 * numel].view(torch.float32)
 
 
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
@@ -169,6 +177,8 @@ class MergeRun:
         self.owners = partition([p.in_bytes for p in self.plan], group.world_size)
         self.own = [p for p, r in zip(self.plan, self.owners) if r == group.rank]
         self.blocked = self.method.elementwise(self.params)
+        #: Threads that work on row blocks at once (elementwise methods): one per intra-op thread.
+        self.workers = max(1, torch.get_num_threads())
         if self.fishers is not None:
             self._check_fishers(verify_fishers)
 
@@ -253,14 +263,20 @@ class MergeRun:
 
     # ------------------------------------------------------------------ streaming
 
+    @staticmethod
+    def _view(ckpt: Checkpoint, name: str, rows: tuple[int, int]) -> torch.Tensor:
+        """Rows of a stored tensor in its own dtype, read into this thread's reused buffer:
+        valid until the thread's next read."""
+        meta = ckpt.meta(name)
+        return ckpt.view_rows(name, *rows, _scratch(meta.nbytes // max(1, meta.shape[0]) * (rows[1] - rows[0])))
+
     def _load_float(self, ckpt: Checkpoint, name: str, what: str, rows: tuple[int, int] | None) -> torch.Tensor:
         if rows is None:
             t = ckpt.get(name)
         elif ckpt.meta(name).dtype == torch.float32:
             t = ckpt.get_rows(name, *rows)  # owned: the caller may write into it
         else:  # converted at once, so the raw bytes can go to this thread's reused buffer
-            t = ckpt.view_rows(name, *rows, _scratch(ckpt.meta(name).nbytes // max(1, ckpt.meta(name).shape[0])
-                                                     * (rows[1] - rows[0])))
+            t = self._view(ckpt, name, rows)
         x = t.to(torch.float32) if t.dtype != torch.float32 else t
         # A finite sum proves every entry finite, at a fraction of isfinite()'s cost; only an
         # infinite or NaN sum (non-finite entries, or an overflow) needs the entrywise check.
@@ -307,47 +323,88 @@ class MergeRun:
             out += [(p, rows, i == len(blocks) - 1) for i, rows in enumerate(blocks)]
         return out
 
-    def _ahead(self, units: list[Unit], load: Callable[[Unit], Any]) -> Iterator[tuple[Unit, Any]]:
-        """``(unit, load(unit))`` in order, loading the next unit in a worker thread while the
-        caller works on this one. Reading and torch's conversions release the GIL, so input
-        and computation overlap on two cores. Only row blocks go ahead: whole tensors
-        (non-elementwise methods) would double the memory held."""
+    def _pipeline(self, units: list[Unit], work: Callable[[Unit], Any]) -> Iterator[tuple[Unit, Any]]:
+        """``(unit, work(unit))`` in unit order.
+
+        Row blocks (elementwise methods) are worked on by ``self.workers`` threads at once,
+        each reading and computing whole blocks with torch's intra-op threads set to one for
+        the duration: reads and torch kernels release the GIL, and independent blocks keep
+        both cores busy without the two thread pools fighting over them. At most
+        ``workers + 1`` blocks are in flight, so memory stays bounded. Elementwise kernels
+        give the same bits on one thread as on several, so results do not depend on the
+        worker count. Whole tensors (other methods) are worked on one at a time, with all
+        intra-op threads, since holding two would double the memory.
+        """
         if not self.blocked or len(units) < 2:
             for u in units:
-                yield u, load(u)
+                yield u, work(u)
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="epimer-read") as pool:
-            nxt = pool.submit(load, units[0])
-            try:
-                for i, u in enumerate(units):
-                    value = nxt.result()
-                    if i + 1 < len(units):
-                        nxt = pool.submit(load, units[i + 1])
-                    yield u, value
-            finally:
-                nxt.cancel()
+        threads = torch.get_num_threads()
+        workers = max(2, self.workers)
+        pending: deque[tuple[Unit, Future[Any]]] = deque()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="epimer-work") as pool:
+                todo = iter(units)
+                try:
+                    for u in islice(todo, workers + 1):
+                        pending.append((u, pool.submit(work, u)))
+                    while pending:
+                        u, fut = pending.popleft()
+                        value = fut.result()
+                        nxt = next(todo, None)
+                        if nxt is not None:
+                            pending.append((nxt, pool.submit(work, nxt)))
+                        yield u, value
+                finally:
+                    for _, fut in pending:
+                        fut.cancel()
+        finally:
+            torch.set_num_threads(threads)
 
     def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass") -> None:
         """Call ``visitor`` once per merged tensor, or per row block for elementwise methods
-        (the ``Stream`` a method's prepare gets)."""
+        (the ``Stream`` a method's prepare gets). Row blocks are visited from worker threads,
+        concurrently and in no fixed order (see :data:`epimer.methods.base.Stream`)."""
         todo = [p for p in self.own if p.action == "merge"]
         self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
-        for (p, _, last), x in self._ahead(self._units(todo), lambda u: self.load_inputs(u[0], u[1])):
-            visitor(x)
+        for (p, _, last), _ in self._pipeline(self._units(todo), lambda u: visitor(self.load_inputs(u[0], u[1]))):
             if last:
                 self.progress.advance(p.in_bytes)
         self.progress.finish()
 
     def _delta(self, p: TensorPlan, state: Any, rows: tuple[int, int] | None,
-               x: TensorInputs | None = None) -> tuple[torch.Tensor, TensorInputs]:
+               x: TensorInputs | None = None) -> tuple[TensorResult, TensorInputs]:
+        """The method's Δ (float32) for one tensor or row block; the caller records ``info``
+        (in unit order, so reported means do not depend on which worker finished first)."""
         x = self.load_inputs(p, rows) if x is None else x
         out = self.method.merge(x, self.params, state)
         res = out if isinstance(out, TensorResult) else TensorResult(out)
         if res.delta.shape != x.base.shape:
             raise RuntimeError(f"method {self.method.name!r} returned shape {list(res.delta.shape)} for {p.name!r}")
-        if res.info:
-            self._record_info(p, rows, res.info)
-        return res.delta.to(torch.float32), x
+        return TensorResult(res.delta.to(torch.float32), res.info), x
+
+    def _linear_theta(self, p: TensorPlan, rows: tuple[int, int] | None, coeffs: tuple[float, ...],
+                      scale: float) -> torch.Tensor | None:
+        """θ = Σ_t scale·c_t θ_t + (1 − scale·Σ_t c_t) θ0 in float32 from the stored tensors, for
+        methods with :meth:`~MergeMethod.linear_coefficients`: two passes over memory per
+        input (convert, accumulate) instead of the five of the general path. None when the
+        result is not finite: the caller then takes the general path, which checks every
+        input and names the one at fault."""
+        inputs = [(self.base, 1.0 - scale * sum(coeffs))] + [(t, scale * c) for t, c in zip(self.tasks, coeffs)]
+        numel = torch.Size(p.shape if rows is None else (rows[1] - rows[0], *p.shape[1:])).numel()
+        acc, tmp = _scratch_float(numel, "acc"), _scratch_float(numel, "tmp")
+        for i, (ckpt, k) in enumerate(inputs):
+            raw = (ckpt.get(p.name) if rows is None else self._view(ckpt, p.name, rows)).reshape(-1)
+            src = raw if raw.dtype == torch.float32 else tmp.copy_(raw)
+            if i == 0:
+                torch.mul(src, k, out=acc)
+            else:
+                acc.add_(src, alpha=k)  # a zero k still carries a NaN or Inf into the check below
+        if not bool(torch.isfinite(acc.sum())):
+            return None
+        shape = p.shape if rows is None else (rows[1] - rows[0], *p.shape[1:])
+        return torch.empty(shape, dtype=p.out_dtype).copy_(acc.view(shape))
 
     def _record_info(self, p: TensorPlan, rows: tuple[int, int] | None, info: dict[str, float]) -> None:
         if rows is None:
@@ -374,28 +431,33 @@ class MergeRun:
         todo = self.own
         self.progress.start("merge", sum(p.in_bytes for p in todo), len(todo))
 
-        def load(u: Unit) -> Any:
+        linear = None if spill is not None else self.method.linear_coefficients(self.params, self.weights)
+
+        def work(u: Unit) -> tuple[torch.Tensor, dict[str, float]]:
             p, rows, _ = u
             if p.action == "copy":
-                return self.base.get(p.name) if rows is None else self.base.get_rows(p.name, *rows)
+                raw = self.base.get(p.name) if rows is None else self.base.get_rows(p.name, *rows)
+                return raw.to(p.out_dtype), {}
+            info: dict[str, float] = {}
+            if linear is not None:
+                theta = self._linear_theta(p, rows, linear, float(scale))
+                if theta is not None:
+                    return theta, info
             if spill is not None:
                 delta = spill.get(p.name) if rows is None else spill.get_rows(p.name, *rows)
-                return delta, self._load_float(self.base, p.name, "base", rows)
-            return self.load_inputs(p, rows)
+                base = self._load_float(self.base, p.name, "base", rows)
+            else:
+                res, x = self._delta(p, state, rows)
+                delta, base, info = res.delta, x.base, res.info
+                del x, res  # drop the task vectors before the output is built
+            theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
+            return theta.to(p.out_dtype), info
 
         try:
-            for (p, rows, last), loaded in self._ahead(self._units(todo), load):
-                if p.action == "copy":
-                    yield p.name, loaded.to(p.out_dtype)
-                else:
-                    if spill is not None:
-                        delta, base = loaded
-                    else:
-                        delta, x = self._delta(p, state, rows, loaded)
-                        base = x.base
-                        del x, loaded  # drop the task vectors before the output is built
-                    theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
-                    yield p.name, theta.to(p.out_dtype)
+            for (p, rows, last), (theta, info) in self._pipeline(self._units(todo), work):
+                if info:
+                    self._record_info(p, rows, info)
+                yield p.name, theta
                 if last:
                     self.progress.advance(p.in_bytes)
         finally:
@@ -413,12 +475,17 @@ class MergeRun:
         writer = CheckpointWriter(spill_dir, [PlannedTensor(p.name, p.shape, torch.float32) for p in merged])
         terms: list[tuple[float, float]] = []
         self.progress.start("scale: auto", sum(p.in_bytes for p in merged), len(merged))
-        for (p, rows, last), loaded in self._ahead(self._units(merged), lambda u: self.load_inputs(u[0], u[1])):
-            delta, x = self._delta(p, state, rows, loaded)
+        def work(u: Unit) -> tuple[TensorResult, tuple[float, float]]:
+            res, x = self._delta(u[0], state, u[1])
             assert x.fishers is not None
-            a, b = auto_scale_terms(delta, x.deltas, x.fishers, x.weights)
-            terms.append((float(a), float(b)))
-            writer.write(p.name, delta)
+            a, b = auto_scale_terms(res.delta, x.deltas, x.fishers, x.weights)
+            return res, (float(a), float(b))
+
+        for (p, rows, last), (res, ab) in self._pipeline(self._units(merged), work):
+            if res.info:
+                self._record_info(p, rows, res.info)
+            terms.append(ab)
+            writer.write(p.name, res.delta)
             if last:
                 self.progress.advance(p.in_bytes)
         self.progress.finish()

@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -188,11 +189,14 @@ class CheckpointWriter:
 
 
 class _ShardIO:
-    """The writer's background thread: appends byte blocks to the shard files in order, and
-    fsyncs each shard as it moves to the next, so the flush of one shard overlaps the
-    computing of the next. At most ``LIMIT`` bytes wait in the queue (or one larger block)."""
+    """The writer's background threads: one appends byte blocks to the shard files in order;
+    a second flushes them to disk behind it (``fdatasync`` every ``SYNC_EVERY`` bytes, then
+    ``fsync`` and close as the writer moves to the next shard), so the disk works while the
+    merge computes and only the tail of the last shard is flushed at the end. At most
+    ``LIMIT`` bytes wait in the queue (or one larger block)."""
 
     LIMIT = 64 << 20
+    SYNC_EVERY = 128 << 20
 
     def __init__(self, owner: CheckpointWriter) -> None:
         self.owner = owner
@@ -206,6 +210,9 @@ class _ShardIO:
         self._thread: threading.Thread | None = None
         self._fh: BinaryIO | None = None
         self._open = -1
+        self._unsynced = 0  # bytes written to the open shard since its last flush request
+        self._syncer: ThreadPoolExecutor | None = None  # one thread: requests run in order
+        self._syncs: list[Future[None]] = []
 
     def put(self, shard: int, data: torch.Tensor | None) -> None:
         n = 0 if data is None else data.numel()
@@ -228,17 +235,30 @@ class _ShardIO:
 
     def _switch(self, shard: int) -> None:
         if self._fh is not None:
-            self._sync_close()
+            self._release(sync=True)
         self._fh = open(self.owner.folder / self.owner.files[shard], "wb")  # noqa: SIM115
         self._fh.write(_header(self.owner.shards[shard], self.owner.metadata))
         self._open = shard
+        self._unsynced = 0
 
-    def _sync_close(self) -> None:
+    def _flush_behind(self, fh: BinaryIO, close: bool, sync: bool = True) -> None:
+        """Hand ``fh`` to the flushing thread: fdatasync it (``close``: fsync and close it)."""
+        fh.flush()
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epimer-fsync")
+        if close:
+            self._syncs.append(self._syncer.submit(_sync_close, fh, sync))
+        else:
+            self._syncs.append(self._syncer.submit(os.fdatasync, fh.fileno()))
+        done = [f for f in self._syncs if f.done()]
+        self._syncs = [f for f in self._syncs if not f.done()]
+        for f in done:
+            f.result()  # an I/O error of the flushing thread surfaces here
+
+    def _release(self, sync: bool) -> None:
         assert self._fh is not None
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
+        fh, self._fh = self._fh, None
+        self._flush_behind(fh, close=True, sync=sync)
 
     def _run(self) -> None:
         try:
@@ -254,20 +274,40 @@ class _ShardIO:
                 if data is not None:
                     assert self._fh is not None
                     self._fh.write(memoryview(data.numpy()))
+                    self._unsynced += data.numel()
+                    if self._unsynced >= self.SYNC_EVERY:
+                        self._flush_behind(self._fh, close=False)
+                        self._unsynced = 0
                 with self._cond:
                     self._items.popleft()
                     self._pending -= 0 if data is None else data.numel()
                     self._cond.notify_all()
             if self._fh is not None and not self._abort:
-                self._sync_close()
+                self._release(sync=True)
+            self._drain()
         except BaseException as err:  # noqa: BLE001 - handed to the producer
             with self._cond:
                 self._error = err
                 self._cond.notify_all()
         finally:
             if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+                try:
+                    self._release(sync=False)
+                except BaseException:  # noqa: BLE001 - the first error is the one reported
+                    pass
+            try:
+                self._drain()
+            except BaseException:  # noqa: BLE001 - already failing: keep the first error
+                pass
+
+    def _drain(self) -> None:
+        """Wait for every flush requested so far; re-raise the first error of the flushing thread."""
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+        syncs, self._syncs = self._syncs, []
+        for f in syncs:
+            f.result()
 
     def finish(self, abort: bool = False) -> None:
         """Wait until everything queued is on disk (or, with ``abort``, stop at once)."""
@@ -281,3 +321,11 @@ class _ShardIO:
             self._thread.join()
         if not abort:
             self._raise()
+
+
+def _sync_close(fh: BinaryIO, sync: bool) -> None:
+    try:
+        if sync:
+            os.fsync(fh.fileno())
+    finally:
+        fh.close()

@@ -39,7 +39,7 @@ _SCOPE_DOC = (
 
 def _weighted_in_place(x: TensorInputs, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
     """T·w_t x_t, scaling tensors this module just made (never the inputs) to spare T copies."""
-    return [t.mul_(f) for t, f in zip(fresh, task_factors(x).tolist())]
+    return [t if f == 1.0 else t.mul_(f) for t, f in zip(fresh, task_factors(x).tolist())]
 
 
 class WeightAverageParams(MethodParams):
@@ -56,6 +56,9 @@ class WeightAverage(MergeMethod):
 
     def elementwise(self, params: MethodParams) -> bool:
         return True
+
+    def linear_coefficients(self, params: MethodParams, weights: torch.Tensor) -> tuple[float, ...]:
+        return tuple(weights.tolist())
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
         return weighted_sum(x.deltas, x.weights)
@@ -78,6 +81,9 @@ class TaskArithmetic(MergeMethod):
 
     def elementwise(self, params: MethodParams) -> bool:
         return True
+
+    def linear_coefficients(self, params: MethodParams, weights: torch.Tensor) -> tuple[float, ...]:
+        return tuple((weights * len(weights)).tolist())  # T·w_t, as task_factors
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
         return task_sum(x)
@@ -133,7 +139,7 @@ class Ties(MergeMethod):
         trimmed = [ties_fn.trim(d, thr) for d, thr in zip(x.deltas, thresholds)]
         # with global scope the share kept varies per tensor: worth reporting
         entries = max(1, x.base.numel() * x.num_tasks)
-        kept = sum(int(torch.count_nonzero(t)) for t in trimmed) / entries
+        kept = sum(ties_fn.count_kept(t) for t in trimmed) / entries
         delta = ties_fn.sign_consensus_merge(_weighted_in_place(x, trimmed), p.sign)
         return TensorResult(delta, {"kept_fraction": kept})
 

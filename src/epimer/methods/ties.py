@@ -23,6 +23,7 @@ non-finite inputs unless told otherwise; this only keeps the functions from fail
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Literal
@@ -64,6 +65,14 @@ def kth_largest_magnitude(x: torch.Tensor, k: int) -> Threshold:
     return float(torch.kthvalue(flat, flat.numel() - k + 1).values.item())
 
 
+def count_kept(trimmed: torch.Tensor) -> int:
+    """Non-zero entries of a trimmed vector (which holds no NaN: the trim never keeps one),
+    as ``Σ |sign|``: several times faster than ``count_nonzero``, and exact, since float32
+    counts every integer up to 2^24 (float64 beyond)."""
+    ones = torch.sign(trimmed).abs_()
+    return int(ones.sum() if ones.numel() <= 1 << 24 else ones.sum(dtype=torch.float64))
+
+
 def _all_finite(x: torch.Tensor) -> bool:
     """True when no entry is NaN or ±inf: a finite sum proves it at a fraction of isfinite's
     cost (an overflowing sum only sends the caller down its exact non-finite path)."""
@@ -75,7 +84,12 @@ def trim(x: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     if threshold is None:
         return torch.zeros_like(x)
     if _all_finite(x):
-        return x * (x.abs() >= threshold)  # a multiply is several times faster than masked_fill
+        if threshold <= 0:
+            return x.clone()
+        # hardshrink keeps |x| > λ; with λ the float just below the threshold that is exactly
+        # |x| >= threshold, in one pass (a compare-and-multiply takes three, at 6× the cost)
+        below = torch.nextafter(torch.tensor(threshold, dtype=x.dtype), torch.tensor(0.0, dtype=x.dtype))
+        return torch.nn.functional.hardshrink(x, float(below))
     # NaN fails |x| < threshold and would survive masked_fill: compare the other way round
     return x.masked_fill(~(x.abs() >= threshold), 0.0)
 
@@ -87,17 +101,19 @@ def trim_to_density(x: torch.Tensor, density: float) -> torch.Tensor:
 
 def elect_sign(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass") -> torch.Tensor:
     """γ = sign(Σ_t τ̂_t) (``mass``) or sign(Σ_t sign(τ̂_t)) (``frequency``); 0 where tied."""
-    total = torch.zeros_like(trimmed[0])
-    for t in trimmed:
+    total = trimmed[0].clone() if rule == "mass" else torch.sign(trimmed[0])
+    for t in trimmed[1:]:
         total.add_(t if rule == "mass" else torch.sign(t))
-    return torch.sign(total)
+    return total.sign_()
 
 
-def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor) -> torch.Tensor:
-    """Mean of the non-zero τ̂_t whose sign agrees with γ, per entry (count clamped >= 1)."""
+def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor, finite: bool | None = None) -> torch.Tensor:
+    """Mean of the non-zero τ̂_t whose sign agrees with γ, per entry (count clamped >= 1).
+    ``finite``: whether every τ̂_t is known finite (None: check)."""
     total = torch.zeros_like(trimmed[0])
     count = torch.zeros_like(trimmed[0])
-    finite = all(_all_finite(t) for t in trimmed)
+    if finite is None:
+        finite = all(_all_finite(t) for t in trimmed)
     for t in trimmed:
         # t·γ > 0 exactly when t is non-zero with γ's sign (γ = 0 agrees with nothing; NaN never)
         if finite:
@@ -112,6 +128,13 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor) -> torch
 
 def sign_consensus_merge(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass") -> torch.Tensor:
     """TIES's combination step (shared with DARE-TIES): disjoint mean around the elected sign."""
+    if rule == "mass":
+        # Σ_t τ̂_t is finite exactly when every τ̂_t is (τ̂ holds no NaN; an overflowing sum
+        # only sends the mean down its non-finite path): one check instead of T
+        total = trimmed[0].clone()
+        for t in trimmed[1:]:
+            total.add_(t)
+        return disjoint_mean(trimmed, torch.sign(total), finite=_all_finite(total))
     return disjoint_mean(trimmed, elect_sign(trimmed, rule))
 
 
@@ -133,6 +156,7 @@ class StreamingKthLargest:
         self._low: torch.Tensor | None = None
         self._bin: int | None = None
         self._rank_in_bin = 0  # rank of the k-th largest among the entries of its bin
+        self._lock = threading.Lock()  # streams may observe row blocks from several threads
 
     @staticmethod
     def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +169,12 @@ class StreamingKthLargest:
     def observe_high(self, x: torch.Tensor) -> None:
         """Pass 1: count the high 16 bits of |x|."""
         counts = torch.bincount(self._bits(x).bitwise_right_shift_(16), minlength=_BINS)
-        if self._high is None:
-            self._high = counts
-        else:
-            self._high.add_(counts.to(self._high.device))
-        self.numel += x.numel()
+        with self._lock:
+            if self._high is None:
+                self._high = counts
+            else:
+                self._high.add_(counts.to(self._high.device))
+            self.numel += x.numel()
 
     def select(self, k: int) -> None:
         """Between the passes: ask for the k-th largest (0 <= k <= entries seen in pass 1)."""
@@ -167,10 +192,11 @@ class StreamingKthLargest:
         # low bits + 1 for the bin's entries; 0 and _BINS + 1 collect those below and above it
         low = self._bits(x).sub_((self._bin << 16) - 1).clamp_(0, _BINS + 1)
         counts = torch.bincount(low, minlength=_BINS + 2)[1 : _BINS + 1]
-        if self._low is None:
-            self._low = counts
-        else:
-            self._low.add_(counts.to(self._low.device))
+        with self._lock:
+            if self._low is None:
+                self._low = counts
+            else:
+                self._low.add_(counts.to(self._low.device))
 
     def combine(self, all_sum: Callable[[torch.Tensor], torch.Tensor], which: Literal["high", "low"]) -> None:
         """Replace this pass's counts by their sum over processes (``all_sum``), so that every
@@ -212,10 +238,12 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
     group = group_of(stream)
     num_tasks = stream.num_tasks if isinstance(stream, ShardedStream) else None
     selectors: list[StreamingKthLargest] = [StreamingKthLargest() for _ in range(num_tasks or 0)]
+    lock = threading.Lock()
 
     def high(x: TensorInputs) -> None:
-        if not selectors:
-            selectors.extend(StreamingKthLargest() for _ in x.deltas)
+        with lock:  # plain callables (no task count) make the selectors on first sight
+            if not selectors:
+                selectors.extend(StreamingKthLargest() for _ in x.deltas)
         for sel, delta in zip(selectors, x.deltas):
             sel.observe_high(delta)
 
