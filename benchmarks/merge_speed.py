@@ -12,6 +12,9 @@ machine load hit every row alike:
 
 - the read floor: every input safetensors file read once, from the page cache (warmed first),
   by one thread into a reused 16 MB buffer; the same with two threads;
+- the write floor: a new file of the merged model's size written from a reused buffer and
+  fsynced (the merge writes its output durably too); and the start-up of a fresh interpreter
+  that imports torch and epimer (every ``epimer merge`` pays it);
 - ``epimer merge`` for task_arithmetic (scale 0.3), ties (density 0.2, global and per-tensor),
   tsv_m and epimer (rank_fraction 0.25; epimer with ``fisher_rank: 4``);
 - mergekit (``mergekit-yaml``, given by ``--mergekit``) for task_arithmetic and ties (its TIES
@@ -76,6 +79,30 @@ def read_floor(files: list[Path], threads: int) -> float:
             parts += [(f, s, min(size, s + step)) for s in range(0, size, step)]
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda p: read_file(*p), parts))
+    return time.perf_counter() - start
+
+
+def write_floor(folder: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` to a new file in ``folder`` from a reused buffer and fsync it:
+    what writing a merged model of that size costs at least, whatever the merge."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "write-floor.bin"
+    buf = memoryview(bytearray(BUF))
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(buf[: min(BUF, left)])
+        os.fsync(f.fileno())
+    wall = time.perf_counter() - start
+    path.unlink()
+    return wall
+
+
+def startup() -> float:
+    """Seconds for a fresh interpreter to import the CLI (Python, torch, epimer) and exit."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import epimer.cli"], check=True)
     return time.perf_counter() - start
 
 
@@ -193,12 +220,17 @@ def main() -> None:
     rows = [r for r in rows if r[0] not in args.skip]
 
     read_floor(inputs, 1)  # warm the page cache
+    out_bytes = sum(f.stat().st_size for f in (args.work / "base").glob("*.safetensors"))
     floors: dict[int, list[float]] = {1: [], 2: []}
+    writes: list[float] = []
+    starts: list[float] = []
     times: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     peaks: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     for rep in range(args.repeats):
         for threads in (1, 2):
             floors[threads].append(read_floor(inputs, threads))
+        writes.append(write_floor(args.work / "write-floor", out_bytes))
+        starts.append(startup())
         for label, cmd, env in rows:
             if rep and label in args.once:
                 continue
@@ -212,18 +244,24 @@ def main() -> None:
 
     floor = statistics.median(floors[1])
     floor2 = statistics.median(floors[2])
+    wfloor = statistics.median(writes)
+    start = statistics.median(starts)
+    whole = floor + wfloor + start
     lines = [
         f"Inputs: {len(inputs)} files, {in_bytes / 1e9:.2f} GB ({args.work}). Median of {args.repeats} rounds.",
         "",
         f"Read floor (every input file once, warm page cache): one thread {floor:.2f} s "
-        f"({in_bytes / floor / 1e9:.1f} GB/s), two threads {floor2:.2f} s.",
+        f"({in_bytes / floor / 1e9:.1f} GB/s), two threads {floor2:.2f} s. "
+        f"Write floor (a new {out_bytes / 1e9:.2f} GB file, the merged model's size, written and fsynced): "
+        f"{wfloor:.2f} s. Start-up (a fresh interpreter importing torch and epimer): {start:.2f} s. "
+        f"Read + write + start-up: {whole:.2f} s.",
         "",
-        "| Merge | Wall s (median) | × read floor (1 thread) | Peak RSS GB | runs (s) |",
-        "|---|---|---|---|---|",
+        "| Merge | Wall s (median) | × read floor (1 thread) | × (read + write + start-up) | Peak RSS GB | runs (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for label, _, _ in rows:
         w = statistics.median(times[label])
-        lines.append(f"| {label} | {w:.1f} | {w / floor:.1f} | {max(peaks[label]):.2f} | "
+        lines.append(f"| {label} | {w:.1f} | {w / floor:.1f} | {w / whole:.1f} | {max(peaks[label]):.2f} | "
                      f"{', '.join(f'{t:.1f}' for t in times[label])} |")
     ta, ties = times.get("epimer task_arithmetic"), times.get("mergekit task_arithmetic")
     tsv = [v for k, v in times.items() if k.startswith("epimer tsv_m")]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from epimer.config import load_config
@@ -158,3 +159,68 @@ def test_in_memory_merge_reassembles_row_blocks(monkeypatch) -> None:
     blocked = merge_state_dicts(base, tasks, "task_arithmetic")
     for n, v in whole.items():
         assert blocked[n].shape == v.shape and torch.equal(blocked[n], v), n
+
+
+def test_merge_does_not_depend_on_the_worker_count(model_set, tmp_path: Path, monkeypatch) -> None:
+    """Row blocks are worked on by several threads at once; the output files and the report
+    must be the same bits whatever the number of workers."""
+    import epimer.engine as engine
+
+    ms = model_set(dtype=torch.bfloat16)
+    cfg = load_config(write_config(tmp_path / "c.yaml", ms["base"], ms["tasks"], "ties",
+                                   {"scope": "global", "density": 0.3}))
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    files = {}
+    for workers in (1, 2, 5):
+        run = engine.MergeRun(cfg)
+        run.workers = workers
+        engine.write_merge(run, tmp_path / f"w{workers}")
+        files[workers] = {f.name: f.read_bytes() for f in sorted((tmp_path / f"w{workers}").iterdir())}
+    assert "merge_report.json" in files[1]
+    assert files[1] == files[2] == files[5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,params,weights", [("task_arithmetic", {"scale": 0.3}, None),
+                                                   ("task_arithmetic", {"scale": 1.7}, [1.0, 3.0, 0.5]),
+                                                   ("weight_average", {}, [2.0, 1.0, 1.0])])
+def test_linear_methods_direct_path_matches_the_task_vector_path(
+        model_set, tmp_path: Path, monkeypatch, dtype: torch.dtype, method: str, params: dict,
+        weights: list[float] | None) -> None:
+    """θ = Σ_t scale·c_t θ_t + (1 − scale·Σ c_t) θ0 from the stored tensors equals
+    θ0 + scale · Σ_t c_t τ_t up to float32 rounding of θ: within 4 float32 units in the last
+    place of max |θ|, and for bfloat16 outputs the same bits except at rounding boundaries."""
+    import epimer.engine as engine
+    from epimer.methods.base import MergeMethod
+
+    ms = model_set(dtype=dtype)
+    models = [{"model": str(t), **({"weight": w} if weights else {})} for t, w in zip(ms["tasks"], weights or [0] * 3)]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base_model": str(ms["base"]), "models": models,
+                                                     "method": method, "parameters": params}))
+    cfg = load_config(tmp_path / "c.yaml")
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    merge_to_folder(cfg, tmp_path / "direct")
+    cls = type(engine.get_method(method))
+    monkeypatch.setattr(cls, "linear_coefficients", MergeMethod.linear_coefficients)  # the general path
+    merge_to_folder(cfg, tmp_path / "general")
+    a, b = _read(tmp_path / "direct"), _read(tmp_path / "general")
+    for n in a:
+        if not a[n].is_floating_point():
+            assert torch.equal(a[n], b[n])
+            continue
+        # float32 rounding of the terms: a few units in the last place of the inputs' magnitude
+        tol = 8 * torch.finfo(torch.float32).eps * max(float(t[n].abs().max()) for t in [ms["base_sd"], *ms["task_sds"]])
+        diff = (a[n].double() - b[n].double()).abs()
+        if dtype == torch.float32:
+            assert diff.max() <= tol, n
+        else:  # bf16 outputs differ only where the exact value lies within tol of a rounding boundary
+            base, tasks = ms["base_sd"][n].double(), [t[n].double() for t in ms["task_sds"]]
+            c = [w / sum(weights) for w in weights] if weights else [1 / 3] * 3
+            if method == "task_arithmetic":
+                exact = base + params["scale"] * sum(3 * ci * (t - base) for ci, t in zip(c, tasks))
+            else:
+                exact = sum(ci * t for ci, t in zip(c, tasks))
+            differ = diff > 0
+            midpoint = (a[n].double() + b[n].double()) / 2
+            assert ((exact - midpoint).abs()[differ] <= tol).all(), n
+            assert (diff[differ] <= 2 ** -7 * b[n].double().abs()[differ]).all(), n  # one bf16 step

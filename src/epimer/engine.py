@@ -16,9 +16,10 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -600,8 +601,9 @@ def write_merge(
         writer = CheckpointWriter(tmp, [], metadata={"merged_by": f"epimer {__version__}",
                                                      "merge_method": run.config.method},
                                   layout=([shards[i] for i in mine], [files[i] for i in mine]))
-        for name, tensor in run.tensors(tmp):
-            writer.write(name, tensor)
+        with closing(run.tensors(tmp)) as merged:  # on an error, stop the workers at once
+            for name, tensor in merged:
+                writer.write(name, tensor)
         writer.close()
         shutil.rmtree(tmp / f".delta-spill-{group.rank}", ignore_errors=True)
         if group.active:
@@ -707,8 +709,8 @@ def merge_state_dicts(
     cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, dtype, "merge_state_dicts")
     run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
     parts: dict[str, list[torch.Tensor]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, t in run.tensors(Path(tmp)):  # large tensors come in row blocks
+    with tempfile.TemporaryDirectory() as tmp, closing(run.tensors(Path(tmp))) as merged:
+        for name, t in merged:  # large tensors come in row blocks
             parts.setdefault(name, []).append(t)
     return {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
 

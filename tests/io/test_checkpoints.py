@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,40 @@ def test_allocator_tuning_is_idempotent() -> None:
 
         if platform.libc_ver()[0] == "glibc":
             assert first
+
+
+def test_writer_flushes_behind_and_a_flush_error_surfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards are fdatasynced every SYNC_EVERY bytes and fsynced at each switch by a second
+    thread; the files are complete, and an error of that thread reaches the caller."""
+    from epimer.io import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod._ShardIO, "SYNC_EVERY", 3 * 64 * 64 * 4)
+    calls: list[str] = []
+    real_datasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(writer_mod.os, "fdatasync", lambda fd: (calls.append("datasync"), real_datasync(fd))[1])
+    monkeypatch.setattr(writer_mod.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    g = torch.Generator().manual_seed(3)
+    sd = {f"t{i}": torch.randn(64, 64, generator=g) for i in range(10)}
+    plan = [PlannedTensor(n, tuple(v.shape), v.dtype) for n, v in sd.items()]
+    w = CheckpointWriter(tmp_path / "ok", plan, shard_size=4 * 64 * 64 * 4)
+    (tmp_path / "ok").mkdir()
+    for n, v in sd.items():
+        w.write(n, v)
+    w.close()
+    ck = open_checkpoint(tmp_path / "ok")
+    assert all(torch.equal(ck.get(n), v) for n, v in sd.items())
+    assert len(w.files) > 1 and calls.count("fsync") == len(w.files)  # each shard once, at its switch or the end
+    # a flush behind the writer after every third tensor of a shard
+    assert calls.count("datasync") == sum(len(shard) // 3 for shard in w.shards) > 0
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer_mod.os, "fdatasync", broken)
+    (tmp_path / "bad").mkdir()
+    w = CheckpointWriter(tmp_path / "bad", plan, shard_size=4 * 64 * 64 * 4)
+    with pytest.raises(OSError, match="Input/output error"):
+        for n, v in sd.items():
+            w.write(n, v)
+        w.close()
+    w.abort()

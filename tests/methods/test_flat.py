@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from epimer import InputError, get_method
 from epimer.methods.base import Stream, TensorInputs, TensorResult, Visitor
+from epimer.methods import ties as ties_mod
 from epimer.methods.ties import StreamingKthLargest, global_thresholds, kth_largest_magnitude
 
 Model = dict[str, torch.Tensor]
@@ -624,3 +625,20 @@ def test_every_parameter_is_described(name: str) -> None:
     assert method.description and "\n" not in method.description
     for field, info in method.Params.model_fields.items():
         assert info.description, field
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_trim_keeps_exactly_the_magnitudes_at_or_above_the_threshold(dtype: torch.dtype) -> None:
+    """The one-pass trim (hardshrink just below the threshold) equals |τ| >= threshold in
+    every floating dtype, including entries equal to the threshold and its neighbours."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4000, generator=g, dtype=torch.float64).to(dtype)
+    thr = float(x.abs().sort().values[2500])
+    near = torch.nextafter(torch.tensor([thr, thr], dtype=dtype), torch.tensor([0.0, 1e9], dtype=dtype))
+    x = torch.cat([x, torch.tensor([thr, -thr], dtype=dtype), near, -near, torch.zeros(2, dtype=dtype)])
+    out = ties_mod.trim(x, thr)
+    ref = torch.where(x.abs() >= thr, x, torch.zeros_like(x))
+    assert out.dtype == dtype and torch.equal(out, ref)
+    assert ties_mod.count_kept(out) == int((x.abs() >= thr).sum()) == int(torch.count_nonzero(ref))
+    assert torch.equal(ties_mod.trim(x, 0.0), x)  # a zero threshold keeps everything
+    assert ties_mod.count_kept(ties_mod.trim(x, None)) == 0

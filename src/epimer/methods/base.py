@@ -145,8 +145,10 @@ class MergeMethod(ABC):
         """``(c_1, ..., c_T)`` when Δ = Σ_t c_t τ_t with coefficients fixed before any tensor is
         seen, else None. The engine then writes θ = Σ_t scale·c_t θ_t + (1 − scale·Σ_t c_t) θ0
         straight from the stored tensors, without forming the task vectors: fewer passes
-        over memory, the same value up to float32 rounding of θ (a few units in the last
-        place of float32, far below a bfloat16 or float16 output's own rounding)."""
+        over memory, and the same value up to float32 rounding of the terms (a few float32
+        units in the last place of the inputs' magnitude, far below a bfloat16 or float16
+        output's own rounding; such outputs differ at most by one step, where the exact value
+        lies that close to a rounding boundary)."""
         return None
 
     def prepare(self, params: MethodParams, stream: Stream) -> Any:

@@ -70,7 +70,7 @@ def count_kept(trimmed: torch.Tensor) -> int:
     as ``Σ |sign|``: several times faster than ``count_nonzero``, and exact, since float32
     counts every integer up to 2^24 (float64 beyond)."""
     ones = torch.sign(trimmed).abs_()
-    return int(ones.sum() if ones.numel() <= 1 << 24 else ones.sum(dtype=torch.float64))
+    return int(ones.sum(dtype=torch.float32 if ones.numel() <= 1 << 24 else torch.float64))
 
 
 def _all_finite(x: torch.Tensor) -> bool:
