@@ -34,9 +34,9 @@ def merge_without_writing(config: Path, passes: list[tuple[str, float]] | None =
     if passes is not None:
         stream = run.stream
 
-        def timed(visitor, label="pass"):  # type: ignore[no-untyped-def]
+        def timed(visitor, label="pass", every=1):  # type: ignore[no-untyped-def]
             start = time.perf_counter()
-            stream(visitor, label)
+            stream(visitor, label, every)
             passes.append((label, time.perf_counter() - start))
 
         run.stream = timed  # type: ignore[method-assign]
@@ -75,7 +75,7 @@ def main() -> None:
     passes: list[tuple[str, float]] = []
     total = merge_without_writing(args.work / CONFIGS["ties (global)"], passes)
     merged = total - sum(t for _, t in passes)
-    split = ", ".join(f"histogram pass {i + 1} {t:.2f} s" for i, (_, t) in enumerate(passes))
+    split = ", ".join(f"{label} {t:.2f} s" for label, t in passes)
     lines += ["", (f"ties (global) at the default 2^{default.bit_length() - 1}-entry blocks: {total:.2f} s = "
                    f"{split}, merge pass {merged:.2f} s.")]
     lines += ["", (f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}. "

@@ -224,3 +224,31 @@ def test_linear_methods_direct_path_matches_the_task_vector_path(
             midpoint = (a[n].double() + b[n].double()) / 2
             assert ((exact - midpoint).abs()[differ] <= tol).all(), n
             assert (diff[differ] <= 2 ** -7 * b[n].double().abs()[differ]).all(), n  # one bf16 step
+
+
+def test_global_ties_with_and_without_the_sampled_window_agree(model_set, tmp_path: Path, monkeypatch) -> None:
+    """The engine's stream samples every 16th block to guess each task's threshold bin; the
+    merge is the same bits as with the plain two passes, and the sample saves a full pass."""
+    import epimer.engine as engine
+    from epimer.methods.base import ShardedStream
+
+    ms = model_set(dtype=torch.bfloat16)
+    cfg = load_config(write_config(tmp_path / "c.yaml", ms["base"], ms["tasks"], "ties",
+                                   {"scope": "global", "density": 0.2}))
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    labels: list[str] = []
+    stream = engine.MergeRun.stream
+
+    def counted(self, visitor, label="pass", every=1):  # type: ignore[no-untyped-def]
+        labels.append(label)
+        stream(self, visitor, label, every)
+
+    monkeypatch.setattr(engine.MergeRun, "stream", counted)
+    merge_to_folder(cfg, tmp_path / "window")
+    assert labels[0] == "prepare (sample)" and labels.count("prepare") in (1, 2)
+    monkeypatch.setattr(ShardedStream, "can_sample", property(lambda self: False))
+    labels.clear()
+    merge_to_folder(cfg, tmp_path / "plain")
+    assert labels == ["prepare", "prepare"]
+    for f in sorted((tmp_path / "plain").iterdir()):
+        assert f.read_bytes() == (tmp_path / "window" / f.name).read_bytes(), f.name

@@ -106,6 +106,12 @@ class TensorPlan:
     in_bytes: int  # bytes read for this tensor over all inputs (progress accounting)
 
 
+def _unit_bytes(u: Unit) -> int:
+    """Input bytes of one unit of work (its share of the tensor's, for a row block)."""
+    p, rows, _ = u
+    return p.in_bytes if rows is None else p.in_bytes * (rows[1] - rows[0]) // max(1, p.shape[0])
+
+
 @dataclass
 class MergeReport:
     """What a merge measured: the scale used and per-tensor numbers from the method."""
@@ -316,7 +322,8 @@ class MergeRun:
 
     def prepare_stream(self) -> ShardedStream:
         """The stream a method's :meth:`~MergeMethod.prepare` gets (this process's share)."""
-        return ShardedStream(lambda v: self.stream(v, "prepare"), len(self.tasks), self.group)
+        return ShardedStream(lambda v: self.stream(v, "prepare"), len(self.tasks), self.group,
+                             lambda v, every: self.stream(v, "prepare (sample)", every=every))
 
     def _units(self, todo: list[TensorPlan]) -> list[tuple[TensorPlan, tuple[int, int] | None, bool]]:
         """(tensor, row block, last block of the tensor) for every unit of work, in order."""
@@ -365,15 +372,22 @@ class MergeRun:
         finally:
             torch.set_num_threads(threads)
 
-    def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass") -> None:
+    def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass", every: int = 1) -> None:
         """Call ``visitor`` once per merged tensor, or per row block for elementwise methods
-        (the ``Stream`` a method's prepare gets). Row blocks are visited from worker threads,
-        concurrently and in no fixed order (see :data:`epimer.methods.base.Stream`)."""
+        (the ``Stream`` a method's prepare gets); ``every`` > 1 visits every ``every``-th unit
+        only. Row blocks are visited from worker threads, concurrently and in no fixed order
+        (see :data:`epimer.methods.base.Stream`)."""
         todo = [p for p in self.own if p.action == "merge"]
-        self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
-        for (p, _, last), _ in self._pipeline(self._units(todo), lambda u: visitor(self.load_inputs(u[0], u[1]))):
-            if last:
-                self.progress.advance(p.in_bytes)
+        units = self._units(todo)[::every]
+        if every == 1:  # progress counts tensors
+            self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
+        else:  # a sample: progress counts units
+            self.progress.start(label, sum(_unit_bytes(u) for u in units), len(units))
+        for u, _ in self._pipeline(units, lambda u: visitor(self.load_inputs(u[0], u[1]))):
+            if every > 1:
+                self.progress.advance(_unit_bytes(u))
+            elif u[2]:
+                self.progress.advance(u[0].in_bytes)
         self.progress.finish()
 
     def _delta(self, p: TensorPlan, state: Any, rows: tuple[int, int] | None,

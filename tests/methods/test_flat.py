@@ -21,9 +21,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epimer import InputError, get_method
-from epimer.methods.base import Stream, TensorInputs, TensorResult, Visitor
 from epimer.methods import ties as ties_mod
-from epimer.methods.ties import StreamingKthLargest, global_thresholds, kth_largest_magnitude
+from epimer.methods.base import (
+    ShardedStream,
+    Stream,
+    TensorInputs,
+    TensorResult,
+    Visitor,
+)
+from epimer.methods.ties import (
+    StreamingKthLargest,
+    global_thresholds,
+    kth_largest_magnitude,
+)
 
 Model = dict[str, torch.Tensor]
 Arrays = dict[str, np.ndarray]
@@ -512,6 +522,63 @@ def test_global_thresholds_equal_sort_over_all_tensors(density: float) -> None:
         values = np.concatenate([v.numpy() for v in task.values()])
         k = floor_density(density, values.size)
         assert threshold == sorted_kth(values, k)
+
+
+def sampling_stream(inputs: Sequence[TensorInputs], calls: list[str]) -> ShardedStream:
+    """A stream that can sample, like the engine's: ``calls`` records each pass."""
+
+    def visit_all(visit: Visitor) -> None:
+        calls.append("pass")
+        stream_of(inputs)(visit)
+
+    def visit_sample(visit: Visitor, every: int) -> None:
+        calls.append("sample")
+        stream_of(inputs[::every])(visit)
+
+    return ShardedStream(visit_all, len(inputs[0].deltas), visit_sample=visit_sample)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("guess", ["sample", "far", "top", "none"])
+def test_global_thresholds_with_a_window_equal_sort_and_skip_pass_two(
+        density: float, guess: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a stream that samples, pass 1 also counts the low bits around the guessed bin:
+    the thresholds stay exact whether the guess is right (one full pass) or wrong (two)."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = {f"t{i}": (40 + 13 * i, 30) for i in range(32)}
+    tasks = [{n: torch.randn(sh, generator=gen) * (1 + i % 5) for i, (n, sh) in enumerate(shapes.items())}
+             for _ in range(3)]
+    base = {n: torch.zeros(sh) for n, sh in shapes.items()}
+    inputs = inputs_of(base, tasks)
+    if guess == "far":  # a window far below every threshold
+        monkeypatch.setattr(ties_mod, "_guess_windows", lambda *a: [(100, 4)] * 3)
+    elif guess == "top":  # a window at the top end of the bit patterns, clamped into range
+        monkeypatch.setattr(ties_mod, "_guess_windows", lambda *a: [((1 << 16) - 2, 16)] * 3)
+    elif guess == "none":  # no guess (an empty sample)
+        monkeypatch.setattr(ties_mod, "_guess_windows", lambda *a: [None] * 3)
+    calls: list[str] = []
+    thresholds = global_thresholds(sampling_stream(inputs, calls), density)
+    for task, threshold in zip(tasks, thresholds):
+        values = torch.cat([v.reshape(-1) for v in task.values()]).numpy()
+        assert threshold == sorted_kth(values, floor_density(density, values.size))
+    if guess == "sample":  # tensors of five scales, 2 of 32 sampled: the guess may miss
+        assert calls[:2] == ["sample", "pass"] and len(calls) <= 3
+    else:
+        assert calls == ["pass", "pass"]
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5])
+def test_a_representative_sample_saves_the_second_pass(density: float) -> None:
+    gen = torch.Generator().manual_seed(12)
+    shapes = {f"t{i}": (100, 40) for i in range(256)}
+    tasks = [{n: torch.randn(sh, generator=gen) * (t + 1) for n, sh in shapes.items()} for t in range(3)]
+    inputs = inputs_of({n: torch.zeros(sh) for n, sh in shapes.items()}, tasks)
+    calls: list[str] = []
+    thresholds = global_thresholds(sampling_stream(inputs, calls), density)
+    assert calls == ["sample", "pass"]
+    for task, threshold in zip(tasks, thresholds):
+        values = torch.cat([v.reshape(-1) for v in task.values()]).numpy()
+        assert threshold == sorted_kth(values, floor_density(density, values.size))
 
 
 def test_streaming_kth_largest_of_nothing_is_none() -> None:

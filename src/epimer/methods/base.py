@@ -83,9 +83,22 @@ class ShardedStream:
     visit_all: Callable[[Visitor], None]
     num_tasks: int
     group: Group = SINGLE
+    #: Visits every n-th unit of work (row block, or tensor) of this process's share.
+    visit_sample: Callable[[Visitor, int], None] | None = None
 
     def __call__(self, visitor: Visitor) -> None:
         self.visit_all(visitor)
+
+    @property
+    def can_sample(self) -> bool:
+        return self.visit_sample is not None
+
+    def sample(self, visitor: Visitor, every: int) -> None:
+        """Visit every ``every``-th block or tensor only: a cheap look at the stream, e.g. to
+        guess where a quantile lies before the exact passes."""
+        if self.visit_sample is None:
+            raise RuntimeError("this stream cannot sample")
+        self.visit_sample(visitor, every)
 
 
 def group_of(stream: Stream) -> Group:

@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from epimer.distributed import Group
 from epimer.methods.base import ShardedStream, Stream, TensorInputs, group_of
 
 SignRule = Literal["mass", "frequency"]
@@ -138,8 +139,16 @@ def sign_consensus_merge(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass
     return disjoint_mean(trimmed, elect_sign(trimmed, rule))
 
 
+#: Global TIES first looks at every ``SAMPLE_EVERY``-th row block to guess where each task's
+#: threshold lies, then counts, during pass 1, the low bits of the high-bit bins the guess
+#: could be wrong by: the sample ranks within 4 binomial standard deviations of the sampled
+#: k, one bin more each side, at most ``WINDOW_BINS`` bins (see :class:`StreamingKthLargest`).
+SAMPLE_EVERY = 16
+WINDOW_BINS = 16
+
+
 class StreamingKthLargest:
-    """Exact k-th largest |x| over a stream of float32 tensors, in two passes.
+    """Exact k-th largest |x| over a stream of float32 tensors, in two passes or fewer.
 
     For non-negative float32 the int32 bit pattern is monotone in the value (zero, subnormals,
     normals and +inf alike), so selection by value is selection by bits. Pass 1
@@ -147,6 +156,11 @@ class StreamingKthLargest:
     :meth:`select` then finds the bin holding the k-th largest; pass 2 (:meth:`observe_low`,
     over the same entries again) counts the low 16 bits of the entries in that bin, which pins
     the exact value. Memory is two histograms, whatever the size of the stream.
+
+    With a *window* (:meth:`set_window`, from a guess of the bin, e.g. a sample of the
+    stream), pass 1 also counts the low 16 bits of every entry whose high bits fall in the
+    window's bins. When the selected bin lies in the window those counts are exactly pass 2's,
+    and pass 2 is skipped (:attr:`needs_low_pass`); otherwise nothing is lost but the time.
     """
 
     def __init__(self) -> None:
@@ -156,7 +170,19 @@ class StreamingKthLargest:
         self._low: torch.Tensor | None = None
         self._bin: int | None = None
         self._rank_in_bin = 0  # rank of the k-th largest among the entries of its bin
+        self._window: tuple[int, int] | None = None  # (first bin, number of bins)
+        self._window_low: torch.Tensor | None = None  # low-bit counts of the window's bins
         self._lock = threading.Lock()  # streams may observe row blocks from several threads
+
+    def set_window(self, first: int, bins: int) -> None:
+        """Before pass 1: also count the low bits of bins ``first .. first + bins - 1``."""
+        first = max(0, min(first, _BINS - bins))
+        self._window = (first, bins)
+
+    @property
+    def needs_low_pass(self) -> bool:
+        """After :meth:`select`: whether pass 2 must run (the bin was not in the window)."""
+        return self._bin is not None and self._low is None
 
     @staticmethod
     def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -167,13 +193,19 @@ class StreamingKthLargest:
         return bits if _all_finite(x) else bits.masked_fill_(bits > 0x7F800000, 0)
 
     def observe_high(self, x: torch.Tensor) -> None:
-        """Pass 1: count the high 16 bits of |x|."""
-        counts = torch.bincount(self._bits(x).bitwise_right_shift_(16), minlength=_BINS)
+        """Pass 1: count the high 16 bits of |x| (and the low bits of the window's entries)."""
+        bits = self._bits(x)
+        window = None
+        if self._window is None:
+            counts = torch.bincount(bits.bitwise_right_shift_(16), minlength=_BINS)
+        else:
+            counts = torch.bincount(bits.bitwise_right_shift(16), minlength=_BINS)
+            first, nbins = self._window
+            window = _count_from(bits, first << 16, nbins * _BINS)
         with self._lock:
-            if self._high is None:
-                self._high = counts
-            else:
-                self._high.add_(counts.to(self._high.device))
+            self._high = counts if self._high is None else self._high.add_(counts.to(self._high.device))
+            if window is not None:
+                self._window_low = window if self._window_low is None else self._window_low.add_(window)
             self.numel += x.numel()
 
     def select(self, k: int) -> None:
@@ -184,14 +216,17 @@ class StreamingKthLargest:
         if k > 0:
             assert self._high is not None  # numel >= k > 0
             self._bin, self._rank_in_bin = _locate(self._high.cpu(), k)
+            if self._window is not None and self._window[0] <= self._bin < sum(self._window):
+                assert self._window_low is not None
+                at = (self._bin - self._window[0]) * _BINS
+                self._low = self._window_low[at : at + _BINS].clone()  # pass 2's counts, exactly
+            self._window_low = None
 
     def observe_low(self, x: torch.Tensor) -> None:
         """Pass 2: count the low 16 bits of the entries whose high bits fall in the selected bin."""
         if self._bin is None:
             return  # k == 0: nothing to refine
-        # low bits + 1 for the bin's entries; 0 and _BINS + 1 collect those below and above it
-        low = self._bits(x).sub_((self._bin << 16) - 1).clamp_(0, _BINS + 1)
-        counts = torch.bincount(low, minlength=_BINS + 2)[1 : _BINS + 1]
+        counts = _count_from(self._bits(x), self._bin << 16, _BINS)
         with self._lock:
             if self._low is None:
                 self._low = counts
@@ -205,6 +240,10 @@ class StreamingKthLargest:
             counts = self._high if self._high is not None else torch.zeros(_BINS, dtype=torch.int64)
             self._high = all_sum(counts.to(torch.int64))
             self.numel = int(all_sum(torch.tensor([self.numel], dtype=torch.int64)).item())
+            if self._window is not None:
+                low = self._window_low
+                low = low if low is not None else torch.zeros(self._window[1] * _BINS, dtype=torch.int64)
+                self._window_low = all_sum(low.to(torch.int64))
         elif self._bin is not None:
             counts = self._low if self._low is not None else torch.zeros(_BINS, dtype=torch.int64)
             self._low = all_sum(counts.to(torch.int64))
@@ -220,6 +259,13 @@ class StreamingKthLargest:
         return float(bits.view(torch.float32).item())
 
 
+def _count_from(bits: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Counts of the bit patterns ``start .. start + length - 1`` among ``bits`` (int32, in place)."""
+    # pattern - start + 1 for those in range; 0 and length + 1 collect those below and above it
+    shifted = bits.sub_(start - 1).clamp_(0, length + 1)
+    return torch.bincount(shifted, minlength=length + 2)[1 : length + 1]
+
+
 def _locate(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """Bin holding the k-th largest of a histogram (highest bin first), and its rank inside it."""
     from_top = counts.flip(0).cumsum(0)  # from_top[i]: entries in bins >= len - 1 - i
@@ -232,13 +278,22 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
     """Per-task threshold keeping ``floor(density · D)`` magnitudes of τ_t over all tensors.
 
     ``D`` is the number of entries over every tensor ``stream`` yields (the same for every
-    task). Streams the checkpoints twice (SPEC section 2: exact and streaming); across
-    processes the histograms, being integer counts, are summed exactly.
+    task). Exact and streaming (SPEC section 2): pass 1 counts high bits, pass 2 the low bits
+    of the selected bin. A stream that can sample (:meth:`ShardedStream.sample`, the
+    engine's) is first visited on every ``SAMPLE_EVERY``-th block to guess each task's bin;
+    pass 1 then counts the low bits around the guess too, and pass 2 runs only for tasks
+    whose bin fell outside (the result is the same either way). Across processes the
+    histograms, being integer counts, are summed exactly.
     """
     group = group_of(stream)
     num_tasks = stream.num_tasks if isinstance(stream, ShardedStream) else None
     selectors: list[StreamingKthLargest] = [StreamingKthLargest() for _ in range(num_tasks or 0)]
     lock = threading.Lock()
+
+    if isinstance(stream, ShardedStream) and stream.can_sample and num_tasks:
+        for sel, window in zip(selectors, _guess_windows(stream, density, num_tasks, group)):
+            if window is not None:
+                sel.set_window(*window)
 
     def high(x: TensorInputs) -> None:
         with lock:  # plain callables (no task count) make the selectors on first sight
@@ -246,10 +301,6 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
                 selectors.extend(StreamingKthLargest() for _ in x.deltas)
         for sel, delta in zip(selectors, x.deltas):
             sel.observe_high(delta)
-
-    def low(x: TensorInputs) -> None:
-        for sel, delta in zip(selectors, x.deltas):
-            sel.observe_low(delta)
 
     stream(high)
     for sel in selectors:
@@ -259,8 +310,44 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
     k = keep_count(density, selectors[0].numel)
     for sel in selectors:
         sel.select(k)
-    if k > 0:
+    refine = [sel.needs_low_pass for sel in selectors]  # the same on every process
+    pending = [sel for sel, r in zip(selectors, refine) if r]
+    if pending:
+
+        def low(x: TensorInputs) -> None:
+            for sel, delta, r in zip(selectors, x.deltas, refine):
+                if r:
+                    sel.observe_low(delta)
+
         stream(low)
-        for sel in selectors:
+        for sel in pending:
             sel.combine(group.all_sum, "low")
     return tuple(sel.result() for sel in selectors)
+
+
+def _guess_windows(stream: ShardedStream, density: float, num_tasks: int,
+                   group: Group) -> list[tuple[int, int] | None]:
+    """Per task, the (first bin, bins) window likely to hold the k-th largest, from a sample of
+    the stream's blocks; None when the sample has nothing to go on."""
+    samples = [StreamingKthLargest() for _ in range(num_tasks)]
+
+    def visit(x: TensorInputs) -> None:
+        for smp, delta in zip(samples, x.deltas):
+            smp.observe_high(delta)
+
+    stream.sample(visit, SAMPLE_EVERY)
+    windows: list[tuple[int, int] | None] = []
+    for smp in samples:
+        smp.combine(group.all_sum, "high")
+        n, k = smp.numel, keep_count(density, smp.numel)
+        if k <= 0 or smp._high is None:
+            windows.append(None)
+            continue
+        spread = math.ceil(4 * math.sqrt(k * (1 - k / n))) + 1  # ranks: 4 binomial sd
+        low = _locate(smp._high, min(n, k + spread))[0] - 1  # more entries above: a lower bin
+        high = _locate(smp._high, max(1, k - spread))[0] + 1
+        if high - low + 1 > WINDOW_BINS:  # too uncertain: the bins nearest the estimate
+            low = _locate(smp._high, k)[0] - WINDOW_BINS // 2
+            high = low + WINDOW_BINS - 1
+        windows.append((low, high - low + 1))
+    return windows
