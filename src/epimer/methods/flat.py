@@ -110,7 +110,8 @@ class Ties(MergeMethod):
     ``floor(density · D)`` only by ties at the threshold, and nothing is kept when
     ``floor(density · D) == 0``. The trimmed vectors are multiplied by ``T · w_t`` before the
     sign election. ``scope: global`` finds each task's exact threshold over the whole model in
-    :meth:`prepare`, streaming the checkpoints twice.
+    :meth:`prepare`: one look at every 16th row block, then one full pass over the
+    checkpoints, or two when that look misjudged where the threshold lies.
     """
 
     name = "ties"

@@ -14,7 +14,8 @@ so the kept count exceeds ``k`` only by ties at the threshold. ``None`` means "k
 
 The global threshold (over every tensor of a task) is found exactly by
 :class:`StreamingKthLargest` in two passes over the checkpoints, holding two 65536-bin
-histograms per task instead of the task vectors.
+histograms per task instead of the task vectors; with a sample of the blocks to guess where
+the threshold lies, usually in one pass (:func:`global_thresholds`).
 
 NaN entries have no magnitude: they rank as 0 and are never kept. (The engine refuses
 non-finite inputs unless told otherwise; this only keeps the functions from failing.)
