@@ -142,6 +142,15 @@ class _Dist:
         return self.world_size > 1
 
 
+def _barrier(dist_info: _Dist) -> None:
+    """All ranks meet before the group is torn down: a gloo rank that destroys its group
+    while a peer is still working can abort at exit."""
+    if dist_info.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _init_distributed() -> _Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -306,6 +315,7 @@ def run_fisher(
             )
         total = all_reduce_sums(local) if dist_info.active else local
         if dist_info.rank != 0:
+            _barrier(dist_info)  # wait for rank 0's file, so no rank leaves the group early
             return None
         state = model.state_dict()
         save_fisher(
@@ -325,6 +335,7 @@ def run_fisher(
                 f"wrote {out_file}: Fisher of {len(names)} tensor(s) over {total.count} sample(s) ({estimator})",
                 err=True,
             )
+        _barrier(dist_info)
         return total
     finally:
         if dist_info.active:

@@ -491,7 +491,16 @@ def test_torchrun_two_processes_match_single(hf_task, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "epimer.cli_fisher", *map(str, common), "--out", str(double)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    for _attempt in range(3):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
+        # A rank of torch's gloo group occasionally aborts while the processes tear down
+        # (about 1 run in 20 on the 2-core machine), after the ranks have met at the final
+        # barrier: the file must then already be complete and right; the run is repeated so
+        # that the exit code is checked too.
+        assert_dicts_close(load_fisher(double), load_fisher(single), rtol=1e-4, atol=1e-9)
+        double.unlink()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_fisher_meta(double).num_samples == load_fisher_meta(single).num_samples == 45
     assert load_fisher_meta(double).fingerprint == load_fisher_meta(single).fingerprint
