@@ -184,10 +184,15 @@ def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> to
     return out
 
 
+def sum_factors(weights: torch.Tensor) -> torch.Tensor:
+    """(T,) float64 ``T · w_t`` from the (T,) weights: 1 per task for equal weights, where
+    SPEC 2/3.3 sum task vectors unweighted; custom ``weight``s still count through it."""
+    return weights * len(weights)  # float64: T·w_t is exact for equal weights
+
+
 def task_factors(x: TensorInputs) -> torch.Tensor:
-    """(T,) float64 ``T · w_t``: 1 per task for equal weights, where SPEC 2/3.3 sum task
-    vectors unweighted; custom ``weight``s still count through it."""
-    return x.weights * x.num_tasks  # float64: T·w_t is exact for equal weights
+    """:func:`sum_factors` of a tensor's inputs."""
+    return sum_factors(x.weights)
 
 
 def task_sum(x: TensorInputs, deltas: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:

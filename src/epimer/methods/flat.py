@@ -22,6 +22,7 @@ from epimer.methods.base import (
     Stream,
     TensorInputs,
     TensorResult,
+    sum_factors,
     task_factors,
     task_sum,
     weighted_sum,
@@ -83,7 +84,7 @@ class TaskArithmetic(MergeMethod):
         return True
 
     def linear_coefficients(self, params: MethodParams, weights: torch.Tensor) -> tuple[float, ...]:
-        return tuple((weights * len(weights)).tolist())  # T·w_t, as task_factors
+        return tuple(sum_factors(weights).tolist())
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
         return task_sum(x)

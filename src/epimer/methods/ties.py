@@ -101,12 +101,17 @@ def trim_to_density(x: torch.Tensor, density: float) -> torch.Tensor:
     return trim(x, kth_largest_magnitude(x, keep_count(density, x.numel())))
 
 
-def elect_sign(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass") -> torch.Tensor:
-    """γ = sign(Σ_t τ̂_t) (``mass``) or sign(Σ_t sign(τ̂_t)) (``frequency``); 0 where tied."""
+def _vote(trimmed: Sequence[torch.Tensor], rule: SignRule) -> torch.Tensor:
+    """Σ_t τ̂_t (``mass``) or Σ_t sign(τ̂_t) (``frequency``), a new tensor."""
     total = trimmed[0].clone() if rule == "mass" else torch.sign(trimmed[0])
     for t in trimmed[1:]:
         total.add_(t if rule == "mass" else torch.sign(t))
-    return total.sign_()
+    return total
+
+
+def elect_sign(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass") -> torch.Tensor:
+    """γ = sign(Σ_t τ̂_t) (``mass``) or sign(Σ_t sign(τ̂_t)) (``frequency``); 0 where tied."""
+    return _vote(trimmed, rule).sign_()
 
 
 def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor, finite: bool | None = None) -> torch.Tensor:
@@ -130,14 +135,11 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor, finite: 
 
 def sign_consensus_merge(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass") -> torch.Tensor:
     """TIES's combination step (shared with DARE-TIES): disjoint mean around the elected sign."""
-    if rule == "mass":
-        # Σ_t τ̂_t is finite exactly when every τ̂_t is (τ̂ holds no NaN; an overflowing sum
-        # only sends the mean down its non-finite path): one check instead of T
-        total = trimmed[0].clone()
-        for t in trimmed[1:]:
-            total.add_(t)
-        return disjoint_mean(trimmed, torch.sign(total), finite=_all_finite(total))
-    return disjoint_mean(trimmed, elect_sign(trimmed, rule))
+    total = _vote(trimmed, rule)
+    # Σ_t τ̂_t is finite exactly when every τ̂_t is (τ̂ holds no NaN; an overflowing sum only
+    # sends the mean down its non-finite path): one check instead of T. Sign counts say nothing.
+    finite = _all_finite(total) if rule == "mass" else None
+    return disjoint_mean(trimmed, total.sign_(), finite=finite)
 
 
 #: Global TIES first looks at every ``SAMPLE_EVERY``-th row block to guess where each task's
@@ -204,9 +206,9 @@ class StreamingKthLargest:
             first, nbins = self._window
             window = _count_from(bits, first << 16, nbins * _BINS)
         with self._lock:
-            self._high = counts if self._high is None else self._high.add_(counts.to(self._high.device))
+            self._high = _accumulate(self._high, counts)
             if window is not None:
-                self._window_low = window if self._window_low is None else self._window_low.add_(window)
+                self._window_low = _accumulate(self._window_low, window)
             self.numel += x.numel()
 
     def select(self, k: int) -> None:
@@ -229,10 +231,7 @@ class StreamingKthLargest:
             return  # k == 0: nothing to refine
         counts = _count_from(self._bits(x), self._bin << 16, _BINS)
         with self._lock:
-            if self._low is None:
-                self._low = counts
-            else:
-                self._low.add_(counts.to(self._low.device))
+            self._low = _accumulate(self._low, counts)
 
     def combine(self, all_sum: Callable[[torch.Tensor], torch.Tensor], which: Literal["high", "low"]) -> None:
         """Replace this pass's counts by their sum over processes (``all_sum``), so that every
@@ -258,6 +257,11 @@ class StreamingKthLargest:
         low, _ = _locate(self._low.cpu(), self._rank_in_bin)
         bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
         return float(bits.view(torch.float32).item())
+
+
+def _accumulate(total: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
+    """``total + counts`` in place (``counts`` itself for the first block)."""
+    return counts if total is None else total.add_(counts.to(total.device))
 
 
 def _count_from(bits: torch.Tensor, start: int, length: int) -> torch.Tensor:
