@@ -1,11 +1,14 @@
 """``epimer bench text8`` and ``epimer demo``: the offline benchmark from the command line.
 
 Thin over `epimer.bench.pipeline`: options become a `BenchConfig`, progress goes to rich bars
-on stderr, and the comparison table is printed at the end.
+on stderr (plain lines when stderr is not a terminal), and the comparison table is printed at
+the end. Nothing here imports transformers or matplotlib before a command runs: each command
+first checks that they are installed and names the extra to install.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 import click
 
 from epimer.bench.data import TASKS
+from epimer.cli_options import threads_option
 
 
 def _progress(quiet: bool) -> Any:
@@ -24,29 +28,53 @@ def _progress(quiet: bool) -> Any:
     from epimer.bench.pipeline import Advance, Progress
 
     class RichProgress(Progress):
-        """One bar per stage (removed when done, leaving a line with its time)."""
+        """On a terminal, one bar per stage, naming its current task (removed when done,
+        leaving a line with its time). Elsewhere (a log file, a pipe), where bars are not
+        drawn, plain lines: one as each stage and each task starts, one as it ends."""
 
         def __init__(self) -> None:
             self.console = Console(stderr=True)
+            self.plain = not self.console.is_terminal
             self.bar = Bars(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=quiet,
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=quiet or self.plain,
             )
+            self.stages: list[tuple[str, Any]] = []  # (label, bar task) of the open stages
+
+        def _print(self, message: str) -> None:
+            if not quiet:  # soft_wrap: a line of a log file is never cut at the console's width
+                self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
         @contextmanager
         def stage(self, label: str, total: int) -> Iterator[Advance]:
             task = self.bar.add_task(label, total=max(total, 1))
+            self.stages.append((label, task))
+            if self.plain:
+                self._print(f"{label} ...")
+            start = time.perf_counter()
             try:
                 yield lambda n: self.bar.advance(task, n)
             finally:
-                elapsed = next(t.elapsed for t in self.bar.tasks if t.id == task) or 0.0
+                self.stages.pop()
                 self.bar.remove_task(task)
-                if not quiet and not label.endswith("on validation"):
-                    self.console.print(f"{label}: {elapsed:.1f} s", highlight=False)
+            if not label.endswith("on validation"):  # the method's own line follows
+                self._print(f"{label}: done in {time.perf_counter() - start:.1f} s")
+
+        @contextmanager
+        def task(self, name: str, index: int, count: int) -> Iterator[None]:
+            label, bar_task = self.stages[-1] if self.stages else ("", None)
+            what = f"{label}, task {name} ({index}/{count})" if label else f"task {name} ({index}/{count})"
+            if bar_task is not None:
+                self.bar.update(bar_task, description=what)
+            if self.plain:
+                self._print(f"{what} ...")
+            start = time.perf_counter()
+            yield
+            if self.plain:
+                self._print(f"{what} done in {time.perf_counter() - start:.1f} s")
 
         def log(self, message: str) -> None:
-            if not quiet:
-                self.console.print(message, markup=False, highlight=False)
+            self._print(message)
 
     return RichProgress()
 
@@ -72,13 +100,18 @@ def _print_table(results: dict[str, Any]) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
+def _require(command: str, plots: bool) -> None:
+    """The optional packages of the benchmark, checked before any work (`require_packages`)."""
+    from epimer.cli_options import require_packages
+
+    require_packages(command, "bench", "transformers", *(["matplotlib"] if plots else []))
+
+
 def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool) -> None:
-    import torch
-
     from epimer.bench.pipeline import run_benchmark
+    from epimer.cli_options import set_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     try:  # transformers' own per-load bars would interleave with ours
         from transformers.utils import logging as hf_logging
 
@@ -104,8 +137,7 @@ def _tasks(values: tuple[str, ...]) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-_threads = click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="torch CPU threads (default: torch's choice).")
+_threads = threads_option
 _quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
 
@@ -133,6 +165,7 @@ def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: 
           max_train: int | None, fisher_fraction: float | None, rank_fraction: float | None,
           threads: int | None, no_plots: bool, quiet: bool) -> None:
     """The paper's protocol on a pretrained MiniLM and eight text tasks (writes OUT/results.md)."""
+    _require("epimer bench text8", not no_plots)
     from epimer.bench.pipeline import TEXT8, config_with
 
     config = config_with(TEXT8, tasks=_tasks(tasks), seeds=tuple(range(seeds)), steps=steps, lr=lr,
@@ -147,6 +180,7 @@ def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: 
 @_quiet
 def demo(out: Path, threads: int | None, quiet: bool) -> None:
     """Four tasks, a small budget, end to end: fine-tune, Fisher, merge with every method, evaluate."""
+    _require("epimer demo", True)
     from epimer.bench.pipeline import DEMO
 
     _run(DEMO, out, threads, quiet, True)

@@ -1,9 +1,13 @@
-"""``epimer fisher``: estimate the diagonal empirical Fisher of a sequence classifier (SPEC 4).
+"""``epimer fisher``: estimate the diagonal empirical Fisher of a sequence classifier (docs/method.md §4).
 
-Usable alone as ``python -m epimer.cli_fisher`` and, launched by ``torchrun``
-(``WORLD_SIZE`` > 1), across processes: each rank takes a disjoint contiguous share of the
-selected samples, the sums and counts are all-reduced and rank 0 writes the file, which equals
-the single-process file up to float rounding.
+Usable alone as ``python -m epimer.cli_fisher`` (the same as ``epimer fisher``, through the
+same error boundary) and, launched by ``torchrun`` (``WORLD_SIZE`` > 1), across processes:
+each rank takes a disjoint contiguous share of the selected samples, the sums and counts are
+all-reduced and rank 0 writes the file, which equals the single-process file up to float
+rounding.
+
+This module imports neither transformers nor matplotlib when it is loaded (only when a
+command runs), so ``epimer`` lists the command and can say which extra to install.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from epimer.curvature.fisher import (
     shard_bounds,
 )
 from epimer.curvature.fisher_io import save_fisher, tensor_fingerprints
+from epimer.cli_options import require_packages, set_threads
 from epimer.errors import InputError
-from epimer.fingerprint import fingerprint_tensors
+from epimer.io.outdir import ensure_writable_folder
+from epimer.fingerprint import combine, tensor_blocks
 
 DATA_SUFFIXES = (".jsonl", ".csv")
 
@@ -76,28 +82,51 @@ def read_records(path: Path, text_fields: Sequence[str], label_field: str | None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
-            yield line, row
+    try:
+        with path.open(encoding="utf-8-sig") as f:  # -sig: a byte order mark is not data
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+                yield line, row
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
 
 
 def _csv_rows(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        for field in fields:
-            if field not in columns:
-                raise InputError(f"{path}:1: no column {field!r} (columns: {', '.join(columns) or 'none'})")
-        for row in reader:
-            yield reader.line_num, row
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            for field in fields:
+                if field not in columns:
+                    raise InputError(f"{path}:1: no column {field!r} (columns: {', '.join(columns) or 'none'})")
+            for row in reader:
+                yield reader.line_num, row
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> InputError:
+    """The error for a data file that is not UTF-8, naming its first undecodable line (the
+    text reader decodes in blocks, so its position is found again line by line: no UTF-8
+    character holds a newline byte)."""
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = raw[e.start]
+                return InputError(
+                    f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at column {e.start + 1}); "
+                    "save the file as UTF-8"
+                )
+    return InputError(f"{path}: not UTF-8 text; save the file as UTF-8")  # pragma: no cover
 
 
 def label_id(raw: Any, label2id: dict[str, int], num_labels: int, where: str) -> int:
@@ -220,6 +249,20 @@ def _check_names_against_checkpoint(model_dir: Path, names: Sequence[str], model
                 )
 
 
+def _check_out_file(out_file: Path, overwrite: bool, model_dir: Path, data_file: Path) -> None:
+    """What can be told about ``--out`` without writing: not a folder, not an input, and an
+    existing file only with ``overwrite``."""
+    if out_file.is_dir():
+        raise InputError(f"{out_file}: --out is a folder; give a file name such as task.fisher.safetensors")
+    if not (out_file.exists() or out_file.is_symlink()):
+        return
+    real = os.path.realpath(out_file)
+    if real == os.path.realpath(data_file) or Path(os.path.realpath(model_dir)) in Path(real).parents:
+        raise InputError(f"{out_file}: --out is a file of the model or the data it reads; choose another --out")
+    if not overwrite:
+        raise InputError(f"{out_file}: already exists; pass --overwrite to replace it, or choose another --out")
+
+
 def _progress_bar(enabled: bool) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
@@ -260,16 +303,22 @@ def run_fisher(
     params_regex: str | None = None,
     chunk_size: int | None = 8,
     quiet: bool = False,
+    overwrite: bool = False,
+    threads: int | None = None,
 ) -> FisherSums | None:
-    """Estimate and write the Fisher file; returns the summed result on rank 0 (None elsewhere)."""
+    """Estimate and write the Fisher file; returns the summed result on rank 0 (None elsewhere).
+
+    ``out_file`` is checked before the model is loaded: an existing file is refused unless
+    ``overwrite``, its folder is created and proven writable. ``threads`` sets torch's CPU
+    threads (`set_threads`).
+    """
     if batch_size < 1 or max_length < 1:
         raise InputError(f"--batch-size and --max-length must be positive; got {batch_size=}, {max_length=}")
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"--chunk-size must be positive; got {chunk_size=}")
     if not 1 <= len(text_fields) <= 2:
         raise InputError(f"give one --text-field, or two for sentence pairs; got {len(text_fields)}")
-    if out_file.is_dir():
-        raise InputError(f"{out_file}: --out is a folder; give a file name such as task.fisher.safetensors")
+    _check_out_file(out_file, overwrite, model_dir, data_file)
     pattern = None
     if params_regex is not None:
         try:
@@ -286,6 +335,8 @@ def run_fisher(
             label_id(records[i].label, label2id, config.num_labels, f"{data_file}:{records[i].line}")
             for i in indices
         ]
+    ensure_writable_folder(out_file.absolute().parent, "Fisher file")
+    set_threads(threads)
 
     dist_info = _init_distributed()
     try:
@@ -325,10 +376,9 @@ def run_fisher(
             estimator=estimator,
             seed=seed,
             fraction=fraction,
-            model_fingerprint=fingerprint_tensors(state, names=names),
-            tensor_fingerprints=tensor_fingerprints(
-                names, lambda n: tuple(state[n].shape), lambda n, k: state[n].reshape(-1)[:k]
-            ),
+            model_fingerprint=combine(per_tensor := tensor_fingerprints(
+                names, lambda n: tuple(state[n].shape), tensor_blocks(state))),
+            tensor_fingerprints=per_tensor,
         )
         if not quiet:
             click.echo(
@@ -354,7 +404,8 @@ def run_fisher(
 @click.option("--label-field", default="label", show_default=True,
               help="Field holding the label: an integer or a name of the model's config.label2id.")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path),
-              help="Fisher file to write (.safetensors).")
+              help="Fisher file to write (.safetensors); its folder is created.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--fraction", default=1.0, show_default=True, type=float,
               help="Share of the samples used: a seeded shuffle's prefix of max(1, round(F*n)).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the shuffle and the true-Fisher labels.")
@@ -366,6 +417,8 @@ def run_fisher(
               help="Only parameters whose name matches this regular expression (default: all).")
 @click.option("--chunk-size", default=8, show_default=True, type=int,
               help="Samples per vectorised gradient call; smaller uses less memory (fastest on CPU: 8-16).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's choice).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def fisher_command(ctx: click.Context, **options: Any) -> None:
@@ -374,7 +427,11 @@ def fisher_command(ctx: click.Context, **options: Any) -> None:
     Under torchrun (WORLD_SIZE > 1) the samples are split across processes and rank 0
     writes the file.
     """
+    # Bad input is one line and exit 2 here, also when this command is invoked on its own;
+    # anything else (Ctrl-C, SIGTERM, internal errors) is left to the ``epimer`` group's
+    # boundary, which `standalone` puts around ``python -m epimer.cli_fisher`` too.
     try:
+        require_packages("epimer fisher", "hf", "transformers")
         run_fisher(
             options.pop("model_dir"), options.pop("data_file"), options.pop("out_file"),
             text_fields=tuple(options.pop("text_fields")), **options,
@@ -384,5 +441,15 @@ def fisher_command(ctx: click.Context, **options: Any) -> None:
         ctx.exit(2)
 
 
+def standalone(argv: Sequence[str] | None = None) -> None:
+    """``python -m epimer.cli_fisher ARGS`` (what torchrun launches): ``epimer fisher ARGS``,
+    through the ``epimer`` group, so that Ctrl-C, SIGTERM and internal errors end as they do
+    for every command (exit 130, 143, 1 with one line) instead of a traceback."""
+    from epimer.cli import main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    main(["fisher", *args], prog_name="epimer")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(fisher_command())
+    standalone()

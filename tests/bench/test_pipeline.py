@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,10 +146,11 @@ def test_task_model_and_fisher_are_cached(tiny_model: Path, tasks: dict[str, Tas
     assert len(files) == 1
     # the file belongs to the cached model folder: `epimer merge` accepts the pair
     from epimer.curvature.fisher_io import check_fisher
+    from epimer.fingerprint import checkpoint_blocks
     from epimer.io.reader import open_checkpoint
 
     ckpt = open_checkpoint(made.model_dir)
-    meta = check_fisher(files[0], ckpt.names(), lambda n: ckpt.meta(n).shape, lambda n, k: ckpt.prefix(n, k))
+    meta = check_fisher(files[0], ckpt.names(), lambda n: ckpt.meta(n).shape, checkpoint_blocks(ckpt))
     assert meta.fraction == 0.5 and meta.num_samples == round(0.5 * len(splits.train))
     cached = task_fisher(made, tiny_model, splits.train, fs, SETTINGS, tokenizer=tokenizer)
     assert all(torch.equal(cached[k], fisher[k]) for k in fisher)
@@ -169,6 +172,24 @@ def test_scaled_is_base_plus_scale_times_delta() -> None:
     assert torch.equal(out["w"], torch.full((2, 2), 1.5)) and out["ids"] is base["ids"]
 
 
+class RecordingProgress(pipeline.Progress):
+    """Records the stages and the tasks reported within each."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+        self.tasks: list[tuple[str, str, int, int]] = []
+
+    @contextmanager
+    def stage(self, label: str, total: int) -> Iterator[pipeline.Advance]:
+        self.stages.append(label)
+        yield lambda n: None
+
+    @contextmanager
+    def task(self, name: str, index: int, count: int) -> Iterator[None]:
+        self.tasks.append((self.stages[-1], name, index, count))
+        yield
+
+
 def test_pipeline_end_to_end(tiny_model: Path, tasks: dict[str, TaskData], tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     config = BenchConfig(tasks=tuple(tasks), seeds=(0,), finetune=SETTINGS,
@@ -177,7 +198,14 @@ def test_pipeline_end_to_end(tiny_model: Path, tasks: dict[str, TaskData], tmp_p
                          rank_fractions=(0.25, 1.0), fisher_fractions=(0.2, 0.5), study_grid=(1.5,),
                          auto_scale=True)
     out = tmp_path / "report"
-    results = run_benchmark(config, out, model_path=tiny_model, tasks=tasks, cache_root=tmp_path / "cache")
+    progress = RecordingProgress()
+    results = run_benchmark(config, out, model_path=tiny_model, tasks=tasks, cache_root=tmp_path / "cache",
+                            progress=progress)
+    # every fine-tuning and Fisher stage reports its tasks, one by one (plain progress lines)
+    per_task = [label for label in progress.stages if re.match(r"seed \d+: (fine-tuning|Fisher)", label)]
+    assert "seed 0: Fisher on 0.2 of the training texts" in per_task
+    assert progress.tasks == [(label, name, i, len(tasks)) for label in per_task
+                              for i, name in enumerate(tasks, start=1)]
 
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["tasks"] == list(tasks)

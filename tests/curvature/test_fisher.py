@@ -1,4 +1,4 @@
-"""Empirical Fisher (SPEC section 4): per-sample gradients, closed forms, files, command line."""
+"""Empirical Fisher (docs/method.md §4): per-sample gradients, closed forms, files, command line."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from epimer.curvature.fisher_io import (
     tensor_fingerprints,
 )
 from epimer.errors import InputError
-from epimer.fingerprint import fingerprint_tensors
+from epimer.fingerprint import checkpoint_blocks, fingerprint_tensors, tensor_blocks
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,8 +78,8 @@ def assert_dicts_close(a, b, rtol=1e-9, atol=1e-12):
 
 
 def state_checkpoint(sd: dict[str, torch.Tensor]):
-    """(names, shape_of, prefix_of) of an in-memory state dict, as check_fisher takes them."""
-    return list(sd), (lambda n: tuple(sd[n].shape)), (lambda n, k: sd[n].reshape(-1)[:k])
+    """(names, shape_of, blocks_of) of an in-memory state dict, as check_fisher takes them."""
+    return list(sd), (lambda n: tuple(sd[n].shape)), tensor_blocks(sd)
 
 
 # ---------------------------------------------------------------------------- estimation
@@ -293,10 +293,10 @@ def _mlp_fisher(tmp_path: Path):
     fisher = estimate_fisher(model, mlp_batches(dtype=torch.float32), cross_entropy_loss)
     sd = model.state_dict()
     path = tmp_path / "task.fisher.safetensors"
-    names, shape_of, prefix_of = state_checkpoint(sd)
+    names, shape_of, blocks_of = state_checkpoint(sd)
     save_fisher(path, fisher, num_samples=10, estimator="empirical", seed=3, fraction=0.5,
                 model_fingerprint=fingerprint_tensors(sd, names=fisher),
-                tensor_fingerprints=tensor_fingerprints(fisher, shape_of, prefix_of))
+                tensor_fingerprints=tensor_fingerprints(fisher, shape_of, blocks_of))
     return model, fisher, path
 
 
@@ -405,7 +405,7 @@ def test_cli_writes_checkpoint_named_fisher(hf_task, tmp_path):
         assert set(f.keys()) == params and params <= set(ckpt.names())
         for n in f.keys():
             assert tuple(f.get_slice(n).get_shape()) == tuple(ckpt.meta(n).shape)
-        check_fisher(out, ckpt.names(), lambda n: ckpt.meta(n).shape, ckpt.prefix)
+        check_fisher(out, ckpt.names(), lambda n: ckpt.meta(n).shape, checkpoint_blocks(ckpt))
     # The same numbers as the Python API over the same samples.
     model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_task["model"], local_files_only=True,
                                                                            attn_implementation="eager")
@@ -543,3 +543,109 @@ def test_cli_fisher_files_drop_into_a_merge_config(hf_task, tmp_path):
     cfg.write_text(yaml.safe_dump({"base_model": str(folders["base"]), "models": models, "method": "epimer"}))
     res = CliRunner().invoke(main, ["merge", str(cfg), "-o", str(tmp_path / "merged2"), "-q"])
     assert res.exit_code == 2 and "task_b.fisher.safetensors" in res.output
+
+
+# ---------------------------------------------------------------------------- command line: files
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_cli_data_not_utf8_names_file_and_line(hf_task, tmp_path, suffix):
+    data = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        data.write_bytes(b'{"text": "good movie", "label": "pos"}\n' * 2 + b'{"text": "caf\xe9", "label": "neg"}\n')
+    else:
+        data.write_bytes(b"text,label\ngood movie,1\nfine,0\nna\xefve plot,1\n")
+    out = tmp_path / "f.safetensors"
+    res = run_cli("--model", hf_task["model"], "--data", data, "--out", out, "-q")
+    assert res.exit_code == 2, res.output + res.stderr + repr(res.exception)
+    line = 3 if suffix == ".jsonl" else 4
+    assert res.stderr.strip().splitlines() == [
+        f"error: {data}:{line}: not UTF-8 text (byte 0x{'e9' if suffix == '.jsonl' else 'ef'} "
+        f"at column {14 if suffix == '.jsonl' else 3}); save the file as UTF-8"
+    ]
+    assert not out.exists()
+
+
+def test_cli_data_with_byte_order_mark(hf_task, tmp_path):
+    data = tmp_path / "train.csv"
+    data.write_bytes(b"\xef\xbb\xbftext,label\ngood movie,1\nfine,0\n")
+    out = tmp_path / "f.safetensors"
+    res = run_cli("--model", hf_task["model"], "--data", data, "--out", out, "--params", r"^classifier\.", "-q")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert load_fisher_meta(out).num_samples == 2
+
+
+def test_cli_refuses_existing_out_unless_overwrite(hf_task, tmp_path):
+    out = tmp_path / "f.safetensors"
+    out.write_bytes(b"keep me")
+    args = ["--model", hf_task["model"], "--data", hf_task["data"], "--out", out, "--params", r"^classifier\.",
+            "--fraction", "0.2", "-q"]
+    res = run_cli(*args)
+    assert res.exit_code == 2, res.output + res.stderr
+    assert res.stderr.strip() == (
+        f"error: {out}: already exists; pass --overwrite to replace it, or choose another --out"
+    )
+    assert out.read_bytes() == b"keep me"
+    res = run_cli(*args, "--overwrite")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert load_fisher_meta(out).num_samples == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]  # no probe or temporary file left
+
+
+def test_cli_never_overwrites_its_inputs(hf_task, tmp_path):
+    data = tmp_path / "train.jsonl"
+    shutil.copy(hf_task["data"], data)
+    before = data.read_bytes()
+    res = run_cli("--model", hf_task["model"], "--data", data, "--out", data, "--overwrite", "-q")
+    assert res.exit_code == 2 and "file of the model or the data" in res.stderr, res.output + res.stderr
+    res = run_cli("--model", hf_task["model"], "--data", data, "--out", hf_task["model"] / "config.json",
+                  "--overwrite", "-q")
+    assert res.exit_code == 2 and "file of the model or the data" in res.stderr, res.output + res.stderr
+    assert data.read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "read_only", "new_folders"])
+def test_cli_out_folder_checked_before_the_model_loads(hf_task, tmp_path, monkeypatch, case):
+    import epimer.cli_fisher as cli_fisher
+
+    loaded = []
+
+    def load_model(*args, **kwargs):
+        loaded.append(True)
+        raise InputError("stop: the model was loaded")  # the test needs no Fisher, only the order
+
+    monkeypatch.setattr(cli_fisher, "_load_model", load_model)
+    (tmp_path / "some_file.txt").write_text("x")
+    out = {"under_a_file": tmp_path / "some_file.txt" / "x.safetensors",
+           "read_only": tmp_path / "f.safetensors",
+           "new_folders": tmp_path / "a" / "b" / "f.safetensors"}[case]
+    if case == "read_only":  # chmod does not stop root: the folder refuses new files instead
+        import epimer.io.outdir as outdir
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(outdir.tempfile, "TemporaryFile", refuse)
+    res = run_cli("--model", hf_task["model"], "--data", hf_task["data"], "--out", out, "-q")
+    assert res.exit_code == 2, res.output + res.stderr
+    lines = res.stderr.strip().splitlines()
+    if case == "new_folders":  # created and writable: the run goes on to the model
+        assert lines == ["error: stop: the model was loaded"]
+        assert loaded and out.parent.is_dir() and list(out.parent.iterdir()) == []
+        return
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out.parent}: "), res.stderr
+    assert not loaded
+    assert {"under_a_file": f"cannot hold the Fisher file: {tmp_path / 'some_file.txt'} is a file",
+            "read_only": "cannot write the Fisher file here: Permission denied"}[case] in lines[0]
+
+
+def test_cli_threads_sets_torch_threads(hf_task, tmp_path, monkeypatch):
+    import epimer.cli_fisher as cli_fisher
+
+    seen = []
+    monkeypatch.setattr(cli_fisher, "set_threads", seen.append)
+    out = tmp_path / "f.safetensors"
+    res = run_cli("--model", hf_task["model"], "--data", hf_task["data"], "--out", out, "--params", r"^classifier\.",
+                  "--fraction", "0.2", "--threads", "1", "-q")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert seen == [1] and out.is_file()

@@ -14,7 +14,7 @@ Per seed s (each seed draws its own splits, probes, fine-tuning batches and drop
    merge at scale s: the sweep costs evaluations only. The scale with the best average
    validation accuracy over the tasks is kept (ties: the first in the grid), and test
    accuracy is reported at it; methods without a scale (`weight_average`) are evaluated as
-   they are. ``scale: auto`` (SPEC section 6) is computed from the same Δ and the Fishers
+   they are. ``scale: auto`` (docs/method.md §6) is computed from the same Δ and the Fishers
    and reported beside it.
 4. Reported per method: test accuracy per task, average, worst task, normalized accuracy
    (mean over tasks of merged / fine-tuned accuracy), merge wall time.
@@ -61,7 +61,7 @@ from epimer.registry import available_methods, get_method
 
 StateDict = dict[str, torch.Tensor]
 
-#: EpiMer's ``fisher_norm`` settings; SPEC 3.4 asks the benchmark to compare all three.
+#: EpiMer's ``fisher_norm`` settings; docs/method.md §3.4 asks the benchmark to compare all three.
 FISHER_NORMS = ("none", "global", "tensor")
 
 
@@ -85,7 +85,7 @@ class BenchConfig:
             EpiMer compared at matched rank).
         methods: method names to run (None: every registered method).
         epimer_fisher_norms: EpiMer is run once per ``fisher_norm`` in this list.
-        auto_scale: also score ``scale: auto`` (SPEC 6) on validation and test; its value is
+        auto_scale: also score ``scale: auto`` (docs/method.md §6) on validation and test; its value is
             reported for every method with a scale either way. Off by default: scoring costs
             two more evaluation passes per method.
         eval_batch_size: texts per forward pass when scoring.
@@ -93,7 +93,7 @@ class BenchConfig:
             study row is a merge with its scale chosen on validation, as in the headline
             table, without the ``scale: auto`` scoring.
         rank_fractions: the rank sweep (paper Sec. 4.4): TSV-M and EpiMer at each matched
-            ``rank_fraction``, with EpiMer's kappa (SPEC 5) at that rank beside the gain.
+            ``rank_fraction``, with EpiMer's kappa (docs/method.md §5) at that rank beside the gain.
         fisher_fractions: the Fisher data study (paper Sec. 4.5): EpiMer with Fishers
             estimated on each share of the training split.
         study_grid: the scales tried on validation for every study row (TSV-M and EpiMer,
@@ -212,6 +212,11 @@ class Progress:
     def stage(self, label: str, total: int) -> Iterator[Advance]:
         yield lambda n: None
 
+    @contextmanager
+    def task(self, name: str, index: int, count: int) -> Iterator[None]:
+        """Task ``name``, the ``index``-th (from 1) of ``count``, within the current stage."""
+        yield
+
     def log(self, message: str) -> None:
         pass
 
@@ -235,7 +240,7 @@ def auto_scale(
     models: Sequence[Mapping[str, torch.Tensor]],
     fishers: Sequence[Mapping[str, torch.Tensor]],
 ) -> float | None:
-    """SPEC 6 over every merged tensor: ``Σ_t w_t⟨Δ, F_t⊙τ_t⟩ / Σ_t w_t⟨Δ, F_t⊙Δ⟩``, equal
+    """docs/method.md §6 over every merged tensor: ``Σ_t w_t⟨Δ, F_t⊙τ_t⟩ / Σ_t w_t⟨Δ, F_t⊙Δ⟩``, equal
     weights (as the engine's ``scale: auto``); None where Δ has no curvature."""
     weights = torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
     num = den = 0.0
@@ -308,15 +313,15 @@ def _prepare_seed(
         splits[name] = Splits(full.train, _cap(full.val, config.max_val), _cap(full.test, config.max_test))
     models: list[TaskModel] = []
     with progress.stage(f"seed {seed}: fine-tuning", ft.steps * len(config.tasks)) as advance:
-        for name in config.tasks:
-            models.append(task_model(model_path, splits[name], seed, ft, cache_root=cache_root / "bench",
-                                     base_fingerprint=fp, base_keys=list(base), tokenizer=tokenizer,
-                                     advance=advance))
+        for i, name in enumerate(config.tasks, start=1):
+            with progress.task(name, i, len(config.tasks)):
+                models.append(task_model(model_path, splits[name], seed, ft, cache_root=cache_root / "bench",
+                                         base_fingerprint=fp, base_keys=list(base), tokenizer=tokenizer,
+                                         advance=advance))
     fs = config.fisher
     total = sum(max(1, round(fs.fraction * len(splits[n].train))) for n in config.tasks)
     with progress.stage(f"seed {seed}: Fisher", total) as advance:
-        fishers = [task_fisher(m, model_path, splits[m.task].train, fs, ft, tokenizer=tokenizer, advance=advance)
-                   for m in models]
+        fishers = _fishers(models, model_path, splits, fs, ft, tokenizer, advance, progress)
     val = {n: encode(tokenizer, splits[n].val, ft.max_length) for n in config.tasks}
     test = {n: encode(tokenizer, splits[n].test, ft.max_length) for n in config.tasks}
     info = {
@@ -334,6 +339,19 @@ def _prepare_seed(
     evaluator = Evaluator(load_encoder(model_path), batch_size=config.eval_batch_size)
     heads = {m.task: m.head for m in models}
     return _SeedContext(base, models, fishers, heads, val, test, evaluator, splits, model_path, tokenizer), info
+
+
+def _fishers(
+    models: Sequence[TaskModel], model_path: Path, splits: Mapping[str, Splits], fs: FisherSettings,
+    ft: FinetuneSettings, tokenizer: Any, advance: Advance, progress: Progress,
+) -> list[StateDict]:
+    """Each task model's Fisher on its training split, one progress task each."""
+    fishers = []
+    for i, m in enumerate(models, start=1):
+        with progress.task(m.task, i, len(models)):
+            fishers.append(task_fisher(m, model_path, splits[m.task].train, fs, ft, tokenizer=tokenizer,
+                                       advance=advance))
+    return fishers
 
 
 def _score(ctx: _SeedContext, state: StateDict, split: str) -> dict[str, float]:
@@ -522,8 +540,7 @@ def _studies(
         fs = replace(config.fisher, fraction=f)
         total = sum(max(1, round(f * len(ctx.splits[m.task].train))) for m in ctx.models)
         with progress.stage(f"seed {seed}: Fisher on {f:g} of the training texts", total) as advance:
-            fishers = [task_fisher(m, ctx.model_path, ctx.splits[m.task].train, fs, ft, tokenizer=ctx.tokenizer,
-                                   advance=advance) for m in ctx.models]
+            fishers = _fishers(ctx.models, ctx.model_path, ctx.splits, fs, ft, ctx.tokenizer, advance, progress)
         epi = pick("epimer", f"Fisher fraction {f:g}", replace(study, fisher=fs), replace(ctx, fishers=fishers))
         fraction.append({"fraction": f, "samples": {m.task: max(1, round(f * len(ctx.splits[m.task].train)))
                                                     for m in ctx.models}, "epimer": _brief(epi)})
