@@ -121,7 +121,7 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
 
 def fisher_files(work: Path, tasks: list[str]) -> list[Path]:
     from epimer.curvature.fisher_io import save_fisher
-    from epimer.fingerprint import fingerprint
+    from epimer.fingerprint import checkpoint_blocks, fingerprint
     from epimer.io import open_checkpoint
 
     paths = []
@@ -141,7 +141,7 @@ def fisher_files(work: Path, tasks: list[str]) -> list[Path]:
                 fisher[name] = (out_m @ in_m).mul_(torch.randn(shape, generator=g).mul_(0.25).exp_()) * (1 + t % 3)
             else:
                 fisher[name] = torch.rand(shape, generator=g) + 0.05
-        fp = fingerprint(fisher, lambda n: ck.meta(n).shape, ck.prefix)
+        fp = fingerprint(fisher, lambda n: ck.meta(n).shape, checkpoint_blocks(ck))
         save_fisher(path, fisher, num_samples=1, estimator="empirical", seed=t, fraction=1.0, model_fingerprint=fp)
         ck.close()
         print(f"wrote {path}", flush=True)

@@ -58,3 +58,32 @@ def test_merge_loads_with_from_pretrained(tmp_path: Path, kind: str, shard: int 
     with torch.no_grad():
         out = merged(**inputs)
     assert torch.isfinite(out[0]).all()
+
+
+def test_old_base_with_position_ids_merges_and_loads(tmp_path: Path) -> None:
+    """A base saved by an older transformers holds the int64 buffer `embeddings.position_ids`;
+    fine-tunes saved by a newer one do not. The buffer is copied from the base, the merge
+    succeeds, and the merged model loads with from_pretrained."""
+    from safetensors.torch import load_file, save_file
+
+    cls, cfg, inputs = _family("bert")
+    torch.manual_seed(0)
+    base = cls(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    f = tmp_path / "base" / "model.safetensors"
+    sd = load_file(str(f))
+    assert "embeddings.position_ids" not in sd
+    sd["embeddings.position_ids"] = torch.arange(cfg.max_position_embeddings)[None]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    for i in range(2):
+        m = cls(cfg).eval()
+        m.load_state_dict(_perturbed(base, i + 1))
+        m.save_pretrained(tmp_path / f"t{i}")
+        assert "embeddings.position_ids" not in load_file(str(tmp_path / f"t{i}" / "model.safetensors"))
+    conf = write_config(tmp_path / "c.yaml", tmp_path / "base", [tmp_path / "t0", tmp_path / "t1"], "ties")
+    merge_to_folder(load_config(conf), tmp_path / "out")
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["embeddings.position_ids"],
+                       sd["embeddings.position_ids"])
+    merged = cls.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.isfinite(merged(**inputs)[0]).all()

@@ -1,7 +1,7 @@
 """The ``epimer`` command line, thin over the Python API.
 
-Exit codes (SPEC section 7): 0 success, 2 bad input (one line naming the file and tensor),
-1 internal error.
+Exit codes (docs/method.md §7): 0 success, 2 bad input (one line naming the file and
+tensor), 1 internal error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -11,13 +11,24 @@ import re
 import signal
 import sys
 import traceback
+import typing
 from pathlib import Path
 from typing import Any
 
 import click
 
 from epimer import __version__
+from epimer.cli_options import set_threads, threads_option
 from epimer.errors import InputError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every ``finally`` and partial-output cleanup
+    runs as for Ctrl-C; the command then exits 143 (128 + SIGTERM) instead of 130."""
+
+
+def _on_sigterm(*_: Any) -> None:
+    raise Terminated()
 
 
 class _Group(click.Group):
@@ -27,10 +38,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except InputError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo("error: " + " ".join(str(err).split()), err=True)  # one line, always
             ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -49,7 +63,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Merge fine-tuned models: EpiMer and the baselines it is compared against."""
     ctx.obj = {"debug": debug}
     # A terminated merge must still remove its partial output: make SIGTERM unwind like Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -77,18 +91,25 @@ def parse_size(text: str) -> int:
 @click.option("--strict", is_flag=True, help="Refuse task models holding tensors the base lacks (default: warn).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of refusing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@threads_option
 def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, strict: bool,
-          allow_nonfinite: bool, quiet: bool) -> None:
+          allow_nonfinite: bool, quiet: bool, threads: int | None) -> None:
     """Merge the models of CONFIG (YAML) into the folder OUT.
 
+    OUT is built under a hidden name beside it and renamed into place when complete. OUT may
+    not be, contain or lie inside an input (base, models, Fisher files, the config), nor be
+    the current folder or one of its parents: --overwrite can never delete an input.
+
     Under ``torchrun --nproc_per_node N`` the processes split the tensors (balanced by
-    size); each writes its own shards and rank 0 the index and metadata files.
+    size); each writes its own shards and rank 0 the index and metadata files. The maths is
+    in docs/method.md.
     """
     from epimer.config import load_config
     from epimer.distributed import init_from_env, shutdown
     from epimer.engine import merge_to_folder
     from epimer.progress import RichProgress
 
+    set_threads(threads)
     cfg = load_config(config)
     size = parse_size(shard_size) if shard_size else None
     group = init_from_env()
@@ -108,7 +129,7 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def methods(as_json: bool) -> None:
-    """List every merge method with its parameters and defaults."""
+    """List every merge method with its parameters and defaults (the maths: docs/method.md)."""
     from epimer.registry import available_methods, get_method
 
     rows = []
@@ -149,8 +170,10 @@ def methods(as_json: bool) -> None:
 @click.option("--top", default=20, show_default=True, help="Rows of the table (worst tensors first).")
 @click.option("--allow-nonfinite", is_flag=True, help="Use tensors holding NaN or Inf instead of refusing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bool, quiet: bool) -> None:
-    """Curvature heterogeneity and error bound (SPEC section 5) of CONFIG's models, per tensor.
+@threads_option
+def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bool, quiet: bool,
+             threads: int | None) -> None:
+    """Curvature heterogeneity and error bound (docs/method.md §5) of CONFIG's models, per tensor.
 
     kappa = J(c̄) − J(c*) is what curvature-aware merging gains over flat merging in the
     subspace objective; kappa_rel = kappa / J(c̄). bound = ½(√V + √R)² estimates the rise of
@@ -164,11 +187,19 @@ def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bo
     from epimer.engine import diagnose as run_diagnose
     from epimer.progress import RichProgress
 
+    from epimer.io.outdir import check_not_over_inputs, ensure_writable_folder, write_text_atomic
+
+    set_threads(threads)
     cfg = load_config(config)
+    if json_path is not None:  # before the work, not after it
+        if json_path.is_dir():
+            raise InputError(f"{json_path}: --json is a folder; give a file name such as diagnostics.json")
+        check_not_over_inputs(json_path, cfg.input_paths(), "--json file")
+        ensure_writable_folder(json_path.absolute().parent, "--json file")
     with RichProgress(enabled=not quiet) as progress:
         result = run_diagnose(cfg, progress=progress, allow_nonfinite=allow_nonfinite)
     if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(json_path, json.dumps(result, indent=2) + "\n", "--json file")
     table = Table(title=f"EpiMer diagnostics of {config} (worst tensors by kappa first)", title_justify="left")
     for col in ("tensor", "shape", "r", "kappa", "kappa_rel", "V", "R", "bound"):
         table.add_column(col, justify="left" if col in ("tensor", "shape") else "right")
@@ -186,7 +217,15 @@ def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bo
 
 
 def _type_name(annotation: Any) -> str:
-    """'Union[float, Literal['auto']]' -> "float | 'auto'" for the methods table."""
+    """'Union[float, Literal['auto']]' -> "float | 'auto'" for the methods table; constrained
+    members such as Annotated[int, Field(ge=1)] read 'int >= 1'."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        bounds = [f"{sym} {getattr(m, attr)}" for f in args[1:] for m in getattr(f, "metadata", [f])
+                  for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
+        return " ".join([_type_name(args[0]), *bounds])
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in args)
     text = str(annotation).replace("typing.", "")
     text = re.sub(r"<class '(\w+)'>", r"\1", text)
     text = re.sub(r"Literal\[([^\]]*)\]", lambda m: m.group(1).replace(", ", " | "), text)
@@ -195,12 +234,11 @@ def _type_name(annotation: Any) -> str:
 
 
 def _register_optional_commands() -> None:
-    # Fisher estimation and the benchmark need transformers (the [hf] / [bench] extras).
-    try:
-        from epimer.cli_bench import bench, demo
-        from epimer.cli_fisher import fisher_command
-    except ImportError:  # pragma: no cover
-        return
+    # Fisher estimation and the benchmark need transformers (the [hf] / [bench] extras); the
+    # commands exist without them and say which extra to install.
+    from epimer.cli_bench import bench, demo
+    from epimer.cli_fisher import fisher_command
+
     main.add_command(fisher_command, "fisher")
     main.add_command(bench)
     main.add_command(demo)

@@ -1,18 +1,22 @@
-"""The merge configuration (SPEC section 7), validated once at the edge.
+"""The merge configuration (docs/method.md §7), validated once at the edge.
 
 Relative paths in a config file are resolved against the folder that holds the file, so a
-config and its checkpoints can move together.
+config and its checkpoints can move together. Paths are made absolute but symbolic links are
+kept as written. Numbers must be finite, YAML keys must not repeat, and the method and its
+parameters are checked here, so every mistake in a config is reported naming the file.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from epimer.errors import InputError
 
@@ -28,17 +32,27 @@ DTYPES: dict[str, torch.dtype] = {
 class ModelSpec(BaseModel):
     """One fine-tuned model: its checkpoint, relative weight and optional Fisher file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: Path
     weight: float = Field(1.0, gt=0, description="relative task weight, normalised over tasks")
-    fisher: Path | None = Field(None, description="diagonal Fisher file (SPEC section 4)")
+    fisher: Path | None = Field(None, description="diagonal Fisher file (docs/method.md §4)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, v: Any) -> Any:
+        """``- path/to/model`` is short for ``- model: path/to/model``."""
+        if isinstance(v, (str, os.PathLike)):
+            return {"model": v}
+        if not isinstance(v, dict):
+            raise ValueError(f"expected a path or a mapping such as {{model: PATH, weight: 1.0}}, got {v!r}")
+        return v
 
 
 class MergeConfig(BaseModel):
     """A whole merge: base, task models, method, its parameters, exclusions, output dtype."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_model: Path
     models: list[ModelSpec] = Field(min_length=1)
@@ -62,10 +76,30 @@ class MergeConfig(BaseModel):
     def _none_is_empty(cls, v: Any) -> Any:
         return {} if v is None else v
 
+    #: The config file this came from (None for configs built in Python).
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
     def weights(self) -> torch.Tensor:
-        """Task weights w_t normalised to sum to 1, float64 (SPEC section 1)."""
+        """Task weights w_t normalised to sum to 1, float64 (docs/method.md §1). Divided by the
+        largest first, so weights near the float range still normalise (their sum would not)."""
         w = torch.tensor([m.weight for m in self.models], dtype=torch.float64)
+        w = w / w.max()
         return w / w.sum()
+
+    def input_paths(self) -> list[tuple[str, Path]]:
+        """(what, path) of every file or folder this merge reads, the config file included."""
+        items: list[tuple[str, Path]] = [("base model", self.base_model)]
+        for i, m in enumerate(self.models):
+            items.append((f"model {i + 1}", m.model))
+            if m.fisher is not None:
+                items.append((f"Fisher file of model {i + 1}", m.fisher))
+        if self._source is not None:
+            items.append(("config file", self._source))
+        return items
 
     def is_excluded(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.exclude)
@@ -74,9 +108,11 @@ class MergeConfig(BaseModel):
         """A copy with every relative path made absolute against ``root``."""
 
         def fix(p: Path | None) -> Path | None:
-            return None if p is None else (p if p.is_absolute() else (root / p)).resolve()
+            # abspath, not resolve(): symbolic links stay as the user wrote them (and a link
+            # loop is reported by the reader as bad input, not raised here)
+            return None if p is None else Path(os.path.abspath(p if p.is_absolute() else root / p))
 
-        return self.model_copy(
+        out = self.model_copy(
             update={
                 "base_model": fix(self.base_model),
                 "models": [
@@ -84,6 +120,8 @@ class MergeConfig(BaseModel):
                 ],
             }
         )
+        out._source = self._source
+        return out
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """Plain data for ``merge_config.yaml`` (paths as strings)."""
@@ -91,12 +129,21 @@ class MergeConfig(BaseModel):
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    # An unknown key first: a typo such as `methods:` also makes `method` missing, and the
+    # typo is what the user must see.
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = f"unknown key; valid keys here: {', '.join(_valid_keys(first['loc']))}"
+        valid = _valid_keys(first["loc"])
+        close = difflib.get_close_matches(str(first["loc"][-1]), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        msg = f"unknown key{hint}; valid keys here: {', '.join(valid)}"
+    elif first["type"] == "finite_number":
+        msg = f"must be a finite number, got {first.get('input')!r}"
+    msg = msg.replace("Value error, ", "")
     return f"{source}: {loc or 'config'}: {msg}{more}"
 
 
@@ -113,23 +160,58 @@ def parse_config(data: Any, source: str = "config", root: Path | None = None) ->
         cfg = MergeConfig.model_validate(data)
     except ValidationError as err:
         raise InputError(_format_validation_error(source, err)) from None
+    check_method(cfg, source)
     return cfg.resolved(root or Path.cwd())
+
+
+def check_method(cfg: MergeConfig, source: str) -> None:
+    """The method exists and its parameters are valid; errors name ``source``."""
+    from epimer.registry import get_method
+
+    try:
+        get_method(cfg.method).parse_params(cfg.parameters)
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the
+    last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (YAML would silently keep the last)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a YAML merge config; any problem is an InputError naming the file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{p}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{p}: not a UTF-8 text file (byte {err.start}); save the config as UTF-8 YAML") from None
     except OSError as err:
         raise InputError(f"{p}: cannot read config: {err.strerror or err}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise InputError(f"{p}:{where}: YAML syntax error: {problem}") from None
-    return parse_config(data, source=str(p), root=p.parent.resolve())
+    cfg = parse_config(data, source=str(p), root=Path(os.path.abspath(p.parent)))
+    cfg._source = Path(os.path.abspath(p))
+    return cfg

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections import deque
@@ -91,6 +92,7 @@ def _scratch_float(numel: int, slot: str) -> torch.Tensor:
     return _scratch(4 * numel, slot)[: 4 * numel].view(torch.float32)
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
 
 
@@ -132,8 +134,24 @@ class ProgressSink:
     def log(self, message: str) -> None: ...
 
 
+def _missing_message(task: Checkpoint, name: str) -> str:
+    """A base tensor absent from a task model; names a prefix that explains it (a task saved
+    as `...ForSequenceClassification` holds `bert.NAME` where a bare encoder holds `NAME`)."""
+    msg = f"{task.path}: tensor {name!r} of the base model is missing from this task model"
+    longer = next((n for n in task.names() if n.endswith("." + name)), None)
+    if longer is not None:
+        prefix = longer[: -len(name)]
+        return (f"{msg}, whose names carry the extra prefix {prefix!r} (it holds {longer!r}); merge checkpoints "
+                "of the same architecture: save the task's inner model alone, or use a base of the task's class")
+    dot = name.find(".")
+    if dot > 0 and name[dot + 1:] in task:
+        return (f"{msg}; the task model holds {name[dot + 1:]!r}: the base's names carry the extra prefix "
+                f"{name[:dot + 1]!r}; merge checkpoints of the same architecture")
+    return msg
+
+
 def _classify(name: str, shape: tuple[int, ...], num_tasks: int) -> TensorKind:
-    """SPEC section 1: a 2-D tensor with min(m, n) >= T is a matrix, anything else a vector."""
+    """docs/method.md §1: a 2-D tensor with min(m, n) >= T is a matrix, anything else a vector."""
     if len(shape) == 2 and min(shape) >= num_tasks:
         return "matrix"
     return "vector"
@@ -212,32 +230,40 @@ class MergeRun:
         T = len(self.tasks)
         plan: list[TensorPlan] = []
         out_dtype = DTYPES.get(self.config.dtype or "")
+        buffers_missing: list[str] = []
         for name in self.base.names():
             meta = self.base.meta(name)
             floating = meta.dtype in _FLOATS
+            if self.config.is_excluded(name) or not floating:
+                # Kept equal to the base: task models need not hold it (an old base's int64
+                # `position_ids` buffer, say), but a task whose buffer differs is reported.
+                if not floating:
+                    self._check_buffer(name, meta, buffers_missing)
+                plan.append(TensorPlan(name, meta.shape, meta.dtype if not floating else (out_dtype or meta.dtype),
+                                       "copy", None, meta.nbytes))
+                continue
             for task in self.tasks:
                 if name not in task:
-                    raise InputError(
-                        f"{task.path}: tensor {name!r} of the base model is missing from this task model"
-                    )
+                    raise InputError(_missing_message(task, name))
                 tmeta = task.meta(name)
                 if tmeta.shape != meta.shape:
                     raise InputError(
                         f"{task.path}: tensor {name!r} has shape {list(tmeta.shape)}, the base "
                         f"({self.base.path}) has {list(meta.shape)}"
                     )
-                if floating and tmeta.dtype not in _FLOATS:
+                if tmeta.dtype not in _FLOATS:
                     raise InputError(
                         f"{task.path}: tensor {name!r} has dtype {tmeta.dtype}, which cannot be merged "
                         f"with the base's {meta.dtype}"
                     )
-            if not floating or self.config.is_excluded(name):
-                plan.append(TensorPlan(name, meta.shape, meta.dtype if not floating else (out_dtype or meta.dtype),
-                                       "copy", None, meta.nbytes))
-                continue
             in_bytes = meta.nbytes + sum(t.meta(name).nbytes for t in self.tasks)
             plan.append(TensorPlan(name, meta.shape, out_dtype or meta.dtype, "merge",
                                    _classify(name, meta.shape, T), in_bytes))
+        if buffers_missing:
+            self.progress.log(
+                f"note: {len(buffers_missing)} non-float buffer(s) of the base are missing from some task "
+                f"model(s), e.g. {buffers_missing[0]!r}; copied from the base"
+            )
         base_names = set(self.base.names())
         for task in self.tasks:
             extra = [n for n in task.names() if n not in base_names]
@@ -254,21 +280,40 @@ class MergeRun:
             )
         return plan
 
+    def _check_buffer(self, name: str, meta: Any, missing: list[str]) -> None:
+        """A non-float tensor (a buffer: position ids, counters) is copied from the base; say so
+        when a task model lacks it, and warn when a task model holds other values."""
+        base_value: torch.Tensor | None = None
+        for task in self.tasks:
+            if name not in task:
+                if name not in missing:
+                    missing.append(name)
+                continue
+            tmeta = task.meta(name)
+            if tmeta.shape == meta.shape and tmeta.dtype == meta.dtype:
+                base_value = self.base.get(name) if base_value is None else base_value
+                if torch.equal(task.get(name), base_value):
+                    continue
+            msg = (f"{task.path}: buffer {name!r} differs from the base's ({list(tmeta.shape)} {tmeta.dtype} "
+                   f"vs {list(meta.shape)} {meta.dtype}, or other values); the merged model keeps the base's")
+            self.report.warnings.append(msg)
+            self.progress.log("warning: " + msg)
     def _check_fishers(self, verify: bool) -> None:
         assert self.fishers is not None
         needed = [p.name for p in self.plan if p.action == "merge"]
         for spec, task, fisher in zip(self.config.models, self.tasks, self.fishers):
-            for name in needed:
-                if name not in fisher:
-                    raise InputError(
-                        f"{fisher.path}: no Fisher values for tensor {name!r} of model {spec.model}; "
-                        "estimate them, or keep the tensor at the base with `exclude`"
-                    )
+            absent = [name for name in needed if name not in fisher]
+            if absent:
+                shown = ", ".join(repr(n) for n in absent[:5]) + (", ..." if len(absent) > 5 else "")
+                raise InputError(
+                    f"{fisher.path}: no Fisher values for {len(absent)} tensor(s) of model {spec.model}: {shown}; "
+                    "estimate them, or keep those tensors at the base with `exclude`"
+                )
             if verify:
                 from epimer.curvature.fisher_io import check_fisher
+                from epimer.fingerprint import checkpoint_blocks
 
-                check_fisher(fisher.path, task.names(), lambda n, t=task: t.meta(n).shape,
-                             lambda n, k, t=task: t.prefix(n, k))
+                check_fisher(fisher.path, task.names(), lambda n, t=task: t.meta(n).shape, checkpoint_blocks(task))
 
     # ------------------------------------------------------------------ streaming
 
@@ -287,15 +332,30 @@ class MergeRun:
         else:  # converted at once, so the raw bytes can go to this thread's reused buffer
             t = self._view(ckpt, name, rows)
         x = t.to(torch.float32) if t.dtype != torch.float32 else t
+        fisher = what == "Fisher"
         # A finite sum proves every entry finite, at a fraction of isfinite()'s cost; only an
         # infinite or NaN sum (non-finite entries, or an overflow) needs the entrywise check.
-        if not self.allow_nonfinite and not bool(torch.isfinite(x.sum())) \
+        if (fisher or not self.allow_nonfinite) and not bool(torch.isfinite(x.sum())) \
                 and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
-            raise InputError(
-                f"{ckpt.path}: tensor {name!r} ({what}) holds {bad} NaN/Inf value(s); "
-                "fix the checkpoint or pass --allow-nonfinite"
-            )
+            fix = "re-estimate it" if fisher else "fix the checkpoint or pass --allow-nonfinite"
+            raise InputError(f"{ckpt.path}: tensor {name!r} ({what}) holds {bad} NaN/Inf value(s); {fix}")
+        if fisher and x.numel():
+            lo, hi = torch.aminmax(x)
+            if float(lo) < 0:
+                bad = int((x < 0).sum())
+                raise InputError(
+                    f"{ckpt.path}: tensor {name!r} (Fisher) holds {bad} negative value(s); a Fisher diagonal "
+                    "is a mean of squares, so this file is corrupt or not a Fisher: re-estimate it"
+                )
+            # The metrics sum Fisher values over the whole tensor in float32: beyond this
+            # they overflow (real Fishers are many orders of magnitude below it).
+            limit = _FLOAT32_MAX / max(1, ckpt.meta(name).numel)
+            if float(hi) > limit:
+                raise InputError(
+                    f"{ckpt.path}: tensor {name!r} (Fisher) holds values up to {float(hi):.3g}, beyond {limit:.3g} "
+                    "(float32's range over this tensor's entries); the file is corrupt or needs rescaling"
+                )
         return x
 
     def row_blocks(self, p: TensorPlan, blocked: bool) -> list[tuple[int, int] | None]:
@@ -423,6 +483,23 @@ class MergeRun:
         shape = p.shape if rows is None else (rows[1] - rows[0], *p.shape[1:])
         return torch.empty(shape, dtype=p.out_dtype).copy_(acc.view(shape))
 
+    def _check_output(self, p: TensorPlan, theta: torch.Tensor) -> torch.Tensor:
+        """Refuse a merged tensor that is not finite in the output dtype (the scale or the
+        weights blew it up, or it overflows float16), unless --allow-nonfinite."""
+        if self.allow_nonfinite or not theta.is_floating_point():
+            return theta
+        # float32 accumulation: finite for any finite float16/bfloat16 tensor of this size
+        if bool(torch.isfinite(theta.sum(dtype=torch.float64 if theta.dtype == torch.float64 else torch.float32))) \
+                or bool(torch.isfinite(theta).all()):
+            return theta
+        bad = int((~torch.isfinite(theta)).sum())
+        dtype = str(p.out_dtype).replace("torch.", "")
+        raise InputError(
+            f"tensor {p.name!r}: the merged values hold {bad} NaN/Inf value(s) in the output dtype {dtype} "
+            "(a huge scale or weight, or values beyond the dtype's range); lower the scale, choose a wider "
+            "`dtype:`, or pass --allow-nonfinite"
+        )
+
     def _record_info(self, p: TensorPlan, rows: tuple[int, int] | None, info: dict[str, float]) -> None:
         if rows is None:
             self.report.tensors[p.name] = dict(info)
@@ -458,8 +535,8 @@ class MergeRun:
             info: dict[str, float] = {}
             if linear is not None:
                 theta = self._linear_theta(p, rows, linear, float(scale))
-                if theta is not None:
-                    return theta, info
+                if theta is not None:  # finite in float32; a narrower output may still overflow
+                    return (self._check_output(p, theta) if p.out_dtype.itemsize < 4 else theta), info
             if spill is not None:
                 delta = spill.get(p.name) if rows is None else spill.get_rows(p.name, *rows)
                 base = self._load_float(self.base, p.name, "base", rows)
@@ -468,7 +545,7 @@ class MergeRun:
                 delta, base, info = res.delta, x.base, res.info
                 del x, res  # drop the task vectors before the output is built
             theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
-            return theta.to(p.out_dtype), info
+            return self._check_output(p, theta.to(p.out_dtype)), info
 
         try:
             for (p, rows, last), (theta, info) in self._pipeline(self._units(todo), work):
@@ -483,7 +560,7 @@ class MergeRun:
                 spill.close()
 
     def _auto_scale(self, state: Any, workdir: Path) -> tuple[float, Checkpoint]:
-        """SPEC section 6: one pass computes Δ, spills it, and accumulates the surrogate terms."""
+        """docs/method.md §6: one pass computes Δ, spills it, and accumulates the surrogate terms."""
         from epimer.diagnostics import auto_scale_terms
 
         merged = [p for p in self.own if p.action == "merge"]
@@ -524,7 +601,23 @@ class MergeRun:
 # ---------------------------------------------------------------------- writing a model
 
 
-def model_card(config: MergeConfig, params: MethodParams, report: MergeReport, version: str) -> str:
+#: Sentence-transformers files of a model folder (the pooling and normalisation modules
+#: listed in modules.json are folders, copied as well), so a merged encoder keeps its pooling.
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _shown(path: Path | None, out: Path | None) -> str:
+    """A path as written in the output folder's files: relative to OUT when OUT is given
+    (merge_config.yaml resolves relative paths against its own folder)."""
+    if path is None:
+        return ""
+    if out is None or str(path).startswith("<"):
+        return str(path)
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+
+
+def model_card(config: MergeConfig, params: MethodParams, report: MergeReport, version: str,
+               out: Path | None = None) -> str:
     lines = [
         "---",
         "library_name: transformers",
@@ -534,7 +627,8 @@ def model_card(config: MergeConfig, params: MethodParams, report: MergeReport, v
         f"# Merged model ({config.method})",
         "",
         f"Produced with epimer {version} by merging {len(config.models)} fine-tuned model(s) into "
-        f"the base `{config.base_model}` with `{config.method}`.",
+        f"the base `{_shown(config.base_model, out)}` with `{config.method}`"
+        + (" (paths relative to this folder)." if out is not None else "."),
         "",
         "## Parameters",
         "",
@@ -544,20 +638,29 @@ def model_card(config: MergeConfig, params: MethodParams, report: MergeReport, v
     for k, v in params.model_dump().items():
         lines.append(f"| {k} | {v} |")
     if report.scale_auto is not None:
-        lines.append(f"| scale (auto, SPEC 6) | {report.scale_auto:.6g} |")
+        lines.append(f"| scale (auto, docs/method.md §6) | {report.scale_auto:.6g} |")
     lines += ["", "## Inputs", "", "| model | weight | fisher |", "|---|---|---|"]
     for m, w in zip(config.models, config.weights().tolist()):
-        lines.append(f"| `{m.model}` | {w:.4g} | {'`' + str(m.fisher) + '`' if m.fisher else ''} |")
+        fisher = f"`{_shown(m.fisher, out)}`" if m.fisher else ""
+        lines.append(f"| `{_shown(m.model, out)}` | {w:.4g} | {fisher} |")
     if config.exclude:
         lines += ["", "Kept equal to the base: " + ", ".join(f"`{e}`" for e in config.exclude)]
     lines += ["", "`merge_config.yaml` beside this file reproduces the merge: `epimer merge merge_config.yaml -o OUT`.", ""]
     return "\n".join(lines)
 
 
-def _resolved_config_yaml(config: MergeConfig, params: MethodParams, report: MergeReport, version: str) -> str:
+def _resolved_config_yaml(config: MergeConfig, params: MethodParams, report: MergeReport, version: str,
+                          out: Path | None = None) -> str:
     data = config.to_yaml_dict()
+    data["base_model"] = _shown(config.base_model, out)
+    for spec, m in zip(data["models"], config.models):
+        spec["model"] = _shown(m.model, out)
+        if m.fisher is not None:
+            spec["fisher"] = _shown(m.fisher, out)
     data["parameters"] = params.model_dump(mode="json")
     header = f"# written by epimer {version}\n"
+    if out is not None:
+        header += "# paths are relative to the folder holding this file\n"
     if report.scale_auto is not None:
         header += f"# scale: auto chose {report.scale_auto!r}; stored below so this file reproduces the merge\n"
         data["parameters"]["scale"] = report.scale_auto
@@ -567,10 +670,21 @@ def _resolved_config_yaml(config: MergeConfig, params: MethodParams, report: Mer
 def _copy_aux_files(base: Path, dest: Path, out_dtype: str | None) -> None:
     if not base.is_dir():
         return
-    for fname in AUX_FILES:
+    for fname in (*AUX_FILES, *SENTENCE_TRANSFORMERS_FILES):
         src = base / fname
         if src.is_file():
-            shutil.copy2(src, dest / fname)
+            shutil.copyfile(src, dest / fname)
+    modules = base / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{modules}: not valid JSON ({err}); fix or remove it") from None
+        for e in entries if isinstance(entries, list) else []:
+            sub = e.get("path") if isinstance(e, dict) else None
+            # a module folder of the base (1_Pooling, 2_Normalize), never a path outside it
+            if sub and (base / sub).is_dir() and Path(os.path.abspath(base / sub)).parent == Path(os.path.abspath(base)):
+                shutil.copytree(base / sub, dest / sub, dirs_exist_ok=True, copy_function=shutil.copyfile)
     cfg = dest / "config.json"
     if out_dtype and cfg.is_file():
         try:
@@ -583,6 +697,25 @@ def _copy_aux_files(base: Path, dest: Path, out_dtype: str | None) -> None:
         cfg.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def check_output(out: Path, config: MergeConfig, overwrite: bool) -> Path:
+    """Everything about OUT that can be known before merging: it is apart from every input,
+    it exists only with ``overwrite`` (and then is a folder), and its folder is writable.
+    Removes what killed runs left beside it. Returns OUT made absolute."""
+    from epimer.io.outdir import check_not_over_inputs, ensure_writable_folder, remove_stale_partials
+
+    out = Path(os.path.abspath(out))
+    check_not_over_inputs(out, config.input_paths(), "output folder")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: output already exists; choose another path or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    ensure_writable_folder(out.parent, "output folder")
+    for p in remove_stale_partials(out):
+        log = f"removed {p.name}, left beside the output by an earlier run that was killed"
+        print(f"note: {log}", file=sys.stderr)
+    return out
+
+
 def write_merge(
     run: MergeRun,
     out: str | Path,
@@ -592,22 +725,22 @@ def write_merge(
 ) -> MergeReport:
     """Merge and write OUT atomically: everything goes to a temporary folder beside OUT,
     renamed into place at the end. OUT is never half written; an existing OUT is replaced
-    only with ``overwrite`` and only once the new one is complete.
+    only with ``overwrite`` and only once the new one is complete (in one atomic exchange);
+    an OUT that appears while the merge runs is never replaced without ``overwrite``.
 
     Under several processes (``run.group``) every rank writes the shards of its own tensors
     into rank 0's temporary folder; rank 0 then writes the index and the metadata files
     and renames the folder.
     """
     from epimer import __version__
+    from epimer.io.outdir import default_mode, exchange, os_error_message, partial_name, rename_noreplace
 
     group = run.group
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: output already exists; choose another path or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    made = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)) if group.rank == 0 else None
+    out = check_output(Path(out), run.config, overwrite) if group.rank == 0 else Path(os.path.abspath(out))
+    try:
+        made = Path(tempfile.mkdtemp(prefix=partial_name(out), dir=out.parent)) if group.rank == 0 else None
+    except OSError as err:
+        raise InputError(os_error_message(err, out.parent, "output folder")) from None
     tmp = Path(group.broadcast(str(made) if made else None))
     writer: CheckpointWriter | None = None
     try:
@@ -633,19 +766,23 @@ def write_merge(
         if len(shards) > 1:
             write_index(tmp, shards, files)
         _copy_aux_files(run.config.base_model, tmp, run.config.dtype)
-        (tmp / "merge_config.yaml").write_text(_resolved_config_yaml(run.config, run.params, run.report, __version__))
-        (tmp / "README.md").write_text(model_card(run.config, run.params, run.report, __version__))
+        (tmp / "merge_config.yaml").write_text(
+            _resolved_config_yaml(run.config, run.params, run.report, __version__, out))
+        (tmp / "README.md").write_text(model_card(run.config, run.params, run.report, __version__, out))
         if run.report.tensors or run.report.warnings:
             (tmp / "merge_report.json").write_text(json.dumps(run.report.__dict__, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        os.chmod(tmp, default_mode(folder=True))
+        if out.exists() and overwrite:
+            exchange(tmp, out)  # tmp now holds the old output
+            shutil.rmtree(tmp, ignore_errors=True)
         else:
-            os.rename(tmp, out)
+            rename_noreplace(tmp, out)
         group.barrier()
+    except OSError as err:  # disk full, quota, read-only: bad environment, not a bug
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(os_error_message(err, tmp, "merged model") + f" (output {out} not written)") from None
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -667,9 +804,9 @@ def merge_to_folder(
 ) -> MergeReport:
     """Python API of ``epimer merge``: validate, merge and write OUT (``group``: this
     process's place among torchrun's merge processes, `epimer.distributed.init_from_env`)."""
-    out_path = Path(out).resolve()
-    if out_path.exists() and not overwrite:  # refuse before any reading
-        raise InputError(f"{out_path}: output already exists; choose another path or pass --overwrite")
+    out_path = Path(os.path.abspath(out))
+    if group.rank == 0:
+        check_output(out_path, config, overwrite)  # refuse before any reading
     run = MergeRun(config, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress, group=group)
     try:
         return write_merge(run, out_path, shard_size=shard_size, overwrite=overwrite)
@@ -740,14 +877,14 @@ def diagnose_state_dicts(
     weights: list[float] | None = None,
     exclude: list[str] | None = None,
 ) -> dict[str, Any]:
-    """`diagnose` (SPEC section 5, EpiMer with ``parameters``) on in-memory state dicts."""
+    """`diagnose` (docs/method.md §5, EpiMer with ``parameters``) on in-memory state dicts."""
     cfg, cks = _in_memory(base, models, "epimer", parameters, weights, fishers, exclude, None, "diagnose_state_dicts")
     return diagnose(cfg, checkpoints=cks)
 
 
 # ---------------------------------------------------------------------- diagnostics
 
-#: Per-tensor numbers of SPEC section 5 that add up over tensors (B is block-diagonal across
+#: Per-tensor numbers of docs/method.md §5 that add up over tensors (B is block-diagonal across
 #: tensors, so the model's J, kappa, V and R are sums of the tensors').
 _ADDITIVE = ("kappa", "J_flat", "J_star", "V", "R")
 
@@ -755,12 +892,20 @@ _ADDITIVE = ("kappa", "J_flat", "J_star", "V", "R")
 def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow_nonfinite: bool = False,
              checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
              ) -> dict[str, Any]:
-    """SPEC section 5 per matrix tensor and in total, without writing a model.
+    """docs/method.md §5 per matrix tensor and in total, without writing a model.
 
     The diagnostics are those of the EpiMer geometry: with ``method: epimer`` its parameters
     are used; with any other method, epimer's defaults (keeping ``rank_fraction`` if the
     config sets one, so a ``tsv_m`` config is diagnosed at its own rank).
     """
+    if checkpoints is None:
+        missing = [m for m in config.models if m.fisher is None]
+        if missing:
+            where = f"{config.source}: " if config.source else ""
+            raise InputError(
+                f"{where}model {missing[0].model}: `epimer diagnose` measures curvature and needs a Fisher file "
+                f"for every model ({len(missing)} lack one); add `fisher: PATH` (estimate one with `epimer fisher`)"
+            )
     if config.method != "epimer":
         keep = {k: v for k, v in config.parameters.items() if k == "rank_fraction"}
         config = config.model_copy(update={"method": "epimer", "parameters": keep})

@@ -1,18 +1,22 @@
 """Fisher files: safetensors holding F per parameter, named as in the model's checkpoint.
 
 A Fisher file is a plain ``.safetensors`` file (float32 tensors, one per parameter, with the
-checkpoint's names and shapes) whose string metadata records how it was made (SPEC section 4):
+checkpoint's names and shapes) whose string metadata records how it was made
+(docs/method.md §4):
 
     format               "epimer-fisher"
     version              FORMAT_VERSION
     num_samples          N, the samples averaged
     estimator            "empirical" or "true"
     seed, fraction       the sample selection (seeded shuffle, prefix of max(1, round(f·n)))
-    fingerprint          :func:`epimer.fingerprint.fingerprint` of the model over the file's names
-    tensor_fingerprints  (optional) JSON name -> the same fingerprint of that tensor alone
+    fingerprint          :func:`epimer.fingerprint.fingerprint` of the model over the file's
+                         names: every value of every such tensor
+    tensor_fingerprints  JSON name -> the fingerprint of that tensor alone
 
 :func:`check_fisher` refuses a Fisher file for a checkpoint it was not computed on; the
-per-tensor fingerprints let the message name the first tensor that differs.
+per-tensor fingerprints let the message name the first tensor that differs. The file's bytes
+depend only on its content (the header's keys are written in a fixed order), and it gets the
+mode the umask gives a new file.
 """
 
 from __future__ import annotations
@@ -20,23 +24,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from epimer.curvature.fisher import ESTIMATORS
 from epimer.errors import InputError
-from epimer.fingerprint import fingerprint
+from epimer.fingerprint import BlocksOf, ShapeOf, combine
+from epimer.fingerprint import tensor_fingerprints as _tensor_fingerprints
 
 FORMAT = "epimer-fisher"
-FORMAT_VERSION = "1"
-
-ShapeOf = Callable[[str], tuple[int, ...]]
-PrefixOf = Callable[[str, int], torch.Tensor]
+#: 2: the fingerprints cover every value (version 1 covered each tensor's first 1024 values).
+FORMAT_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ class FisherMeta:
     tensor_fingerprints: dict[str, str] | None = None
 
 
-def tensor_fingerprints(names: Iterable[str], shape_of: ShapeOf, prefix_of: PrefixOf) -> dict[str, str]:
+def tensor_fingerprints(names: Iterable[str], shape_of: ShapeOf, blocks_of: BlocksOf) -> dict[str, str]:
     """name -> fingerprint of that tensor alone, so a mismatch can be traced to its tensor."""
-    return {n: fingerprint([n], shape_of, prefix_of) for n in names}
+    return _tensor_fingerprints(names, shape_of, blocks_of)
 
 
 def save_fisher(
@@ -86,7 +88,7 @@ def save_fisher(
     for name, t in fisher.items():
         if not t.is_floating_point():
             raise InputError(f"{path}: Fisher tensor {name!r} has non-floating dtype {t.dtype}")
-    tensors = {n: t.detach().to(device="cpu", dtype=torch.float32).contiguous() for n, t in fisher.items()}
+    tensors = {n: t.detach().to(device="cpu", dtype=torch.float32).contiguous() for n, t in sorted(fisher.items())}
     metadata = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -101,12 +103,25 @@ def save_fisher(
         if missing:
             raise InputError(f"{path}: tensor_fingerprints lacks {len(missing)} Fisher tensor(s), e.g. {missing[0]!r}")
         metadata["tensor_fingerprints"] = json.dumps({n: tensor_fingerprints[n] for n in sorted(tensors)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    from epimer.io.outdir import default_mode, ensure_writable_folder, os_error_message
+    from epimer.io.writer import PlannedTensor, header_bytes
+
+    ensure_writable_folder(path.absolute().parent, "Fisher file")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.absolute().parent)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as f:
+            f.write(header_bytes([PlannedTensor(n, tuple(t.shape), torch.float32) for n, t in tensors.items()],
+                                 metadata))
+            for t in tensors.values():
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).numpy()).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_mode(folder=False))
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(os_error_message(err, path, "Fisher file")) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -130,6 +145,12 @@ def load_fisher_meta(path: str | os.PathLike[str]) -> FisherMeta:
         raise InputError(
             f"{path}: not an epimer Fisher file (metadata format is {meta.get('format')!r}, "
             f"expected {FORMAT!r}); estimate one with `epimer fisher`"
+        )
+    if meta.get("version") != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: Fisher file of format version {meta.get('version')!r}, this epimer reads version "
+            f"{FORMAT_VERSION!r} (version 1 fingerprinted only the first 1024 values of each tensor, too "
+            "weak to prove the file belongs to its model); estimate it again with `epimer fisher`"
         )
     try:
         per_tensor = meta.get("tensor_fingerprints")
@@ -175,7 +196,7 @@ def check_fisher(
     fisher_path: str | os.PathLike[str],
     names: Iterable[str],
     shape_of: ShapeOf,
-    prefix_of: PrefixOf,
+    blocks_of: BlocksOf,
 ) -> FisherMeta:
     """Refuse a Fisher file that was not computed on the given model checkpoint.
 
@@ -183,11 +204,12 @@ def check_fisher(
         fisher_path: the Fisher file.
         names: every tensor name of the model checkpoint.
         shape_of: checkpoint name -> shape.
-        prefix_of: (checkpoint name, n) -> its first min(n, numel) elements (flattened).
+        blocks_of: checkpoint name -> its values in blocks (`epimer.fingerprint.checkpoint_blocks`
+            for a checkpoint on disk, `epimer.fingerprint.tensor_blocks` for a state dict).
 
     Raises InputError naming the Fisher file and the tensor when a Fisher tensor is not in the
-    checkpoint, its shape differs, or the fingerprint over the Fisher's names differs (the
-    weights differ). Reads the header and the checkpoint's prefixes only. Returns the metadata.
+    checkpoint, its shape differs, or any value of the tensors the Fisher covers differs
+    from those it was computed on. Returns the metadata.
     """
     path = Path(fisher_path)
     meta = load_fisher_meta(path)
@@ -205,9 +227,11 @@ def check_fisher(
                 f"{path}: Fisher tensor {name!r} has shape {list(shapes[name])} but the model checkpoint's "
                 f"has shape {list(want)}; the Fisher file was computed on another model"
             )
-    actual = fingerprint(shapes, shape_of, prefix_of)
+    per = _tensor_fingerprints(sorted(shapes), shape_of, blocks_of)
+    actual = combine(per)
     if actual != meta.fingerprint:
-        culprit = _first_changed(meta, sorted(shapes), shape_of, prefix_of)
+        recorded = meta.tensor_fingerprints or {}
+        culprit = next((n for n in sorted(shapes) if n in recorded and recorded[n] != per[n]), None)
         where = f" (first differing tensor: {culprit!r})" if culprit else ""
         raise InputError(
             f"{path}: the model checkpoint's weights differ from those the Fisher file was computed on"
@@ -215,14 +239,3 @@ def check_fisher(
             "estimate the Fisher on this model with `epimer fisher`"
         )
     return meta
-
-
-def _first_changed(meta: FisherMeta, names: list[str], shape_of: ShapeOf, prefix_of: PrefixOf) -> str | None:
-    if not meta.tensor_fingerprints:
-        return None
-    for name in names:
-        recorded = meta.tensor_fingerprints.get(name)
-        if recorded is not None and recorded != fingerprint([name], shape_of, prefix_of):
-            return name
-    return None
-

@@ -93,7 +93,7 @@ def _shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _header(shard: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+def header_bytes(shard: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for t in shard:
@@ -237,7 +237,7 @@ class _ShardIO:
         if self._fh is not None:
             self._release(sync=True)
         self._fh = open(self.owner.folder / self.owner.files[shard], "wb")  # noqa: SIM115
-        self._fh.write(_header(self.owner.shards[shard], self.owner.metadata))
+        self._fh.write(header_bytes(self.owner.shards[shard], self.owner.metadata))
         self._open = shard
         self._unsynced = 0
 

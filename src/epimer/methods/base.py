@@ -2,7 +2,7 @@
 
 A method sees one tensor at a time as a :class:`TensorInputs` (base, task vectors, weights,
 optional Fisher diagonals, all float32) and returns the merged update ``Δ`` (float32, the
-base's shape). The engine writes ``θ = θ0 + scale · Δ`` (SPEC section 1), so methods never
+base's shape). The engine writes ``θ = θ0 + scale · Δ`` (docs/method.md §1), so methods never
 touch files, dtypes or the scale. A method that needs a pass over every tensor first (global
 TIES trimming, global Fisher normalisation) overrides :meth:`MergeMethod.prepare`, which may
 call ``stream`` as often as it needs; the engine streams the checkpoints again each time.
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from epimer.distributed import SINGLE, Group
 from epimer.errors import InputError
 
-#: ``scale`` of a method: a number, or ``"auto"`` for the data-free scale of SPEC section 6.
+#: ``scale`` of a method: a number, or ``"auto"`` for the data-free scale of docs/method.md §6.
 Scale = Union[float, Literal["auto"]]
 
 TensorKind = Literal["matrix", "vector"]
@@ -30,7 +30,7 @@ TensorKind = Literal["matrix", "vector"]
 class MethodParams(BaseModel):
     """Base of every method's parameters: unknown names are refused, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TensorInputs:
         deltas: task vectors τ_t = θ_t − θ0, float32, shape S each, T of them.
         weights: (T,) float64 task weights summing to 1.
         fishers: F_t, float32, shape S each, or None when the config gives no Fisher files.
-        kind: "matrix" (2-D, min(m, n) >= T, not excluded) or "vector" (SPEC section 1).
+        kind: "matrix" (2-D, min(m, n) >= T, not excluded) or "vector" (docs/method.md §1).
     """
 
     name: str
@@ -129,12 +129,7 @@ class MergeMethod(ABC):
         try:
             return self.Params(**raw)
         except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "parameters"
-            value = raw.get(str(first["loc"][0])) if first["loc"] else raw
-            raise InputError(
-                f"method {self.name!r}: parameter {loc!r} = {value!r}: {first['msg']}"
-            ) from None
+            raise InputError(f"method {self.name!r}: {_param_error(err, raw)}") from None
 
     def requires_fisher(self, params: MethodParams) -> bool:
         """Whether this run needs Fisher files (always for some methods, or for ``scale: auto``)."""
@@ -175,6 +170,24 @@ class MergeMethod(ABC):
         """Merged update Δ (float32, shape of ``x.base``) for one tensor."""
 
 
+def _param_error(err: ValidationError, raw: Mapping[str, Any]) -> str:
+    """One line for a parameter's validation error. A value that may take several forms (a
+    number or 'auto', 'exact' or an integer) fails once per form: say what each form wants."""
+    errors = err.errors()
+    field = str(errors[0]["loc"][0]) if errors[0]["loc"] else ""
+    value = raw.get(field, raw)
+    same = [e for e in errors if e["loc"] and str(e["loc"][0]) == field]
+
+    def msg(e: Any) -> str:
+        if e["type"] == "finite_number":
+            return "must be a finite number"
+        text = str(e["msg"])
+        return text[0].lower() + text[1:] if text else text
+
+    reasons = "; or ".join(dict.fromkeys(msg(e) for e in same)) if len(same) > 1 else msg(errors[0])
+    return f"parameter {field or 'parameters'!r} = {value!r}: {reasons}"
+
+
 def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
     """Σ_t w_t x_t in float32 without stacking (memory stays one tensor's size)."""
     ws = weights.tolist()
@@ -186,7 +199,7 @@ def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> to
 
 def sum_factors(weights: torch.Tensor) -> torch.Tensor:
     """(T,) float64 ``T · w_t`` from the (T,) weights: 1 per task for equal weights, where
-    SPEC 2/3.3 sum task vectors unweighted; custom ``weight``s still count through it."""
+    docs/method.md §2/3.3 sum task vectors unweighted; custom ``weight``s still count through it."""
     return weights * len(weights)  # float64: T·w_t is exact for equal weights
 
 

@@ -1,0 +1,685 @@
+"""The bad-input and fault battery: every case through the real command line.
+
+Each case corrupts a copy of a small, valid merge set-up (base, three task models, their
+Fisher files, a config) or asks for something that cannot be done, runs an `epimer` command,
+and asserts what a user is promised:
+
+- exit code 2 (never 1, the internal-error code);
+- exactly one message line, ``error: ...``, the last thing printed, naming the file or tensor;
+- no traceback;
+- nothing left beside OUT (no output, no hidden partial folder);
+- every input byte-for-byte unchanged (sha256 before and after).
+
+The race and signal cases run real processes and are marked slow (`.ci/run` runs them).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from epimer.cli import main
+from epimer.curvature.fisher_io import save_fisher
+from epimer.fingerprint import combine, tensor_blocks, tensor_fingerprints
+from tests.conftest import random_models, write_folder
+
+SHAPES = {
+    "embed.weight": (40, 16),
+    "layer.0.attn.weight": (16, 16),
+    "layer.0.attn.bias": (16,),
+    "layer.0.mlp.weight": (24, 16),
+    "big.weight": (64, 64),  # more than 1024 values: the fingerprint must see past them
+    "head.weight": (2, 16),
+}
+
+
+@dataclass
+class World:
+    """A valid merge set-up in ``root/work`` and an output path in ``root/dest``."""
+
+    root: Path
+    work: Path
+    base: Path
+    tasks: list[Path]
+    fishers: list[Path]
+    base_sd: dict[str, torch.Tensor]
+    task_sds: list[dict[str, torch.Tensor]]
+    out: Path
+
+    def config(self, method: str = "task_arithmetic", parameters: dict | None = None, *, name: str = "c.yaml",
+               fisher: bool = False, models: list | None = None, **extra: object) -> Path:
+        data: dict = {
+            "base_model": "base",
+            "models": models if models is not None else [
+                {"model": t.name, **({"fisher": f.name} if fisher else {})} for t, f in zip(self.tasks, self.fishers)
+            ],
+            "method": method,
+            "parameters": parameters or {},
+        }
+        data.update(extra)
+        path = self.work / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def raw_config(self, text: str | bytes, name: str = "c.yaml") -> Path:
+        path = self.work / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return path
+
+    def fisher_file(self, t: int, fisher: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor] | None = None,
+                    name: str | None = None) -> Path:
+        path = self.work / (name or f"task_{t}.fisher.safetensors")
+        sd = model_sd if model_sd is not None else self.task_sds[t]
+        per = tensor_fingerprints(fisher, lambda n: tuple(sd[n].shape), tensor_blocks(sd))
+        save_fisher(path, fisher, num_samples=8, estimator="empirical", seed=0, fraction=1.0,
+                    model_fingerprint=combine(per), tensor_fingerprints=per)
+        return path
+
+
+def make_world(tmp_path: Path) -> World:
+    base, tasks = random_models(3, shapes=SHAPES)
+    work = tmp_path / "work"
+    bp = write_folder(work / "base", base)
+    tps = [write_folder(work / f"task_{i}", t) for i, t in enumerate(tasks)]
+    (work / "base" / "config.json").write_text('{"model_type": "toy", "torch_dtype": "float32"}\n')
+    w = World(tmp_path, work, bp, tps, [], base, tasks, tmp_path / "dest" / "out")
+    g = torch.Generator().manual_seed(1)
+    for t, sd in enumerate(tasks):
+        fisher = {n: torch.rand(v.shape, generator=g) + 0.1 for n, v in sd.items() if v.is_floating_point()}
+        w.fishers.append(w.fisher_file(t, fisher))
+    return w
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return make_world(tmp_path)
+
+
+def digest_tree(root: Path, skip: Path | None = None) -> dict[str, str]:
+    """sha256 of every file under root (skipping ``skip``), by relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink() or not p.is_file():
+            continue
+        if skip is not None and (p == skip or skip in p.parents):
+            continue
+        out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run_cli(*args: object) -> tuple[int, str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = CliRunner().invoke(main, [str(a) for a in args])
+    shown = [str(w.message) for w in caught if "epimer" in str(w.filename) or "torch" in str(w.filename)]
+    return res.exit_code, res.output + "".join(f"\nWARNING {m}" for m in shown)
+
+
+def assert_one_error(code: int, output: str, needles: tuple[str, ...], want_code: int = 2) -> str:
+    assert code == want_code, output
+    assert "Traceback" not in output and "internal error" not in output, output
+    assert "WARNING" not in output, output
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], output
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def nothing_beside(out: Path, existed: bool) -> None:
+    if not existed:
+        assert not out.exists(), out
+    if out.parent.is_dir():
+        left = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name[:100]}.")]
+        assert left == [], left
+
+
+# ---------------------------------------------------------------------------- the cases
+
+Setup = Callable[[World, pytest.MonkeyPatch], list[object]]
+
+
+@dataclass
+class Case:
+    id: str
+    setup: Setup
+    needles: tuple[str, ...]
+
+
+def merge_args(w: World, cfg: Path, *extra: object) -> list[object]:
+    return ["merge", cfg, "-o", w.out, "-q", *extra]
+
+
+def _save(path: Path, sd: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+def _edit_task(w: World, t: int, change: Callable[[dict], dict]) -> None:
+    write_folder(w.tasks[t], change(dict(w.task_sds[t])))
+
+
+def _header_patch(path: Path, patch: Callable[[dict], None]) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    patch(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def _overlap(h: dict) -> None:
+    names = [k for k in h if k != "__metadata__"]
+    a, b = names[0], names[1]
+    # b's data starts inside a's, same length as before
+    start = h[a]["data_offsets"][0] + 4
+    size = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
+    h[b]["data_offsets"] = [start, start + size]
+
+
+def _negative_dim(h: dict) -> None:
+    name = "layer.0.attn.bias"
+    h[name]["shape"] = [-16]
+
+
+def _sharded_index_lies(w: World) -> None:
+    sd = w.task_sds[0]
+    folder = w.tasks[0]
+    (folder / "model.safetensors").unlink()
+    names = list(sd)
+    half = len(names) // 2
+    _save(folder / "model-00001-of-00002.safetensors", {n: sd[n] for n in names[:half]})
+    _save(folder / "model-00002-of-00002.safetensors", {n: sd[n] for n in names[half:]})
+    wm = {n: "model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors"
+          for i, n in enumerate(names)}
+    wm["ghost.weight"] = "model-00001-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+
+class Payload:
+    """Anything a weights-only unpickler must refuse."""
+
+
+def _evil_pickle(w: World) -> None:
+    (w.tasks[1] / "model.safetensors").unlink()
+    torch.save({**w.task_sds[1], "x": Payload()}, w.tasks[1] / "pytorch_model.bin")
+
+
+def _fisher_v1(w: World) -> Path:
+    from safetensors import safe_open
+
+    path = w.work / "old.fisher.safetensors"
+    with safe_open(str(w.fishers[0]), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["version"] = "1"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _config_with(w: World, models: list[dict], method: str = "epimer", **kw: object) -> Path:
+    return w.config(method, models=models, **kw)
+
+
+def _fisher_models(w: World, replace: dict[int, Path]) -> list[dict]:
+    return [{"model": t.name, "fisher": str(replace.get(i, f).relative_to(w.work) if replace.get(i, f).is_relative_to(
+        w.work) else replace.get(i, f))} for i, (t, f) in enumerate(zip(w.tasks, w.fishers))]
+
+
+def _fisher_values(w: World, t: int, edit: Callable[[dict], None]) -> Path:
+    fisher = {n: torch.rand(v.shape) + 0.1 for n, v in w.task_sds[t].items() if v.is_floating_point()}
+    edit(fisher)
+    return w.fisher_file(t, fisher, name=f"edited_{t}.fisher.safetensors")
+
+
+def _set(d: dict, name: str, index: tuple[int, ...], value: float) -> None:
+    v = d[name].clone()
+    v[index] = value
+    d[name] = v
+
+
+def _changed_after_1024(w: World) -> Path:
+    """A task model equal to task 0 in the first 1024 values of every tensor, different after;
+    the Fisher file of task 0 must be refused for it."""
+    sd = dict(w.task_sds[0])
+    v = sd["big.weight"].clone()
+    v[40, 7] += 0.5  # flat index 2567
+    sd["big.weight"] = v
+    other = w.work / "task_0_changed"
+    write_folder(other, sd)
+    return other
+
+
+def _no_space(w: World, mp: pytest.MonkeyPatch) -> None:
+    from epimer.io import writer
+
+    real = writer.CheckpointWriter.write
+
+    def write(self, name, tensor):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / "model.safetensors"))
+
+    mp.setattr(writer.CheckpointWriter, "write", write)
+    assert real is not None
+
+
+def _read_only(mp: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    def refuse(*a, **k):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    mp.setattr(tempfile, "TemporaryFile", refuse)
+
+
+CASES: list[Case] = [
+    # -------------------------------------------------------------- config file
+    Case("config-missing", lambda w, mp: merge_args(w, w.work / "nope.yaml"), ("nope.yaml", "not found")),
+    Case("config-not-utf8", lambda w, mp: merge_args(w, w.raw_config(b"base_model: \xff\xfe\n")),
+         ("c.yaml", "UTF-8")),
+    Case("config-yaml-syntax", lambda w, mp: merge_args(w, w.raw_config("base_model: a\nmodels: [\n  - model: b\n")),
+         ("c.yaml", "line", "YAML")),
+    Case("config-duplicate-key", lambda w, mp: merge_args(w, w.raw_config(
+        "base_model: base\nmodels: [task_0]\nmethod: ties\nmethod: task_arithmetic\n")), ("c.yaml", "'method'", "twice")),
+    Case("config-top-level-typo", lambda w, mp: merge_args(w, w.raw_config(
+        "base_model: base\nmodels: [task_0]\nmethods: ties\n")), ("c.yaml", "methods", "did you mean 'method'")),
+    Case("config-not-a-mapping", lambda w, mp: merge_args(w, w.raw_config("- a\n- b\n")), ("c.yaml", "mapping")),
+    Case("config-models-not-a-list", lambda w, mp: merge_args(w, w.raw_config(
+        "base_model: base\nmodels: 5\nmethod: ties\n")), ("c.yaml", "models")),
+    Case("config-model-entry-number", lambda w, mp: merge_args(w, w.raw_config(
+        "base_model: base\nmodels: [3]\nmethod: ties\n")), ("c.yaml", "models.0", "a path or a mapping")),
+    Case("config-unknown-method", lambda w, mp: merge_args(w, w.config("tie")), ("c.yaml", "'tie'", "ties")),
+    Case("config-unknown-parameter", lambda w, mp: merge_args(w, w.config("ties", {"densty": 0.3})),
+         ("c.yaml", "densty", "density")),
+    Case("config-density-out-of-range", lambda w, mp: merge_args(w, w.config("ties", {"density": 1.5})),
+         ("c.yaml", "density", "1.5")),
+    Case("config-scale-nan", lambda w, mp: merge_args(w, w.config("task_arithmetic", {"scale": float("nan")})),
+         ("c.yaml", "scale", "finite")),
+    Case("config-scale-inf", lambda w, mp: merge_args(w, w.config("ties", {"scale": float("inf")})),
+         ("c.yaml", "scale", "finite")),
+    Case("config-weight-inf", lambda w, mp: merge_args(w, w.config(models=[
+        {"model": "task_0", "weight": float("inf")}, {"model": "task_1"}])), ("c.yaml", "weight", "finite")),
+    Case("config-eps-inf", lambda w, mp: merge_args(w, w.config("fisher_average", {"eps": float("inf")}, fisher=True)),
+         ("c.yaml", "eps", "finite")),
+    Case("config-scale-word", lambda w, mp: merge_args(w, w.config("ties", {"scale": "big"})),
+         ("c.yaml", "'scale' = 'big'", "number", "'auto'")),
+    Case("config-fisher-rank-zero", lambda w, mp: merge_args(w, w.config("epimer", {"fisher_rank": 0}, fisher=True)),
+         ("c.yaml", "fisher_rank", "'exact'", "greater than or equal to 1")),
+    Case("config-negative-weight", lambda w, mp: merge_args(w, w.config(models=[
+        {"model": "task_0", "weight": -1}, {"model": "task_1"}])), ("c.yaml", "weight", "greater than 0")),
+    Case("config-bad-regex", lambda w, mp: merge_args(w, w.config(exclude=["(unclosed"])), ("c.yaml", "exclude")),
+    # -------------------------------------------------------------- checkpoint files
+    Case("base-missing", lambda w, mp: (shutil.rmtree(w.base), merge_args(w, w.config()))[1], ("base", "no such")),
+    Case("model-symlink-loop", lambda w, mp: (os.symlink("loop", w.work / "loop"), merge_args(w, w.config(models=[
+        {"model": "loop"}, {"model": "task_1"}])))[1], ("loop", "symlink")),
+    Case("safetensors-truncated", lambda w, mp: (
+        (w.tasks[1] / "model.safetensors").write_bytes((w.tasks[1] / "model.safetensors").read_bytes()[:-100]),
+        merge_args(w, w.config()))[1], ("task_1", "truncated")),
+    Case("safetensors-header-garbage", lambda w, mp: (
+        (w.tasks[2] / "model.safetensors").write_bytes(struct.pack("<Q", 5) + b"{not}" + b"\0" * 64),
+        merge_args(w, w.config()))[1], ("task_2", "model.safetensors")),
+    Case("safetensors-overlapping-offsets", lambda w, mp: (
+        _header_patch(w.tasks[0] / "model.safetensors", _overlap), merge_args(w, w.config()))[1],
+        ("task_0", "overlap")),
+    Case("safetensors-negative-dimension", lambda w, mp: (
+        _header_patch(w.tasks[0] / "model.safetensors", _negative_dim), merge_args(w, w.config()))[1],
+        ("task_0", "layer.0.attn.bias")),
+    Case("shard-index-lists-ghost-tensor", lambda w, mp: (_sharded_index_lies(w), merge_args(w, w.config()))[1],
+         ("model.safetensors.index.json", "ghost.weight")),
+    Case("shard-missing", lambda w, mp: (_sharded_index_lies(w),
+                                         (w.tasks[0] / "model-00002-of-00002.safetensors").unlink(),
+                                         merge_args(w, w.config()))[2], ("index.json", "model-00002-of-00002")),
+    Case("pickle-not-weights-only", lambda w, mp: (_evil_pickle(w), merge_args(w, w.config()))[1],
+         ("pytorch_model.bin", "refused", "Payload")),
+    Case("unknown-checkpoint-format", lambda w, mp: ((w.work / "x.gguf").write_bytes(b"GGUF"), merge_args(
+        w, w.config(models=[{"model": "x.gguf"}, {"model": "task_1"}])))[1], ("x.gguf", "format")),
+    # -------------------------------------------------------------- tensors
+    Case("tensor-missing-from-task", lambda w, mp: (_edit_task(w, 0, lambda sd: {
+        k: v for k, v in sd.items() if k != "layer.0.mlp.weight"}), merge_args(w, w.config()))[1],
+        ("task_0", "'layer.0.mlp.weight'", "missing")),
+    Case("task-names-carry-prefix", lambda w, mp: (_edit_task(w, 1, lambda sd: {
+        ("bert." + k if k != "position_ids" else k): v for k, v in sd.items()}), merge_args(w, w.config()))[1],
+        ("task_1", "extra prefix 'bert.'")),
+    Case("tensor-shape-mismatch", lambda w, mp: (_edit_task(w, 1, lambda sd: {
+        **sd, "layer.0.attn.weight": torch.zeros(16, 15)}), merge_args(w, w.config()))[1],
+        ("task_1", "layer.0.attn.weight", "[16, 15]")),
+    Case("tensor-integer-dtype", lambda w, mp: (_edit_task(w, 0, lambda sd: {
+        **sd, "layer.0.attn.bias": torch.zeros(16, dtype=torch.int32)}), merge_args(w, w.config()))[1],
+        ("task_0", "layer.0.attn.bias", "int32")),
+    Case("tensor-nan", lambda w, mp: (_edit_task(w, 2, lambda sd: (_set(sd, "big.weight", (3, 4), float("nan")), sd)[1]),
+                                      merge_args(w, w.config()))[1], ("task_2", "big.weight", "NaN/Inf")),
+    Case("extra-tensor-strict", lambda w, mp: (_edit_task(w, 2, lambda sd: {**sd, "extra.weight": torch.zeros(3)}),
+                                               merge_args(w, w.config(), "--strict"))[1],
+         ("task_2", "extra.weight", "--strict")),
+    Case("float16-overflow", lambda w, mp: merge_args(w, w.config("task_arithmetic", {"scale": 1e6}, dtype="float16")),
+         ("tensor", "float16", "NaN/Inf")),
+    Case("scale-overflows-float32", lambda w, mp: merge_args(w, w.config("ties", {"scale": 1e39})),
+         ("tensor", "NaN/Inf", "--allow-nonfinite")),
+    # -------------------------------------------------------------- Fisher files
+    Case("fisher-missing-for-epimer", lambda w, mp: merge_args(w, w.config("epimer")), ("task_0", "Fisher file")),
+    Case("fisher-negative", lambda w, mp: merge_args(w, _config_with(w, _fisher_models(w, {1: _fisher_values(
+        w, 1, lambda f: _set(f, "layer.0.mlp.weight", (2, 2), -1.0))}))), ("edited_1", "layer.0.mlp.weight", "negative")),
+    Case("fisher-negative-fisher-average", lambda w, mp: merge_args(w, _config_with(w, _fisher_models(w, {
+        1: _fisher_values(w, 1, lambda f: _set(f, "big.weight", (2, 2), -1.0))}), "fisher_average")),
+        ("edited_1", "big.weight", "negative")),
+    Case("fisher-nan", lambda w, mp: merge_args(w, _config_with(w, _fisher_models(w, {2: _fisher_values(
+        w, 2, lambda f: _set(f, "embed.weight", (0, 0), float("nan")))}))), ("edited_2", "embed.weight", "NaN")),
+    Case("fisher-huge-values", lambda w, mp: merge_args(w, _config_with(w, _fisher_models(w, {0: _fisher_values(
+        w, 0, lambda f: f.update({k: v * 1e38 for k, v in f.items()}))}))), ("edited_0", "Fisher", "values up to")),
+    Case("fisher-of-model-equal-in-first-1024-values", lambda w, mp: merge_args(w, _config_with(w, [
+        {"model": "task_0_changed", "fisher": w.fishers[0].name}] + _fisher_models(w, {})[1:]) if _changed_after_1024(w)
+        else None), ("task_0.fisher.safetensors", "differ", "'big.weight'")),
+    Case("fisher-missing-tensors-all-listed", lambda w, mp: merge_args(w, _config_with(w, _fisher_models(w, {
+        0: _fisher_values(w, 0, lambda f: [f.pop(k) for k in ("big.weight", "head.weight")])}))),
+        ("edited_0", "2 tensor(s)", "'big.weight'", "'head.weight'")),
+    Case("fisher-plain-safetensors", lambda w, mp: (_save(w.work / "plain.safetensors", w.task_sds[0]), merge_args(
+        w, _config_with(w, _fisher_models(w, {0: w.work / "plain.safetensors"}))))[1], ("plain.safetensors", "not an epimer Fisher")),
+    Case("fisher-format-version-1", lambda w, mp: merge_args(w, _config_with(w, _fisher_models(w, {0: _fisher_v1(w)}))),
+         ("old.fisher.safetensors", "version", "1024")),
+    Case("fisher-of-other-task", lambda w, mp: merge_args(w, _config_with(w, _fisher_models(w, {0: w.fishers[1]}))),
+         ("task_1.fisher.safetensors", "differ")),
+    # -------------------------------------------------------------- output location
+    Case("out-is-config-folder-overwrite", lambda w, mp: (os.chdir(w.work), ["merge", "c.yaml", "-o", ".", "--overwrite", "-q"]
+                                                          if w.config() else [])[1], ("current directory",)),
+    Case("out-is-base-overwrite", lambda w, mp: ["merge", w.config(), "-o", w.base, "--overwrite", "-q"],
+         ("is the base model", "base")),
+    Case("out-holds-the-models-overwrite", lambda w, mp: ["merge", w.config(), "-o", w.work, "--overwrite", "-q"],
+         ("contains the base model",)),
+    Case("out-inside-base", lambda w, mp: ["merge", w.config(), "-o", w.base / "merged", "-q"],
+         ("lies inside the base model",)),
+    Case("out-is-fisher-file", lambda w, mp: ["merge", w.config("epimer", fisher=True), "-o", w.fishers[2],
+                                              "--overwrite", "-q"], ("is the Fisher file of model 3",)),
+    Case("out-is-ancestor-of-cwd", lambda w, mp: (os.chdir(w.tasks[0]), ["merge", w.config(), "-o", w.root,
+                                                                         "--overwrite", "-q"])[1], ("current directory",)),
+    Case("out-exists", lambda w, mp: (w.out.mkdir(parents=True), (w.out / "keep.txt").write_text("precious"),
+                                      merge_args(w, w.config()))[2], ("out", "--overwrite")),
+    Case("out-under-a-file", lambda w, mp: ((w.root / "afile").write_text("x"),
+                                            ["merge", w.config(), "-o", w.root / "afile" / "out", "-q"])[1],
+         ("afile", "file")),
+    Case("out-read-only", lambda w, mp: (_read_only(mp), merge_args(w, w.config()))[1], ("dest", "Read-only")),
+    Case("out-disk-full", lambda w, mp: (_no_space(w, mp), merge_args(w, w.config()))[1],
+         ("model.safetensors", "No space left")),
+    # -------------------------------------------------------------- diagnose
+    Case("diagnose-unknown-method", lambda w, mp: ["diagnose", w.config("tiess", fisher=True), "-q"], ("c.yaml", "tiess")),
+    Case("diagnose-bad-parameter", lambda w, mp: ["diagnose", w.config("epimer", {"rank_fraction": 7}, fisher=True), "-q"],
+         ("c.yaml", "rank_fraction")),
+    Case("diagnose-ties-config-without-fisher", lambda w, mp: ["diagnose", w.config("ties"), "-q"],
+         ("`epimer diagnose` measures curvature", "Fisher file")),
+    Case("diagnose-json-under-a-file", lambda w, mp: ((w.root / "afile").write_text("x"), [
+        "diagnose", w.config("epimer", fisher=True), "--json", w.root / "afile" / "d.json", "-q"])[1], ("afile",)),
+    Case("diagnose-json-read-only", lambda w, mp: (_read_only(mp), [
+        "diagnose", w.config("epimer", fisher=True), "--json", w.root / "dest" / "d.json", "-q"])[1],
+        ("dest", "Read-only")),
+    Case("diagnose-json-over-config", lambda w, mp: [
+        "diagnose", w.config("epimer", fisher=True), "--json", w.work / "c.yaml", "-q"], ("is the config file",)),
+]
+
+
+def test_battery_is_large_and_distinct() -> None:
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 40
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(world.root)
+    args = case.setup(world, monkeypatch)
+    before = digest_tree(world.root, skip=world.out)
+    out_existed = world.out.exists()
+    code, output = run_cli(*args)
+    assert_one_error(code, output, case.needles)
+    assert digest_tree(world.root, skip=world.out) == before  # no input changed, nothing written
+    nothing_beside(world.out, out_existed)
+    if out_existed:
+        assert (world.out / "keep.txt").read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------- what must work
+
+
+def _merge_ok(w: World, cfg: Path, *extra: object) -> str:
+    code, output = run_cli("merge", cfg, "-o", w.out, *extra)
+    assert code == 0, output
+    return output
+
+
+def test_old_base_with_int_buffer_and_exclude(world: World) -> None:
+    """A base saved by an older transformers holds int64 `position_ids`; the fine-tunes do not."""
+    for t in world.tasks:
+        write_folder(t, {k: v for k, v in world.task_sds[world.tasks.index(t)].items() if k != "position_ids"})
+    out = _merge_ok(world, world.config())
+    assert "copied from the base" in out
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(world.out / "model.safetensors"))["position_ids"], world.base_sd["position_ids"])
+    # exclude applies before the presence check: an excluded tensor need not be in the tasks
+    for i, t in enumerate(world.tasks):
+        write_folder(t, {k: v for k, v in world.task_sds[i].items() if k not in ("position_ids", "head.weight")})
+    shutil.rmtree(world.out)
+    _merge_ok(world, world.config(exclude=["^head\\."]))
+    assert torch.equal(load_file(str(world.out / "model.safetensors"))["head.weight"], world.base_sd["head.weight"])
+
+
+def test_differing_integer_buffer_warns(world: World) -> None:
+    sd = dict(world.task_sds[1], position_ids=torch.arange(8) + 1)
+    write_folder(world.tasks[1], sd)
+    out = _merge_ok(world, world.config())
+    assert "warning" in out and "position_ids" in out and "task_1" in out
+
+
+def test_weights_whose_sum_overflows_normalise(world: World) -> None:
+    from safetensors.torch import load_file
+
+    cfg = world.config(models=[{"model": t.name, "weight": 1e308} for t in world.tasks])
+    _merge_ok(world, cfg, "-q")
+    got = load_file(str(world.out / "model.safetensors"))
+    shutil.rmtree(world.out)
+    _merge_ok(world, world.config(), "-q")  # equal weights
+    want = load_file(str(world.out / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["big.weight"], world.base_sd["big.weight"])
+
+
+def test_models_as_plain_paths(world: World) -> None:
+    cfg = world.raw_config("base_model: base\nmodels: [task_0, task_1, task_2]\nmethod: task_arithmetic\n")
+    _merge_ok(world, cfg, "-q")
+
+
+def test_long_output_name(world: World) -> None:
+    """A 240-character name is valid; the hidden build name must stay under 255 bytes."""
+    world.out = world.root / "dest" / ("m" * 240)
+    _merge_ok(world, world.config(), "-q")
+    assert (world.out / "model.safetensors").is_file()
+    assert [p.name for p in world.out.parent.iterdir()] == ["m" * 240]
+
+
+def test_output_files_portable_and_readable(world: World) -> None:
+    """merge_config.yaml and the card hold paths relative to OUT (it reproduces the merge from
+    there); files get the umask's modes; sentence-transformers modules travel."""
+    (world.base / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (world.base / "1_Pooling").mkdir()
+    (world.base / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (world.base / "sentence_bert_config.json").write_text('{"max_seq_length": 64}')
+    old = os.umask(0o022)
+    try:
+        _merge_ok(world, world.config("epimer", {"scale": "auto"}, fisher=True), "-q")
+    finally:
+        os.umask(old)
+    out = world.out
+    for f in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "config.json"):
+        assert (out / f).is_file(), f
+    text = (out / "merge_config.yaml").read_text() + (out / "README.md").read_text()
+    assert str(world.work) not in text and "../../work/task_0" in text
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    again = world.root / "dest" / "again"
+    code, output = run_cli("merge", out / "merge_config.yaml", "-o", again, "-q")
+    assert code == 0, output
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_fisher_files_deterministic_and_umask(world: World, tmp_path: Path) -> None:
+    fisher = {n: torch.rand(v.shape) for n, v in world.task_sds[0].items() if v.is_floating_point()}
+    old = os.umask(0o022)
+    try:
+        a = world.fisher_file(0, fisher, name="a.safetensors")
+        b = world.fisher_file(0, fisher, name="b.safetensors")
+    finally:
+        os.umask(old)
+    assert a.read_bytes() == b.read_bytes()
+    assert oct(a.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_methods_listing_reads_well() -> None:
+    code, output = run_cli("methods")
+    assert code == 0
+    assert "Annotated" not in output and "FieldInfo" not in output
+    assert "'exact' | int >= 1" in output
+
+
+def test_no_file_cites_an_outside_spec() -> None:
+    root = Path(__file__).resolve().parents[1]
+    hits = []
+    for p in [root / "README.md", *root.glob("src/**/*.py"), *root.glob("docs/*.md"), *root.glob("benchmarks/*.py"),
+              *root.glob("examples/*")]:
+        if p.is_file() and "SPEC" in p.read_text(errors="ignore").replace("SPECIAL", ""):
+            hits.append(str(p.relative_to(root)))
+    assert hits == []
+    assert (root / "docs" / "method.md").is_file()
+
+
+def test_exchange_and_noreplace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two ways OUT is put in place, with renameat2 and with the fallback."""
+    from epimer.errors import InputError
+    from epimer.io import outdir
+
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(outdir, "_renameat2", lambda *a: False)
+        d = tmp_path / f"n{native}"
+        d.mkdir()
+        new, out = d / "new", d / "out"
+        new.mkdir()
+        (new / "f").write_text("new")
+        outdir.rename_noreplace(new, out)
+        assert (out / "f").read_text() == "new" and not new.exists()
+        other = d / "other"
+        other.mkdir()
+        (other / "f").write_text("other")
+        with pytest.raises(InputError, match="appeared while"):
+            outdir.rename_noreplace(other, out)
+        assert (out / "f").read_text() == "new" and (other / "f").read_text() == "other"
+        outdir.exchange(other, out)
+        assert (out / "f").read_text() == "other" and (other / "f").read_text() == "new"
+        assert sorted(p.name for p in d.iterdir()) == ["other", "out"]
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def _big_world(tmp_path: Path) -> tuple[Path, Path]:
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(640, 640, generator=g) for i in range(24)}
+    root = tmp_path / "m"
+    bp = write_folder(root / "base", base)
+    tasks = [write_folder(root / f"t{k}", {n: v + 0.01 * (k + 1) for n, v in base.items()}) for k in range(3)]
+    cfg = root / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"base_model": str(bp), "models": [{"model": str(t)} for t in tasks],
+                                   "method": "ties", "parameters": {"scope": "global"}}))
+    return cfg, tmp_path / "dest" / "merged"
+
+
+def _epimer(*args: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "epimer.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_partial(proc: subprocess.Popen, out: Path) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if out.parent.exists():
+            partial = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial-")]
+            if partial and any(partial[0].iterdir()):
+                return
+        time.sleep(0.005)
+    raise AssertionError("the merge finished before it could be interrupted; make the fixture larger")
+
+
+@pytest.mark.slow
+def test_two_merges_into_one_out(tmp_path: Path) -> None:
+    """Started together, both pass the first check; exactly one may put OUT in place."""
+    cfg, out = _big_world(tmp_path)
+    a, b = _epimer("merge", cfg, "-o", out, "-q"), _epimer("merge", cfg, "-o", out, "-q")
+    outs = [p.communicate(timeout=300)[0] for p in (a, b)]
+    codes = sorted([a.returncode, b.returncode])
+    assert codes == [0, 2], outs
+    loser = outs[[a.returncode, b.returncode].index(2)]
+    assert "already exists" in loser or "appeared while" in loser
+    assert "Traceback" not in loser
+    assert (out / "model.safetensors").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["merged"]
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_and_kill_leftovers_are_cleared(tmp_path: Path) -> None:
+    cfg, out = _big_world(tmp_path)
+    proc = _epimer("merge", cfg, "-o", out, "-q")
+    _wait_for_partial(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 143
+    assert [p.name for p in out.parent.iterdir()] == []
+    proc = _epimer("merge", cfg, "-o", out, "-q")
+    _wait_for_partial(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = [p.name for p in out.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".merged.partial-")
+    # the next run removes what the killed one left, and says so
+    proc = _epimer("merge", cfg, "-o", out, "-q")
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, text
+    assert "removed" in text and left[0] in text
+    assert [p.name for p in out.parent.iterdir()] == ["merged"]
+
+
+@pytest.mark.slow
+def test_overwrite_interrupted_keeps_old_or_new(tmp_path: Path) -> None:
+    """SIGTERM at any moment of an --overwrite merge leaves OUT whole: the old model or the new."""
+    cfg, out = _big_world(tmp_path)
+    assert _epimer("merge", cfg, "-o", out, "-q").wait(timeout=300) == 0
+    old = (out / "model.safetensors").read_bytes()
+    (out / "marker").write_text("old")
+    for delay in (0.5, 2.0, 4.0):
+        proc = _epimer("merge", cfg, "-o", out, "-q", "--overwrite")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        # 143: the merge cleaned up; -15: the signal came while Python was still starting,
+        # before epimer installed its handler (nothing had been touched yet)
+        assert proc.returncode in (0, 143, -signal.SIGTERM)
+        assert (out / "model.safetensors").is_file()
+        if (out / "marker").exists():
+            assert (out / "model.safetensors").read_bytes() == old
+        assert [p.name for p in out.parent.iterdir()] == ["merged"]
