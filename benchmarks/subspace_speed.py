@@ -1,4 +1,4 @@
-"""Speed and accuracy of the projected metric H_t = Bᵀ diag(vec F_t) B (SPEC 3.4).
+"""Speed and accuracy of the projected metric H_t = Bᵀ diag(vec F_t) B (docs/method.md §3.4).
 
 Part (a): one 768 × 768 layer, T = 8 tasks, k = 96 atoms per task (r = 768). Times the exact
 metric against the factored fast path at Fisher ranks 1, 4 and 16 (median of several runs after

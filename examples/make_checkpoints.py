@@ -56,7 +56,7 @@ def main() -> None:
         folder = args.out / f"task_{t}"
         model.save_pretrained(folder)
         # The empirical Fisher of a toy task: a frozen random linear head on mean-pooled
-        # features, 64 random token sequences with random labels (SPEC section 4, eq. 9).
+        # features, 64 random token sequences with random labels (docs/method.md §4, eq. 9).
         head = torch.randn(config.hidden_size, 2, generator=gen)
         loss = CrossEntropyLoss(logits_of=lambda out, h=head: out.last_hidden_state.mean(1) @ h,
                                 additive_padding_mask=True)

@@ -1,4 +1,4 @@
-"""Float64 references of SPEC sections 2-3 and 5 written in numpy from the SPEC, plus a harness.
+"""Float64 references of docs/method.md §2-3 and §5 written in numpy from docs/method.md, plus a harness.
 
 Nothing here calls epimer's maths: B is materialised as the (mn, r) matrix whose columns are
 vec(u⊥_a v⊥_aᵀ), metrics are dense ``Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` and solves use
@@ -91,7 +91,7 @@ def np64(x: torch.Tensor) -> Arr:
     return x.detach().to(torch.float64).numpy()
 
 
-# ------------------------------------------------------------------ SPEC 3.1 reference
+# ------------------------------------------------------------------ docs/method.md §3.1 reference
 
 
 @dataclass
@@ -196,7 +196,7 @@ def ref_epimer(
     eps: float = 1e-6,
     divisors: Sequence[float] | None = None,
 ) -> RefEpimer:
-    """SPEC 3.4 with B materialised; ``divisors`` are the fisher_norm normalisers."""
+    """docs/method.md §3.4 with B materialised; ``divisors`` are the fisher_norm normalisers."""
     basis = ref_basis(deltas, rank_fraction)
     b = materialise_b(basis.u, basis.v)
     if coords == "projected":

@@ -46,7 +46,7 @@ def fisher_set(model_set, tmp_path: Path):
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "tsv_m", "fisher_average", "epimer"])
 def test_scale_auto_is_the_surrogate_minimiser(fisher_set, tmp_path: Path, method: str) -> None:
-    """scale* = Σ w<Δ, F⊙τ> / Σ w<Δ, F⊙Δ> over all tensors (SPEC 6), and the merge uses it."""
+    """scale* = Σ w<Δ, F⊙τ> / Σ w<Δ, F⊙Δ> over all tensors (docs/method.md §6), and the merge uses it."""
     report = merge_to_folder(load_config(fisher_set["config"](method, {"scale": "auto"})), tmp_path / "out")
     unit = merge_state_dicts(fisher_set["base_sd"], fisher_set["task_sds"], method, {"scale": 1.0},
                              fishers=fisher_set["fisher_sds"])

@@ -1,4 +1,4 @@
-"""Diagnostics (SPEC 5) and the data-free scale (SPEC 6) against direct float64 computations."""
+"""Diagnostics (docs/method.md §5) and the data-free scale (docs/method.md §6) against direct float64 computations."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def test_objective_is_the_weighted_quadratic() -> None:
     assert objective(c, cs, hs, w) == pytest.approx(0.25 * 5 + 0.75 * 2 * 1)
 
 
-# ------------------------------------------------------------------ SPEC 6
+# ------------------------------------------------------------------ docs/method.md §6
 
 
 @pytest.mark.parametrize("method", ["tsv_m", "epimer", "iso_c"])

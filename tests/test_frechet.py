@@ -1,4 +1,4 @@
-"""The Fréchet solve and Proposition 2 (SPEC 3.5): the baselines are one solve with a basis
+"""The Fréchet solve and Proposition 2 (docs/method.md §3.5): the baselines are one solve with a basis
 and a metric. Everything in float64, identities to 1e-6 relative or better."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The projected metric H_t (SPEC 3.4): exact against the dense Bᵀ diag(vec F) B, chunking,
+"""The projected metric H_t (docs/method.md §3.4): exact against the dense Bᵀ diag(vec F) B, chunking,
 the factored fast path and its reported error."""
 
 from __future__ import annotations

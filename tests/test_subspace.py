@@ -1,4 +1,4 @@
-"""The tagged basis (SPEC 3.1): rank rule, orthonormal atoms, projection and lift against B."""
+"""The tagged basis (docs/method.md §3.1): rank rule, orthonormal atoms, projection and lift against B."""
 
 from __future__ import annotations
 

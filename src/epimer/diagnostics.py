@@ -1,4 +1,4 @@
-"""Diagnostics of a merge: pure functions, float64 inside (SPEC sections 5 and 6).
+"""Diagnostics of a merge: pure functions, float64 inside (docs/method.md §5 and §6).
 
 - :func:`heterogeneity`: curvature heterogeneity κ (Theorem 3), what a curvature-aware merge
   gains over the flat one in the subspace Fréchet objective.
@@ -71,7 +71,7 @@ def trace_normalise(h: torch.Tensor) -> torch.Tensor:
 def heterogeneity(
     coords: Sequence[torch.Tensor], metrics: Sequence[torch.Tensor], weights: torch.Tensor
 ) -> Heterogeneity:
-    """Curvature heterogeneity (Theorem 3, SPEC 5).
+    """Curvature heterogeneity (Theorem 3, docs/method.md §5).
 
     With ``Ĥ_t = r·H_t/tr(H_t)``, ``H̄ = Σ w_t Ĥ_t``, ``c̄ = Σ w_t c_t`` and
     ``ρ = Σ_t w_t (Ĥ_t − H̄)(c_t − c̄)``: ``κ = ρᵀ H̄⁻¹ ρ``, which equals ``J(c̄) − J(c*)`` for
@@ -140,7 +140,7 @@ def auto_scale_terms(
     fishers: Sequence[torch.Tensor],
     weights: torch.Tensor,
 ) -> tuple[float, float]:
-    """One tensor's share of the data-free scale (SPEC 6, from Proposition 1).
+    """One tensor's share of the data-free scale (docs/method.md §6, from Proposition 1).
 
     The surrogate ``½ Σ_t w_t (λΔ − τ_t)ᵀ diag(F_t) (λΔ − τ_t)`` is minimised along Δ at
     ``λ* = Σ_t w_t ⟨Δ, F_t ⊙ τ_t⟩ / Σ_t w_t ⟨Δ, F_t ⊙ Δ⟩``; this returns the two sums for one

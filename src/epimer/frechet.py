@@ -4,7 +4,7 @@
                                              a_t = 1   (``frechet_sum``, eq. 14)
 
 with task weights w_t summing to 1, coordinates c_t of task t in a basis B and a metric H_t.
-Proposition 2 (SPEC 3.5) is the statement that the baselines are this one solve with a
+Proposition 2 (docs/method.md §3.5) is the statement that the baselines are this one solve with a
 particular basis and metric; each row below is how the code computes it:
 
 =====================  ============  ==============  ==============  ==========================

@@ -1,4 +1,4 @@
-"""The per-task tagged basis shared by TSV-M and EpiMer (SPEC section 3.1, paper eq. 10).
+"""The per-task tagged basis shared by TSV-M and EpiMer (docs/method.md §3.1, paper eq. 10).
 
 For a matrix tensor of shape (m, n) and T task vectors τ_t:
 
@@ -31,7 +31,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def per_task_rank(m: int, n: int, num_tasks: int, rank_fraction: float) -> int:
-    """``k = max(1, floor(rank_fraction · min(m, n) / T))`` (SPEC 3.1 step 1)."""
+    """``k = max(1, floor(rank_fraction · min(m, n) / T))`` (docs/method.md §3.1 step 1)."""
     # A tiny slack keeps e.g. 0.3 · 30 / 3 (= 2.9999999999999996 in binary) at 3.
     return max(1, math.floor(rank_fraction * min(m, n) / num_tasks + 1e-9))
 
@@ -68,7 +68,7 @@ class TaggedBasis:
 
 
 def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0) -> TaggedBasis:
-    """Build the per-task tagged basis of SPEC 3.1 from T task vectors of shape (m, n)."""
+    """Build the per-task tagged basis of docs/method.md §3.1 from T task vectors of shape (m, n)."""
     m, n = deltas[0].shape
     num_tasks = len(deltas)
     k = per_task_rank(m, n, num_tasks, rank_fraction)
@@ -98,7 +98,7 @@ def project(u: torch.Tensor, v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor
 
 
 def singular_coords(basis: TaggedBasis, task: int) -> torch.Tensor:
-    """``c_t[a] = s[a]`` if atom a is owned by ``task`` else 0 (SPEC 3.4, coords: singular)."""
+    """``c_t[a] = s[a]`` if atom a is owned by ``task`` else 0 (docs/method.md §3.4, coords: singular)."""
     return torch.where(basis.owner == task, basis.s, torch.zeros_like(basis.s))
 
 

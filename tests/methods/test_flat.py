@@ -1,4 +1,4 @@
-"""The flat baselines of SPEC section 2 against float64 references written here from the SPEC.
+"""The flat baselines of docs/method.md §2 against float64 references written here from docs/method.md.
 
 The references use numpy and plain loops over entries; they never call epimer's helpers. DARE's
 reference re-derives the documented mask rule (blake2b of seed, name, task; ``torch.rand <
@@ -231,7 +231,7 @@ def test_task_arithmetic_matches_reference(
 ) -> None:
     base, deltas = random_model(seed, shapes)
     raw = None if scale is None else {"scale": scale}
-    factors = 3 * normalised(weights, 3)  # T·w_t: 1 each for equal weights (SPEC's Σ τ_t)
+    factors = 3 * normalised(weights, 3)  # T·w_t: 1 each for equal weights (docs/method.md §2's Σ τ_t)
     expected_scale = 0.3 if scale is None else scale
     ref = theta(base, ref_sum([np_model(d) for d in deltas], factors), expected_scale)
     assert_matches(run("task_arithmetic", raw, base, deltas, weights), ref)

@@ -43,7 +43,7 @@ def _case(seed: int, shape: tuple[int, int] = (12, 9), dtype: torch.dtype = torc
     return deltas, fishers, [np64(d) for d in deltas], [np64(f) for f in fishers]
 
 
-# ------------------------------------------------------------ agreement with the SPEC
+# ------------------------------------------------------------ agreement with docs/method.md
 
 
 @pytest.mark.parametrize("rank_fraction", [1.0, 0.7, 0.2])

@@ -11,7 +11,7 @@ probing followed by full fine-tuning, the classification head frozen):
 2. **Fine-tuning.** The encoder is trained through the frozen head with AdamW (linear
    warm-up, linear decay), cross-entropy, for a fixed step budget. The word-embedding table
    stays frozen (`FinetuneSettings.freeze_word_embeddings`).
-3. **Fisher.** The empirical Fisher diagonal (SPEC section 4, eq. 9) of the task loss
+3. **Fisher.** The empirical Fisher diagonal (docs/method.md §4, eq. 9) of the task loss
    ``CE(head(pool(encoder(x))), y)`` with respect to the encoder's trainable parameters, at
    the fine-tuned weights, over a seeded prefix of the shuffled training split.
 
@@ -432,7 +432,7 @@ def base_state(model_path: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 @dataclass(frozen=True)
 class FisherSettings:
-    """How each task's Fisher is estimated (SPEC section 4). Every field enters the file's key.
+    """How each task's Fisher is estimated (docs/method.md §4). Every field enters the file's key.
 
     Attributes:
         fraction: share of the training split used: a seeded shuffle's prefix of
@@ -499,7 +499,7 @@ def task_fisher(
     tokenizer: Any,
     advance: Advance = _no_progress,
 ) -> dict[str, torch.Tensor]:
-    """The empirical Fisher diagonal of a fine-tuned encoder (SPEC 4, eq. 9), cached.
+    """The empirical Fisher diagonal of a fine-tuned encoder (docs/method.md §4, eq. 9), cached.
 
     ``F = (1/N) Σ_n (∇_θ CE(head(pool(encoder_θ(x_n))), y_n))²`` over the encoder's
     trainable parameters θ (the frozen word embeddings and the unused pooler have no task

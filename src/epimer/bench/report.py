@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,7 +252,7 @@ def _study_lines(results: dict[str, Any]) -> list[str]:
     lines += _table(["rank_fraction", "TSV-M avg", "EpiMer avg", "Gain", "TSV-M worst", "EpiMer worst", "Worst gain",
                      "kappa_rel", "kappa"], body)
     lines += ["Each merge's scale is chosen on validation. kappa = J(c̄) − J(c*) is EpiMer's predicted "
-              "improvement over the flat mean in its own second-order surrogate (SPEC 5) and kappa_rel = "
+              "improvement over the flat mean in its own second-order surrogate (docs/method.md §5) and kappa_rel = "
               "kappa / J(c̄); Gain is EpiMer's average test accuracy minus TSV-M's.", "",
               "![rank sweep](rank_sweep.png)", "", "![kappa and gain](kappa_gain.png)", ""]
     lines += [f"## Fisher data fraction (paper Sec. 4.5; seed {seeds})", ""]
@@ -394,10 +392,9 @@ def plot_fisher_fraction(results: dict[str, Any], path: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from epimer.io.outdir import write_text_atomic
+
+    write_text_atomic(path, text, "benchmark report")  # the umask's mode, not a temp file's 0600
 
 
 def write_report(results: dict[str, Any], out: Path, *, plots: bool = True) -> None:

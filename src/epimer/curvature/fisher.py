@@ -1,4 +1,4 @@
-"""Diagonal empirical Fisher of a model from per-sample gradients (SPEC section 4, paper eq. 9).
+"""Diagonal empirical Fisher of a model from per-sample gradients (docs/method.md §4, paper eq. 9).
 
     F = (1/N) Σ_{n=1..N} (∇_θ ℓ(x_n, y_n; θ))²
 
@@ -418,7 +418,7 @@ def estimate_fisher(
     sparse_embeddings: bool = True,
     progress: ProgressFn | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher ``F = (1/N) Σ_n (∇_θ ℓ(x_n, y_n; θ))²`` (SPEC section 4, eq. 9).
+    """Diagonal Fisher ``F = (1/N) Σ_n (∇_θ ℓ(x_n, y_n; θ))²`` (docs/method.md §4, eq. 9).
 
     Args:
         model: evaluated at its current parameters, in eval mode (its mode is restored).

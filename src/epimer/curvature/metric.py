@@ -1,4 +1,4 @@
-"""The projected metric ``H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` (SPEC 3.4, paper eq. 12).
+"""The projected metric ``H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` (docs/method.md §3.4, paper eq. 12).
 
 B's columns are the vectorised atoms ``u_a v_aᵀ`` of the tagged basis (:mod:`epimer.subspace`),
 so entry (a, b) is
@@ -147,7 +147,7 @@ def projected_metric(
     eps: float,
     fisher_rank: FisherRank = "exact",
 ) -> ProjectedMetric:
-    """``H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` with F_t clamped at 0 (SPEC 3.4).
+    """``H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` with F_t clamped at 0 (docs/method.md §3.4).
 
     Args:
         fisher: F_t, (m, n).

@@ -1,6 +1,6 @@
 """DARE (Yu et al. 2024, "Language Models are Super Mario"): random drop and rescale.
 
-SPEC section 2: each entry of τ_t is kept independently with probability ``p = density`` and
+docs/method.md §2: each entry of τ_t is kept independently with probability ``p = density`` and
 kept entries are divided by ``p``, so ``E[τ̃_t] = τ_t``:
 
     τ̃_t = τ_t ⊙ m_t / p,   m_t[i] ~ Bernoulli(p) i.i.d.

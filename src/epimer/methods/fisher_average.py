@@ -1,4 +1,4 @@
-"""Fisher-weighted averaging (Matena & Raffel 2022; SPEC section 2).
+"""Fisher-weighted averaging (Matena & Raffel 2022; docs/method.md §2).
 
     Δ = Σ_t w_t F̃_t ⊙ τ_t / Σ_t w_t F̃_t,   F̃_t = F_t + eps·mean_t(mean(F_t)),   θ = θ0 + scale·Δ
 
@@ -47,7 +47,7 @@ def fisher_weighted_average(
     eps: float,
     divisors: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """``Σ_t w_t F̃_t ⊙ τ_t / Σ_t w_t F̃_t`` for one tensor (SPEC 2).
+    """``Σ_t w_t F̃_t ⊙ τ_t / Σ_t w_t F̃_t`` for one tensor (docs/method.md §2).
 
     Args:
         deltas: τ_t. fishers: F_t, clamped at 0 here. weights: (T,) summing to 1.
@@ -110,7 +110,7 @@ class FisherAverageParams(MethodParams):
     scale: Scale = Field(
         1.0,
         description="θ = θ0 + scale·Δ; 1.0 is the original method, 'auto' the data-free "
-        "scale of SPEC 6.",
+        "scale of docs/method.md §6.",
     )
 
 

@@ -1,4 +1,4 @@
-"""The flat baselines of SPEC section 2, merged in the full parameter space.
+"""The flat baselines of docs/method.md §2, merged in the full parameter space.
 
 Every method returns Δ (float32); the engine writes ``θ = θ0 + scale · Δ``. Task weights
 ``w_t`` sum to 1; methods that *sum* task vectors (task arithmetic, TIES, DARE) multiply task
@@ -49,7 +49,7 @@ class WeightAverageParams(MethodParams):
 
 @register
 class WeightAverage(MergeMethod):
-    """θ = Σ_t w_t θ_t, i.e. Δ = Σ_t w_t τ_t with scale 1 (SPEC section 2)."""
+    """θ = Σ_t w_t θ_t, i.e. Δ = Σ_t w_t τ_t with scale 1 (docs/method.md §2)."""
 
     name = "weight_average"
     description = "Weighted average of the fine-tuned models: θ = Σ w_t θ_t."
@@ -104,7 +104,7 @@ class TiesParams(MethodParams):
 
 @register
 class Ties(MergeMethod):
-    """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean (SPEC section 2).
+    """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean (docs/method.md §2).
 
     Each τ_t keeps its ``floor(density · D)`` largest magnitudes, D the entries in scope, plus
     every entry whose magnitude equals the last kept one: the kept count exceeds

@@ -1,4 +1,4 @@
-"""Subspace methods (SPEC section 3): TSV-M, Iso-C, Iso-CTS and EpiMer.
+"""Subspace methods (docs/method.md §3): TSV-M, Iso-C, Iso-CTS and EpiMer.
 
 Matrix tensors are merged in a low-rank subspace; vector tensors (biases, norms, small or
 non-2-D tensors) use the weighted mean ``Δ = Σ_t w_t τ_t`` (EpiMer may use the diagonal Fisher
@@ -64,7 +64,7 @@ def _rank_fraction_field() -> Any:
 
 
 def _scale_field(default: float, why: str) -> Any:
-    return Field(default, description=f"θ = θ0 + scale·Δ, or 'auto' (data-free, SPEC 6). {why}")
+    return Field(default, description=f"θ = θ0 + scale·Δ, or 'auto' (data-free, docs/method.md §6). {why}")
 
 
 def _basis_info(basis: TaggedBasis) -> dict[str, float]:
@@ -81,7 +81,7 @@ class TsvMParams(MethodParams):
 
 @register
 class TsvM(MergeMethod):
-    """Δ = U⊥ diag(s) V⊥ᵀ on the tagged basis (SPEC 3.2). Task weights act on vector tensors
+    """Δ = U⊥ diag(s) V⊥ᵀ on the tagged basis (docs/method.md §3.2). Task weights act on vector tensors
     only: TSV-M's matrix rule has none (and neither has eq. 14 under equal curvatures)."""
 
     name = "tsv_m"
@@ -140,7 +140,7 @@ class IsoCtsParams(MethodParams):
 
 def iso_cts_dims(p: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
     """(k_c, n_t): ``k0 = floor(cf·p)``, ``n_t = round((p − k0)/T)`` (half to even),
-    ``k_c = p − T·n_t`` (SPEC 3.3). n_t is capped at ``p // T`` so that k_c >= 0 (rounding up
+    ``k_c = p − T·n_t`` (docs/method.md §3.3). n_t is capped at ``p // T`` so that k_c >= 0 (rounding up
     can otherwise ask for more task directions than the rank holds)."""
     k0 = math.floor(common_fraction * p)
     n_t = min(round((p - k0) / num_tasks), p // num_tasks)
@@ -240,7 +240,7 @@ class _Geometry:
     fisher_rank: FisherRank
 
     def fisher(self, t: int) -> torch.Tensor:
-        """F_t clamped at 0 and divided by its normaliser (SPEC 3.4 fisher_norm)."""
+        """F_t clamped at 0 and divided by its normaliser (docs/method.md §3.4 fisher_norm)."""
         return self.fishers[t].clamp(min=0).div_(self.divisors[t])
 
     def metric(self, t: int) -> ProjectedMetric:
@@ -264,7 +264,7 @@ class Epimer(MergeMethod):
     def _divisors(
         self, fishers: tuple[torch.Tensor, ...], params: EpimerParams, state: tuple[float, ...] | None
     ) -> tuple[float, ...]:
-        """What each task's F_t is divided by (SPEC 3.4 fisher_norm)."""
+        """What each task's F_t is divided by (docs/method.md §3.4 fisher_norm)."""
         if params.fisher_norm == "global":
             assert state is not None, "fisher_norm 'global' needs prepare() to have run"
             return state
@@ -346,7 +346,7 @@ class Epimer(MergeMethod):
     def diagnose(
         self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
     ) -> dict[str, float]:
-        """SPEC 5 for one matrix tensor ({} for a vector tensor), for the coordinates and
+        """docs/method.md §5 for one matrix tensor ({} for a vector tensor), for the coordinates and
         metrics this merge uses: kappa, kappa_rel, J_flat = J(c̄), J_star = J(c*) (Theorem 3,
         trace-normalised metrics) and V, R, bound (Theorem 2, at the merged c* before scale)."""
         if x.kind != "matrix":

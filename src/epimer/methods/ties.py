@@ -1,6 +1,6 @@
 """TIES merging (Yadav et al. 2023) as pure functions on tensors: trim, elect sign, disjoint mean.
 
-SPEC section 2: each task vector τ_t is trimmed to its ``k = floor(density · D)`` largest
+docs/method.md §2: each task vector τ_t is trimmed to its ``k = floor(density · D)`` largest
 magnitudes (``D`` the entries in scope: one tensor, or every tensor of the model), then
 
     γ = sign(Σ_t τ̂_t)                       (sign "mass")
@@ -283,7 +283,7 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
     """Per-task threshold keeping ``floor(density · D)`` magnitudes of τ_t over all tensors.
 
     ``D`` is the number of entries over every tensor ``stream`` yields (the same for every
-    task). Exact and streaming (SPEC section 2): pass 1 counts high bits, pass 2 the low bits
+    task). Exact and streaming (docs/method.md §2): pass 1 counts high bits, pass 2 the low bits
     of the selected bin. A stream that can sample (:meth:`ShardedStream.sample`, the
     engine's) is first visited on every ``SAMPLE_EVERY``-th block to guess each task's bin;
     pass 1 then counts the low bits around the guess too, and pass 2 runs only for tasks
