@@ -128,7 +128,7 @@ def digest_tree(root: Path, skip: Path | None = None) -> dict[str, str]:
 def run_cli(*args: object) -> tuple[int, str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = CliRunner().invoke(main, [str(a) for a in args])
+        res = CliRunner().invoke(main, [str(a) for a in args], prog_name="epimer")
     shown = [str(w.message) for w in caught if "epimer" in str(w.filename) or "torch" in str(w.filename)]
     return res.exit_code, res.output + "".join(f"\nWARNING {m}" for m in shown)
 
@@ -290,6 +290,25 @@ def _read_only(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(tempfile, "TemporaryFile", refuse)
 
 
+def _fisher_cmd(w: World, *extra: object, data: bytes | None = None) -> list[object]:
+    """`epimer fisher` on a classifier folder (a config.json is all these cases reach)."""
+    transformers = pytest.importorskip("transformers")
+    model = w.work / "clf"
+    transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=8, num_labels=2).save_pretrained(model)
+    f = w.work / "train.jsonl"
+    f.write_bytes(data if data is not None else b'{"text": "good", "label": 1}\n')
+    w.out = w.root / "dest" / "clf.fisher.safetensors"
+    return ["fisher", "--model", model, "--data", f, "--out", w.out, "-q", *extra]
+
+
+def _missing_transformers(mp: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    mp.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "transformers" else real(name, *a, **k))
+
+
 CASES: list[Case] = [
     # -------------------------------------------------------------- config file
     Case("config-missing", lambda w, mp: merge_args(w, w.work / "nope.yaml"), ("nope.yaml", "not found")),
@@ -417,6 +436,20 @@ CASES: list[Case] = [
     Case("out-read-only", lambda w, mp: (_read_only(mp), merge_args(w, w.config()))[1], ("dest", "Read-only")),
     Case("out-disk-full", lambda w, mp: (_no_space(w, mp), merge_args(w, w.config()))[1],
          ("model.safetensors", "No space left")),
+    # -------------------------------------------------------------- epimer fisher
+    Case("fisher-data-not-utf8", lambda w, mp: _fisher_cmd(w, data=b'{"text": "caf\xe9", "label": 1}\n'),
+         ("train.jsonl:1", "UTF-8")),
+    Case("fisher-out-exists", lambda w, mp: (lambda args: (w.out.parent.mkdir(parents=True), w.out.write_text("keep"),
+                                                          args)[2])(_fisher_cmd(w)), ("clf.fisher.safetensors", "--overwrite")),
+    Case("fisher-out-under-a-file", lambda w, mp: (lambda args: ((w.root / "afile").write_text("x"),
+                                                                args[:-2] + [w.root / "afile" / "f.safetensors", "-q"])[1])(
+        _fisher_cmd(w)), ("afile", "is a file")),
+    Case("fisher-out-is-the-data", lambda w, mp: (lambda args: args[:-2] + [w.work / "train.jsonl", "-q", "--overwrite"])(
+        _fisher_cmd(w)), ("train.jsonl",)),
+    Case("fisher-needs-transformers", lambda w, mp: (_missing_transformers(mp), _fisher_cmd(w))[1],
+         ("transformers", "pip install 'epimer[hf]'")),
+    Case("fisher-threads-zero", lambda w, mp: _fisher_cmd(w, "--threads", "0"), ("--threads", "epimer fisher --help")),
+    Case("merge-shard-size-word", lambda w, mp: merge_args(w, w.config(), "--shard-size", "lots"), ("lots", "2GB")),
     # -------------------------------------------------------------- diagnose
     Case("diagnose-unknown-method", lambda w, mp: ["diagnose", w.config("tiess", fisher=True), "-q"], ("c.yaml", "tiess")),
     Case("diagnose-bad-parameter", lambda w, mp: ["diagnose", w.config("epimer", {"rank_fraction": 7}, fisher=True), "-q"],
@@ -448,7 +481,7 @@ def test_bad_input(case: Case, world: World, monkeypatch: pytest.MonkeyPatch) ->
     assert_one_error(code, output, case.needles)
     assert digest_tree(world.root, skip=world.out) == before  # no input changed, nothing written
     nothing_beside(world.out, out_existed)
-    if out_existed:
+    if out_existed and world.out.is_dir():
         assert (world.out / "keep.txt").read_text() == "precious"
 
 

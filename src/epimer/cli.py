@@ -40,6 +40,10 @@ class _Group(click.Group):
         except InputError as err:
             click.echo("error: " + " ".join(str(err).split()), err=True)  # one line, always
             ctx.exit(2)
+        except click.UsageError as err:  # a bad option value: one line, as for any bad input
+            where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+            click.echo("error: " + " ".join(err.format_message().split()) + where, err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Terminated:
@@ -247,4 +251,4 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(main(prog_name="epimer"))
