@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from epimer.curvature.metric import projected_metric
-from epimer.frechet import frechet_dense, frechet_identity
+from epimer.frechet import IDENTITY, Dense, frechet_merge
 from epimer.subspace import project, tagged_basis
 
 EPS = 1e-6  # the method's default jitter
@@ -103,10 +103,10 @@ def merge_check(deltas, basis, ranks: list[int], sigma: float, seed: int) -> dic
 
     def merged(rank) -> torch.Tensor:
         metrics = (projected_metric(f, basis.u, basis.v, EPS, rank).h for f in fishers)
-        return frechet_dense(coords, metrics, weights, "frechet_sum")
+        return frechet_merge(coords, Dense(list(metrics)), weights, "frechet_sum")
 
     exact = merged("exact")
-    out = {"flat (H_t = I)": rel(frechet_identity(coords, weights, "frechet_sum"), exact)}
+    out = {"flat (H_t = I)": rel(frechet_merge(coords, IDENTITY, weights, "frechet_sum"), exact)}
     out.update({f"fisher_rank {rank}": rel(merged(rank), exact) for rank in ranks})
     return out
 

@@ -206,7 +206,7 @@ def ref_epimer(
     divisors = divisors if divisors is not None else [1.0] * len(fishers)
     fs = [np.clip(f, 0, None) / d for f, d in zip(fishers, divisors)]
     hs = [ref_metric(b, f, eps) for f in fs]
-    pull = weights if aggregator == "frechet_mean" else np.ones_like(weights)
+    pull = weights if aggregator == "frechet_mean" else len(weights) * weights  # a_t = T·w_t (docs/method.md §1)
     lhs = sum(w * h for w, h in zip(weights, hs))
     rhs = sum(a * h @ c for a, h, c in zip(pull, hs, cs))
     c_star = np.linalg.solve(lhs, rhs)

@@ -194,3 +194,59 @@ def test_auto_scale_terms_clamp_negative_fisher() -> None:
     fishers = [torch.tensor([1.0, -5.0, 1.0], dtype=torch.float64)]
     num, den = auto_scale_terms(delta, taus, fishers, torch.ones(1, dtype=torch.float64))
     assert (num, den) == (4.0, 2.0)
+
+
+@pytest.mark.parametrize("fisher_rank", [2, "exact"])
+@pytest.mark.parametrize("aggregator", ["frechet_sum", "frechet_mean"])
+def test_diagnose_describes_the_merge_that_was_made(fisher_rank, aggregator: str) -> None:
+    """Merge through the engine, diagnose through the engine, then recompute everything
+    independently in float64 numpy (basis, rank-s or exact metrics, c*): the merged update and
+    V, R, bound and kappa all agree, with uneven weights."""
+    from epimer.engine import diagnose_state_dicts, merge_state_dicts
+    from tests.subspace_reference import materialise_b, ref_basis
+
+    g = torch.Generator().manual_seed(5)
+    shape = (20, 16)
+    base = {"w": torch.randn(shape, generator=g)}
+    tasks = [{"w": base["w"] + 0.1 * torch.randn(shape, generator=g)} for _ in range(3)]
+    # structured, near-low-rank Fishers, different per task (the rank-s approximation matters)
+    fishers = [{"w": (torch.rand(shape[0], 1, generator=g) @ torch.rand(1, shape[1], generator=g))
+                * torch.exp(0.3 * torch.randn(shape, generator=g)) + 0.01} for _ in range(3)]
+    params = {"fisher_rank": fisher_rank, "aggregator": aggregator, "eps": 1e-3}
+    merged = merge_state_dicts(base, tasks, "epimer", params, weights=UNEVEN, fishers=fishers)
+    diag = diagnose_state_dicts(base, tasks, fishers, params, weights=UNEVEN)["tensors"]["w"]
+
+    w = np.array(UNEVEN) / sum(UNEVEN)
+    deltas = [np64(t["w"]) - np64(base["w"]) for t in tasks]
+    ref = ref_basis(deltas, 1.0)
+    b = materialise_b(ref.u, ref.v)
+    cs = [b.T @ d.ravel() for d in deltas]
+    hs = []
+    for f in (np64(f["w"]) for f in fishers):
+        if fisher_rank == "exact":
+            fs = f
+        else:  # F_t's own best rank-s approximation
+            p, lam, gh = np.linalg.svd(f)
+            fs = (p[:, :fisher_rank] * lam[:fisher_rank]) @ gh[:fisher_rank]
+        hs.append(b.T @ (fs.ravel()[:, None] * b) + 1e-3 * f.mean() * np.eye(b.shape[1]))
+    pull = w if aggregator == "frechet_mean" else len(w) * w
+    c = np.linalg.solve(sum(wt * h for wt, h in zip(w, hs)), sum(a * h @ ct for a, h, ct in zip(pull, hs, cs)))
+    delta = (b @ c).reshape(shape)
+    assert rel_err_np(np64(merged["w"]) - np64(base["w"]), delta) < 2e-4
+    V = float(sum(wt * (c - ct) @ h @ (c - ct) for wt, ct, h in zip(w, cs, hs)))
+    R = float(sum(wt * (np.clip(np64(f["w"]), 0, None) * (d - (b @ ct).reshape(shape)) ** 2).sum()
+                  for wt, f, d, ct in zip(w, fishers, deltas, cs)))
+    r = b.shape[1]
+    hats = [r * h / np.trace(h) for h in hs]
+    h_bar = sum(wt * h for wt, h in zip(w, hats))
+    c_bar = sum(wt * ct for wt, ct in zip(w, cs))
+    rho = sum(wt * (h - h_bar) @ (ct - c_bar) for wt, h, ct in zip(w, hats, cs))
+    kappa = float(rho @ np.linalg.solve(h_bar, rho))
+    assert diag["V"] == pytest.approx(V, rel=2e-3)
+    assert diag["R"] == pytest.approx(R, rel=2e-3, abs=1e-9)
+    assert diag["bound"] == pytest.approx(0.5 * (V**0.5 + R**0.5) ** 2, rel=2e-3)
+    assert diag["kappa"] == pytest.approx(kappa, rel=2e-3)
+
+
+def rel_err_np(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

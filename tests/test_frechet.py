@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from epimer.frechet import frechet_dense, frechet_diagonal, frechet_identity, pull_weights, spd_solve
+from epimer.frechet import IDENTITY, Dense, Diagonal, frechet_merge, pull_weights, spd_solve
 from tests.subspace_reference import (
     make_inputs,
     materialise_b,
@@ -31,6 +31,10 @@ def _eye_metrics(dim: int) -> list[torch.Tensor]:
     return [torch.eye(dim, dtype=torch.float64) for _ in range(T)]
 
 
+def frechet_dense(cs, hs, w, aggregator):  # type: ignore[no-untyped-def]
+    return frechet_merge(cs, Dense(list(hs)), w, aggregator)
+
+
 # ------------------------------------------------------------------------- the solve
 
 
@@ -45,7 +49,7 @@ def test_dense_solve_matches_numpy(aggregator: str, uneven: bool) -> None:
         hs.append(a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64))
         cs.append(torch.randn(6, generator=g, dtype=torch.float64))
     got = frechet_dense(cs, iter(hs), w, aggregator)  # a generator is enough
-    pull = w.numpy() if aggregator == "frechet_mean" else np.ones(T)
+    pull = w.numpy() if aggregator == "frechet_mean" else T * w.numpy()
     lhs = sum(wt * np64(h) for wt, h in zip(w.numpy(), hs))
     rhs = sum(a * np64(h) @ np64(c) for a, h, c in zip(pull, hs, cs))
     assert rel_err(np64(got), np.linalg.solve(lhs, rhs)) < 1e-12
@@ -94,17 +98,23 @@ def test_spd_solve_survives_a_slightly_indefinite_matrix() -> None:
 # ------------------------------------------------------------------ Proposition 2
 
 
-def test_case1_identity_basis_and_metric_is_task_arithmetic() -> None:
+@pytest.mark.parametrize("uneven", [False, True])
+def test_case1_identity_basis_and_metric_is_task_arithmetic(uneven: bool) -> None:
+    """Task arithmetic is the identity geometry with frechet_sum, for any weights: one
+    convention (task t pulled by T·w_t) in the core and in the registered method."""
     deltas, _ = random_case(10, SHAPE, T)
-    w = _weights(False)
-    ta = sum(deltas)
-    assert torch.allclose(frechet_identity(deltas, w, "frechet_sum"), ta, rtol=1e-12)
+    w = _weights(uneven)
+    ta = sum(T * float(wt) * d for wt, d in zip(w, deltas))  # Σ_t T·w_t τ_t
+    assert rel_err(np64(frechet_merge(deltas, IDENTITY, w, "frechet_sum")), np64(ta)) < 1e-12
     # The dense solve with B = I (coordinates vec τ_t) and H_t = I says the same.
     dense = frechet_dense([d.ravel() for d in deltas], _eye_metrics(ta.numel()), w, "frechet_sum")
     assert rel_err(np64(dense).reshape(SHAPE), np64(ta)) < 1e-12
-    # And it is the registered task arithmetic (before its scale).
-    registered = run("task_arithmetic", {}, [make_inputs("w", deltas)])[0].delta
-    assert rel_err(np64(registered), np64(ta)) < 1e-12
+    # And it is the registered task arithmetic (before its scale), and weight_average the mean.
+    x = make_inputs("w", deltas, None, w.tolist())
+    assert rel_err(np64(run("task_arithmetic", {}, [x])[0].delta), np64(ta)) < 1e-12
+    mean = frechet_merge(deltas, IDENTITY, w, "frechet_mean")
+    assert rel_err(np64(run("weight_average", {}, [x])[0].delta), np64(mean)) < 1e-12
+    assert rel_err(np64(mean), np64(ta) / T) < 1e-12
 
 
 @pytest.mark.parametrize("uneven", [False, True])
@@ -119,7 +129,7 @@ def test_case2_identity_basis_with_diagonal_fisher_is_fisher_averaging(uneven: b
         [d.ravel() for d in deltas], [torch.diag(f.ravel()) for f in tilde], w, "frechet_mean"
     ).reshape(SHAPE)
     # ... is the elementwise solve ...
-    diagonal = frechet_diagonal(deltas, tilde, w, "frechet_mean")
+    diagonal = frechet_merge(deltas, Diagonal(lambda t: tilde[t]), w, "frechet_mean")
     assert rel_err(np64(diagonal), np64(dense)) < 1e-12
     # ... and the registered fisher_average.
     x = make_inputs("w", deltas, fishers, w.tolist())
@@ -131,40 +141,50 @@ def _homogeneous(fishers: list[torch.Tensor], value: float = 0.7) -> list[torch.
     return [torch.full_like(f, value) for f in fishers]
 
 
+@pytest.mark.parametrize("uneven", [False, True])
 @pytest.mark.parametrize("fisher_rank", ["exact", 1])
-def test_case4_tagged_basis_identity_metric_is_projected_task_arithmetic(fisher_rank) -> None:
+def test_case4_tagged_basis_identity_metric_is_projected_task_arithmetic(fisher_rank, uneven: bool) -> None:
     deltas, fishers = random_case(12, SHAPE, T)
-    w = _weights(False)
+    w = _weights(uneven)
     ref = ref_basis([np64(d) for d in deltas], 1.0)
     b = materialise_b(ref.u, ref.v)
-    projected_ta = (b @ b.T @ np64(sum(deltas)).ravel()).reshape(SHAPE)  # B Bᵀ Σ τ_t
+    ta = sum(T * float(wt) * np64(d) for wt, d in zip(w, deltas))
+    projected_ta = (b @ b.T @ ta.ravel()).reshape(SHAPE)  # B Bᵀ Σ_t T·w_t τ_t
     # Equal constant Fishers: H_t = c(1 + eps)·I, the identity metric up to a common factor.
     x = make_inputs("w", deltas, _homogeneous(fishers), w.tolist())
     got = run("epimer", {"fisher_rank": fisher_rank, "coords": "projected"}, [x])[0].delta
-    assert rel_err(np64(got), projected_ta) < 1e-10
+    assert rel_err(np64(got), projected_ta) < 1e-12
 
 
+@pytest.mark.parametrize("uneven", [False, True])
 @pytest.mark.parametrize("rank_fraction", [1.0, 0.5])
-def test_case4_singular_coords_with_homogeneous_curvature_is_exactly_tsv_m(rank_fraction: float) -> None:
+def test_case4_singular_coords_with_homogeneous_curvature_is_exactly_tsv_m(rank_fraction: float, uneven: bool) -> None:
     deltas, fishers = random_case(13, SHAPE, T)
-    x = make_inputs("w", deltas, _homogeneous(fishers, 3.0))
+    w = _weights(uneven).tolist()
+    x = make_inputs("w", deltas, _homogeneous(fishers, 3.0), w)
     tsv = run("tsv_m", {"rank_fraction": rank_fraction}, [x])[0].delta
     epi = run("epimer", {"rank_fraction": rank_fraction, "coords": "singular", "fisher_rank": "exact"}, [x])[0].delta
-    assert rel_err(np64(epi), np64(tsv)) < 1e-10
+    assert rel_err(np64(epi), np64(tsv)) < 1e-12
     # Also in float32, the production precision.
-    x32 = make_inputs("w", [d.float() for d in deltas], [f.float() for f in _homogeneous(fishers, 3.0)])
+    x32 = make_inputs("w", [d.float() for d in deltas], [f.float() for f in _homogeneous(fishers, 3.0)], w)
     tsv32 = run("tsv_m", {"rank_fraction": rank_fraction}, [x32])[0].delta
     epi32 = run("epimer", {"rank_fraction": rank_fraction, "coords": "singular"}, [x32])[0].delta
     assert rel_err(np64(epi32), np64(tsv32)) < 1e-5
 
 
-def test_case4_with_the_identity_solve_directly() -> None:
-    """tsv_m's own path: the identity solve of singular coordinates gives s."""
+@pytest.mark.parametrize("uneven", [False, True])
+def test_case4_with_the_identity_solve_directly(uneven: bool) -> None:
+    """tsv_m's own path: the identity solve of singular coordinates gives Σ_t T·w_t c_t (s for
+    equal weights)."""
     deltas, _ = random_case(14, SHAPE, T)
+    w = _weights(uneven)
     ref = ref_basis([np64(d) for d in deltas], 1.0)
     b = materialise_b(ref.u, ref.v)
     cs = [torch.from_numpy(np.where(ref.owner == t, ref.s, 0.0)) for t in range(T)]
-    c = frechet_dense(cs, _eye_metrics(b.shape[1]), _weights(True), "frechet_sum")
-    assert rel_err(np64(c), ref.s) < 1e-12
-    tsv = run("tsv_m", {}, [make_inputs("w", deltas)])[0].delta
-    assert rel_err(np64(tsv).ravel(), b @ ref.s) < 1e-10
+    want = sum(T * float(wt) * np64(c) for wt, c in zip(w, cs))
+    if not uneven:
+        assert rel_err(want, ref.s) < 1e-15
+    c = frechet_dense(cs, _eye_metrics(b.shape[1]), w, "frechet_sum")
+    assert rel_err(np64(c), want) < 1e-12
+    tsv = run("tsv_m", {}, [make_inputs("w", deltas, None, w.tolist())])[0].delta
+    assert rel_err(np64(tsv).ravel(), b @ want) < 1e-10

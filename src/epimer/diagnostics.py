@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from epimer.frechet import frechet_dense, spd_solve
+from epimer.frechet import Dense, Geometry, frechet_merge, spd_solve
 from epimer.subspace import lift
 
 _F64 = torch.float64
@@ -85,7 +85,7 @@ def heterogeneity(
     c_bar = sum(wt * c for wt, c in zip(w, cs))
     rho = sum(wt * ((h - h_bar) @ (c - c_bar)) for wt, h, c in zip(w, hats, cs))
     kappa = max(float(rho @ spd_solve(h_bar, rho)), 0.0)
-    c_star = frechet_dense(cs, hats, weights, "frechet_mean")
+    c_star = frechet_merge(cs, Dense(hats), weights, "frechet_mean")
     j_flat = objective(c_bar, cs, hats, weights)
     j_star = objective(c_star, cs, hats, weights)
     return Heterogeneity(
@@ -130,8 +130,45 @@ def error_bound(
     """
     # A factored metric may be slightly indefinite; a negative V is round-off, not a variance.
     variance = max(objective(c, coords, metrics, weights), 0.0)
-    bound = 0.5 * (math.sqrt(variance) + math.sqrt(max(residual, 0.0))) ** 2
-    return ErrorBound(V=variance, R=residual, bound=bound)
+    return ErrorBound(V=variance, R=residual, bound=bound(variance, residual))
+
+
+def bound(variance: float, residual: float) -> float:
+    """Theorem 2's ``½ (√V + √R)²``."""
+    return 0.5 * (math.sqrt(max(variance, 0.0)) + math.sqrt(max(residual, 0.0))) ** 2
+
+
+def tensor_diagnostics(
+    geo: Geometry,
+    c: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    u: torch.Tensor,
+    v: torch.Tensor,
+    weights: torch.Tensor,
+) -> dict[str, float]:
+    """docs/method.md §5 for one matrix tensor, from a merge's own geometry: its coordinates,
+    its metrics (``geo.metric.matrices()``) and its merged coordinates ``c``; ``fishers`` are
+    the (normalised) F_t those metrics were built from, for the residual energy R."""
+    metrics = geo.metric.matrices()
+    het = heterogeneity(geo.coords, metrics, weights)
+    eb = error_bound(c, geo.coords, metrics, residual_energy(deltas, fishers, u, v, geo.coords, weights), weights)
+    return {"kappa": het.kappa, "kappa_rel": het.kappa_rel, "J_flat": het.j_flat, "J_star": het.j_star,
+            "V": eb.V, "R": eb.R, "bound": eb.bound}
+
+
+#: Per-tensor numbers that add up over tensors (B is block-diagonal across tensors, so the
+#: model's J, kappa, V and R are sums of the tensors').
+ADDITIVE = ("kappa", "J_flat", "J_star", "V", "R")
+
+
+def totals(per_tensor: Iterable[dict[str, float]]) -> dict[str, float]:
+    """The whole model's diagnostics from its tensors': sums, kappa_rel and the bound."""
+    rows = list(per_tensor)
+    total = {k: float(sum(d[k] for d in rows)) for k in ADDITIVE}
+    total["kappa_rel"] = total["kappa"] / total["J_flat"] if total["J_flat"] > 0 else 0.0
+    total["bound"] = bound(total["V"], total["R"])
+    return total
 
 
 def auto_scale_terms(

@@ -884,11 +884,6 @@ def diagnose_state_dicts(
 
 # ---------------------------------------------------------------------- diagnostics
 
-#: Per-tensor numbers of docs/method.md §5 that add up over tensors (B is block-diagonal across
-#: tensors, so the model's J, kappa, V and R are sums of the tensors').
-_ADDITIVE = ("kappa", "J_flat", "J_star", "V", "R")
-
-
 def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow_nonfinite: bool = False,
              checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
              ) -> dict[str, Any]:
@@ -925,9 +920,9 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
         run.stream(visit, "diagnose")
     finally:
         run.close()
-    total = {k: float(sum(d[k] for d in per.values())) for k in _ADDITIVE}
-    total["kappa_rel"] = total["kappa"] / total["J_flat"] if total["J_flat"] > 0 else 0.0
-    total["bound"] = 0.5 * (total["V"] ** 0.5 + total["R"] ** 0.5) ** 2
+    from epimer.diagnostics import totals
+
+    total = totals(per.values())
     return {
         "method": "epimer",
         "parameters": run.params.model_dump(mode="json"),

@@ -1,31 +1,41 @@
-"""The Fréchet solve every curvature-aware and spectral method reduces to (paper eq. 8/13/14).
+"""The one Fréchet core that the merge methods are configurations of (paper eq. 8/13/14,
+docs/method.md §3.5).
 
-    c* = (Σ_t w_t H_t)⁻¹ Σ_t a_t H_t c_t,    a_t = w_t (``frechet_mean``, eq. 13)
-                                             a_t = 1   (``frechet_sum``, eq. 14)
+A *geometry* of one tensor is a basis B, the task coordinates c_t in it, and a metric H_t per
+task. Every method of this family merges by the same solve
 
-with task weights w_t summing to 1, coordinates c_t of task t in a basis B and a metric H_t.
-Proposition 2 (docs/method.md §3.5) is the statement that the baselines are this one solve with a
-particular basis and metric; each row below is how the code computes it:
+    c* = (Σ_t w_t H_t)⁻¹ Σ_t a_t H_t c_t,    a_t = w_t      (``frechet_mean``, eq. 13)
+                                             a_t = T·w_t    (``frechet_sum``,  eq. 14)
 
-=====================  ============  ==============  ==============  ==========================
-method                 basis B       c_t             metric H_t      here
-=====================  ============  ==============  ==============  ==========================
-task arithmetic        I             τ_t             I               frechet_identity, sum
-Fisher averaging       I             τ_t             diag(F_t)       frechet_diagonal, mean
-projected TA           tagged basis  Bᵀ τ_t          I               frechet_identity, sum
-TSV-M                  tagged basis  s on t's atoms  I               frechet_identity, sum
-EpiMer                 tagged basis  either          Bᵀdiag(F_t)B    frechet_dense, either
-=====================  ============  ==============  ==============  ==========================
+and writes Δ = B c*. Task weights w_t sum to 1; with equal weights ``frechet_sum`` pulls every
+task with a_t = 1 (the paper's eq. 14), and with custom weights it pulls task t by T·w_t, the
+same factor the summing methods (task arithmetic, TIES, DARE) scale task t by: one convention
+everywhere (docs/method.md §1).
 
-With the identity metric Σ w_t H_t = I, so the solve is the weighted combination itself; a
-diagonal metric makes it elementwise. Only the dense case needs a linear solve, done by
-Cholesky in float64 (never an explicit inverse).
+=====================  ================  ==============  =========================  ==========
+method                 basis B           c_t             metric H_t                 aggregator
+=====================  ================  ==============  =========================  ==========
+weight average         I                 τ_t             I (:data:`IDENTITY`)       mean
+task arithmetic        I                 τ_t             I                          sum
+Fisher averaging       I                 τ_t             diag(F̃_t) (`Diagonal`)     mean
+projected TA           tagged basis      Bᵀ τ_t          I                          sum
+TSV-M                  tagged basis      s on t's atoms  I                          sum
+EpiMer                 tagged basis      either          Bᵀ diag(F_t) B             either
+=====================  ================  ==============  =========================  ==========
+
+A metric only has to give the two sums of the normal equations (:meth:`Metric.system`) and
+solve them (:meth:`Metric.solve`): the identity metric needs no solve at all, a diagonal metric
+solves elementwise, a dense (r × r) one by Cholesky in float64. The projected Fisher metric of
+EpiMer (`epimer.curvature.metric.ProjectedFisher`) is one more subclass, and so is any future
+curvature: a new metric is a class with these two methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -33,70 +43,122 @@ Aggregator = Literal["frechet_sum", "frechet_mean"]
 
 
 def pull_weights(weights: torch.Tensor, aggregator: Aggregator) -> list[float]:
-    """a_t: w_t for ``frechet_mean`` (eq. 13), 1 for ``frechet_sum`` (eq. 14, T × eq. 13 for
-    equal weights: on the tagged basis each atom is owned by one task, and the mean would divide
-    every task's block by T — the paper's "magnitude collapse")."""
+    """a_t: w_t for ``frechet_mean`` (eq. 13), T·w_t for ``frechet_sum`` (eq. 14; 1 for equal
+    weights). On the tagged basis each atom is owned by one task, and the mean would divide
+    every task's block by T: the paper's "magnitude collapse"."""
     if aggregator == "frechet_mean":
         return [float(w) for w in weights.tolist()]
     if aggregator == "frechet_sum":
-        return [1.0] * weights.shape[0]
+        return [float(a) for a in (weights * weights.shape[0]).tolist()]  # float64: exactly 1 for equal weights
     raise ValueError(f"unknown aggregator {aggregator!r}; expected 'frechet_sum' or 'frechet_mean'")
 
 
-def frechet_identity(
-    coords: Sequence[torch.Tensor], weights: torch.Tensor, aggregator: Aggregator
-) -> torch.Tensor:
-    """Metric I: ``c* = Σ_t a_t c_t / Σ_t w_t`` (Σ w_t = 1), in the coordinates' dtype."""
-    pull = pull_weights(weights, aggregator)
-    out = torch.zeros_like(coords[0])
-    for c, a in zip(coords, pull, strict=True):
-        out.add_(c, alpha=a)
-    return out / float(weights.sum())
+def combine(tensors: Sequence[torch.Tensor], factors: Sequence[float]) -> torch.Tensor:
+    """Σ_t a_t x_t in the tensors' dtype, without stacking (memory: one tensor's size)."""
+    out = torch.mul(tensors[0], factors[0])
+    for x, a in zip(tensors[1:], factors[1:], strict=True):
+        out.add_(x, alpha=a)
+    return out
 
 
-def frechet_diagonal(
-    coords: Sequence[torch.Tensor],
-    metrics: Iterable[torch.Tensor],
-    weights: torch.Tensor,
-    aggregator: Aggregator,
-) -> torch.Tensor:
-    """Diagonal metrics ``diag(h_t)`` (h_t of c_t's shape, positive):
-    ``c* = Σ_t a_t h_t ⊙ c_t / Σ_t w_t h_t``, elementwise.
+class Metric(ABC):
+    """The metrics H_1..H_T of one tensor, in the coordinates of its geometry."""
 
-    Runs in the coordinates' dtype (float32 for a model tensor): each entry is a ratio of two
-    sums of T positive terms, well conditioned, and float64 would double the memory of two
-    full-size accumulators. ``metrics`` may be a generator (one h_t alive at a time).
+    @abstractmethod
+    def system(self, coords: Sequence[torch.Tensor], weights: torch.Tensor, pull: Sequence[float]) -> tuple[Any, Any]:
+        """(Σ_t w_t H_t, Σ_t a_t H_t c_t) in whatever form :meth:`solve` takes."""
+
+    @abstractmethod
+    def solve(self, lhs: Any, rhs: Any) -> torch.Tensor:
+        """c* from the two sums."""
+
+    def matrices(self) -> list[torch.Tensor]:
+        """The (r, r) float64 H_t themselves (diagnostics need them); dense metrics only."""
+        raise NotImplementedError(f"{type(self).__name__} has no dense per-task matrices")
+
+
+class Identity(Metric):
+    """H_t = I: c* = Σ_t a_t c_t (Σ_t w_t = 1, so no division), in the coordinates' dtype."""
+
+    def system(self, coords: Sequence[torch.Tensor], weights: torch.Tensor, pull: Sequence[float]) -> tuple[Any, Any]:
+        return None, combine(coords, pull)
+
+    def solve(self, lhs: Any, rhs: torch.Tensor) -> torch.Tensor:
+        return rhs
+
+
+#: The identity metric (it holds no state).
+IDENTITY = Identity()
+
+
+class Diagonal(Metric):
+    """H_t = diag(h_t), h_t of the coordinates' shape and positive:
+    c* = Σ_t a_t h_t ⊙ c_t / Σ_t w_t h_t, elementwise.
+
+    ``h(t)`` builds h_t on demand, so one h_t is alive at a time next to the two sums. Runs in
+    the coordinates' dtype (float32 for a model tensor): each entry is a ratio of two sums of
+    T positive terms, well conditioned, and float64 would double the memory of two full-size
+    accumulators.
     """
-    pull = pull_weights(weights, aggregator)
-    num = torch.zeros_like(coords[0])
-    den = torch.zeros_like(coords[0])
-    for c, h, w, a in zip(coords, metrics, weights.tolist(), pull, strict=True):
-        num.addcmul_(h, c, value=a)
-        den.add_(h, alpha=w)
-    return num / den
+
+    def __init__(self, h: Callable[[int], torch.Tensor]) -> None:
+        self.h = h
+
+    def system(self, coords: Sequence[torch.Tensor], weights: torch.Tensor, pull: Sequence[float]) -> tuple[Any, Any]:
+        num = torch.zeros_like(coords[0])
+        den = torch.zeros_like(coords[0])
+        for t, (c, w, a) in enumerate(zip(coords, weights.tolist(), pull, strict=True)):
+            h = self.h(t)
+            num.addcmul_(h, c, value=a)
+            den.add_(h, alpha=w)
+        return den, num
+
+    def solve(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        return rhs / lhs
 
 
-def frechet_dense(
-    coords: Sequence[torch.Tensor],
-    metrics: Iterable[torch.Tensor],
-    weights: torch.Tensor,
-    aggregator: Aggregator,
-) -> torch.Tensor:
-    """Dense metrics: ``c* = (Σ_t w_t H_t)⁻¹ Σ_t a_t H_t c_t`` (eq. 13/14), float64 (r,).
+class Dense(Metric):
+    """Explicit symmetric positive definite (r, r) matrices H_t, solved in float64."""
 
-    ``metrics`` (each (r, r), symmetric positive definite) may be a generator, so only the two
-    sums are held, never all T matrices.
-    """
-    pull = pull_weights(weights, aggregator)
-    lhs: torch.Tensor | None = None
-    rhs: torch.Tensor | None = None
-    for c, h, w, a in zip(coords, metrics, weights.tolist(), pull, strict=True):
-        h = h.to(torch.float64)
-        hc = h @ c.to(torch.float64)
-        lhs = h * w if lhs is None else lhs.add_(h, alpha=w)
-        rhs = hc * a if rhs is None else rhs.add_(hc, alpha=a)
-    assert lhs is not None and rhs is not None, "frechet_dense needs at least one task"
-    return spd_solve(lhs, rhs)
+    def __init__(self, hs: Sequence[torch.Tensor]) -> None:
+        self.hs = [h.to(torch.float64) for h in hs]
+
+    def system(self, coords: Sequence[torch.Tensor], weights: torch.Tensor, pull: Sequence[float]) -> tuple[Any, Any]:
+        lhs = combine(self.hs, weights.tolist())
+        rhs = combine([h @ c.to(torch.float64) for h, c in zip(self.hs, coords, strict=True)], pull)
+        return lhs, rhs
+
+    def solve(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        return spd_solve(lhs, rhs)
+
+    def matrices(self) -> list[torch.Tensor]:
+        return self.hs
+
+
+def frechet_merge(coords: Sequence[torch.Tensor], metric: Metric, weights: torch.Tensor,
+                  aggregator: Aggregator) -> torch.Tensor:
+    """c* = (Σ_t w_t H_t)⁻¹ Σ_t a_t H_t c_t for any metric (module docstring)."""
+    lhs, rhs = metric.system(coords, weights, pull_weights(weights, aggregator))
+    return metric.solve(lhs, rhs)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One tensor's geometry: ``lift`` maps coordinates to the tensor (None: B = I, the
+    coordinates are the tensor), the task coordinates c_t, and the metric."""
+
+    coords: list[torch.Tensor]
+    metric: Metric
+    lift: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def solve(self, weights: torch.Tensor, aggregator: Aggregator) -> torch.Tensor:
+        """c*, the merged coordinates."""
+        return frechet_merge(self.coords, self.metric, weights, aggregator)
+
+    def merge(self, weights: torch.Tensor, aggregator: Aggregator) -> torch.Tensor:
+        """Δ = B c*."""
+        c = self.solve(weights, aggregator)
+        return c if self.lift is None else self.lift(c)
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,14 @@ Cholesky solve of :mod:`epimer.frechet`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
+
+from epimer.frechet import Metric, combine, spd_solve
+from epimer.subspace import lift, project
 
 #: ``fisher_rank``: "exact", or the rank s of the factored fast path.
 FisherRank = Union[Literal["exact"], int]
@@ -165,3 +169,61 @@ def projected_metric(
     h = h.to(torch.float64)
     h.diagonal().add_(fisher_jitter(f, eps))
     return ProjectedMetric(h=h, fisher_rel_err=err)
+
+
+class ProjectedFisher(Metric):
+    """EpiMer's metric (docs/method.md §3.4): ``H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` on
+    the tagged basis (U⊥, V⊥), from each task's diagonal Fisher ``fisher(t)`` (clamped and
+    normalised by the caller, built on demand).
+
+    ``rank="exact"``: H_t is linear in F_t, so Σ_t w_t H_t is one exact metric of the weighted
+    mean Fisher F̄ = Σ_t w_t F_t (not T of them), and Σ_t a_t H_t c_t =
+    Bᵀ vec(Σ_t a_t F_t ⊙ B c_t) + Σ_t a_t eps_t c_t needs one projection in all, never an
+    H_t: O((T + 1)·m·n·r) beside the one metric.
+
+    ``rank=s``: every H_t is the factored metric of F_t's own rank-s approximation, and the
+    solve, the diagnostics and the reported error all use these same T matrices.
+    ``fisher_rel_err`` is the largest relative error ‖F_t − F_t,s‖/‖F_t‖ over the tasks.
+    """
+
+    def __init__(self, fisher: Callable[[int], torch.Tensor], num_tasks: int, u: torch.Tensor, v: torch.Tensor,
+                 eps: float, rank: FisherRank) -> None:
+        self.fisher, self.num_tasks, self.u, self.v, self.eps, self.rank = fisher, num_tasks, u, v, eps, rank
+        self._hs: list[torch.Tensor] | None = None
+        self.fisher_rel_err = 0.0
+
+    def _metric(self, t: int) -> torch.Tensor:
+        pm = projected_metric(self.fisher(t), self.u, self.v, self.eps, self.rank)
+        self.fisher_rel_err = max(self.fisher_rel_err, pm.fisher_rel_err)
+        return pm.h
+
+    def matrices(self) -> list[torch.Tensor]:
+        """The T float64 (r, r) metrics (computed once)."""
+        if self._hs is None:
+            self._hs = [self._metric(t) for t in range(self.num_tasks)]
+        return self._hs
+
+    def system(self, coords: Sequence[torch.Tensor], weights: torch.Tensor, pull: Sequence[float]) -> tuple[Any, Any]:
+        if self.rank != "exact":
+            hs = self.matrices()
+            return combine(hs, weights.tolist()), combine([h @ c.to(torch.float64) for h, c in zip(hs, coords)], pull)
+        u, v = self.u, self.v
+        f_bar = torch.zeros(u.shape[0], v.shape[0], dtype=u.dtype)  # (m, n)
+        pulled = torch.zeros_like(f_bar)  # Σ_t a_t F_t ⊙ B c_t, projected once below
+        rhs = torch.zeros(u.shape[1], dtype=torch.float64)  # (r,)
+        jitter = 0.0
+        for t, (w, a) in enumerate(zip(weights.tolist(), pull)):
+            f = self.fisher(t).to(u.dtype)
+            eps_t = fisher_jitter(f, self.eps)
+            f_bar.add_(f, alpha=w)
+            jitter += w * eps_t
+            c_t = coords[t]
+            pulled.add_(f.mul_(lift(u, v, c_t.to(u.dtype))), alpha=a)
+            rhs.add_(c_t.to(torch.float64), alpha=a * eps_t)
+        rhs.add_(project(u, v, pulled).to(torch.float64))
+        h_bar = projected_metric_exact(f_bar, u, v).to(torch.float64)
+        h_bar.diagonal().add_(jitter)
+        return h_bar, rhs
+
+    def solve(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        return spd_solve(lhs, rhs)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from epimer.distributed import SINGLE, Group
 from epimer.errors import InputError
+from epimer.frechet import combine, pull_weights
 
 #: ``scale`` of a method: a number, or ``"auto"`` for the data-free scale of docs/method.md §6.
 Scale = Union[float, Literal["auto"]]
@@ -189,18 +190,16 @@ def _param_error(err: ValidationError, raw: Mapping[str, Any]) -> str:
 
 
 def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
-    """Σ_t w_t x_t in float32 without stacking (memory stays one tensor's size)."""
-    ws = weights.tolist()
-    out = torch.mul(tensors[0], ws[0])
-    for t, w in zip(tensors[1:], ws[1:]):
-        out.add_(t, alpha=w)
-    return out
+    """Σ_t w_t x_t without stacking (memory stays one tensor's size): the identity-metric
+    Fréchet mean, `frechet_mean` on B = I."""
+    return combine(tensors, weights.tolist())
 
 
 def sum_factors(weights: torch.Tensor) -> torch.Tensor:
-    """(T,) float64 ``T · w_t`` from the (T,) weights: 1 per task for equal weights, where
-    docs/method.md §2/3.3 sum task vectors unweighted; custom ``weight``s still count through it."""
-    return weights * len(weights)  # float64: T·w_t is exact for equal weights
+    """(T,) float64 ``T · w_t``: the pull of ``frechet_sum`` (`epimer.frechet.pull_weights`), 1
+    per task for equal weights, where docs/method.md §2/3.3 sum task vectors unweighted; custom
+    ``weight``s count through it, in every summing method alike."""
+    return torch.tensor(pull_weights(weights, "frechet_sum"), dtype=torch.float64)
 
 
 def task_factors(x: TensorInputs) -> torch.Tensor:

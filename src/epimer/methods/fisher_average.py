@@ -2,8 +2,8 @@
 
     Δ = Σ_t w_t F̃_t ⊙ τ_t / Σ_t w_t F̃_t,   F̃_t = F_t + eps·mean_t(mean(F_t)),   θ = θ0 + scale·Δ
 
-Proposition 2, case 2: the Fréchet mean (eq. 13) with basis B = I and metric diag(F_t), so the
-solve is :func:`epimer.frechet.frechet_diagonal`. ``scale`` is our extension (1.0 is the
+Proposition 2, case 2: the Fréchet mean (eq. 13) with basis B = I and metric diag(F̃_t), the
+:class:`epimer.frechet.Diagonal` configuration of the one core. ``scale`` is our extension (1.0 is the
 original method) so that ``scale: auto`` applies.
 """
 
@@ -17,7 +17,7 @@ from pydantic import Field
 
 from epimer.distributed import exact_sum
 from epimer.errors import InputError
-from epimer.frechet import frechet_diagonal
+from epimer.frechet import Diagonal, Geometry
 from epimer.methods.base import (
     MergeMethod,
     MethodParams,
@@ -59,9 +59,9 @@ def fisher_weighted_average(
     means = [float(f.clamp(min=0).mean(dtype=torch.float64)) / d for f, d in zip(fishers, divisors)]
     mean = sum(means) / len(means)
     jitter = eps * mean if mean > 0 else eps  # all-zero Fishers: plain weighted mean
-    # A generator: one F̃_t alive at a time next to the two accumulators.
-    metrics = (f.clamp(min=0).div_(d).add_(jitter) for f, d in zip(fishers, divisors))
-    return frechet_diagonal(list(deltas), metrics, weights, "frechet_mean")
+    # Built on demand: one F̃_t alive at a time next to the two accumulators.
+    metric = Diagonal(lambda t: fishers[t].clamp(min=0).div_(divisors[t]).add_(jitter))
+    return Geometry(list(deltas), metric).merge(weights, "frechet_mean")
 
 
 def task_fisher_norms(stream: Stream, method: str, squared: bool) -> tuple[float, ...]:

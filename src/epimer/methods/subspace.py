@@ -10,22 +10,14 @@ coordinates (Proposition 2), and the code says so by calling the same solve.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import torch
 from pydantic import Field
 
-from epimer.curvature.metric import (
-    FisherRank,
-    ProjectedMetric,
-    fisher_jitter,
-    projected_metric,
-    projected_metric_exact,
-    projected_metric_factored,
-)
-from epimer.diagnostics import error_bound, heterogeneity, residual_energy
-from epimer.frechet import frechet_identity, pull_weights, spd_solve
+from epimer.curvature.metric import ProjectedFisher
+from epimer.diagnostics import tensor_diagnostics
+from epimer.frechet import IDENTITY, Geometry
 from epimer.methods.base import (
     MergeMethod,
     MethodParams,
@@ -81,8 +73,9 @@ class TsvMParams(MethodParams):
 
 @register
 class TsvM(MergeMethod):
-    """Δ = U⊥ diag(s) V⊥ᵀ on the tagged basis (docs/method.md §3.2). Task weights act on vector tensors
-    only: TSV-M's matrix rule has none (and neither has eq. 14 under equal curvatures)."""
+    """Δ = U⊥ diag(Σ_t T·w_t c_t) V⊥ᵀ with singular coordinates on the tagged basis
+    (docs/method.md §3.2): U⊥ diag(s) V⊥ᵀ for equal weights; custom weights scale each task's
+    atoms by T·w_t, as they scale its task vector in task arithmetic."""
 
     name = "tsv_m"
     description = "Task Singular Vectors merge: per-task top singular triples, decorrelated (Gargiulo et al. 2025)."
@@ -92,11 +85,11 @@ class TsvM(MergeMethod):
         if x.kind == "vector":
             return weighted_sum(x.deltas, x.weights)
         basis = tagged_basis(x.deltas, params.rank_fraction)
-        # Proposition 2, case 4: identity metric, singular coordinates, eq. 14 -> Σ_t c_t = s.
+        # Proposition 2, case 4: identity metric, singular coordinates, eq. 14 -> Σ_t T·w_t c_t
+        # (= s for equal weights)
         coords = [singular_coords(basis, t) for t in range(x.num_tasks)]
-        c = frechet_identity(coords, x.weights, "frechet_sum")
-        delta = lift(basis.u, basis.v, c).to(x.deltas[0].dtype)  # U⊥ diag(s) V⊥ᵀ
-        return TensorResult(delta, _basis_info(basis))
+        geo = Geometry(coords, IDENTITY, lambda c: lift(basis.u, basis.v, c))  # U⊥ diag(c) V⊥ᵀ
+        return TensorResult(geo.merge(x.weights, "frechet_sum").to(x.deltas[0].dtype), _basis_info(basis))
 
 
 # ----------------------------------------------------------------------- Iso-C / Iso-CTS
@@ -227,27 +220,6 @@ class EpimerParams(MethodParams):
     )
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    """What merge and diagnose share for one matrix tensor: basis, coordinates c_t (float64)
-    and the per-task normalised Fisher from which each H_t is computed on demand."""
-
-    basis: TaggedBasis
-    coords: list[torch.Tensor]
-    fishers: tuple[torch.Tensor, ...]
-    divisors: tuple[float, ...]
-    eps: float
-    fisher_rank: FisherRank
-
-    def fisher(self, t: int) -> torch.Tensor:
-        """F_t clamped at 0 and divided by its normaliser (docs/method.md §3.4 fisher_norm)."""
-        return self.fishers[t].clamp(min=0).div_(self.divisors[t])
-
-    def metric(self, t: int) -> ProjectedMetric:
-        """H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I, exact or factored."""
-        return projected_metric(self.fisher(t), self.basis.u, self.basis.v, self.eps, self.fisher_rank)
-
-
 @register
 class Epimer(MergeMethod):
     name = "epimer"
@@ -273,58 +245,22 @@ class Epimer(MergeMethod):
             return tuple(m if m > 0 else 1.0 for m in means)
         return (1.0,) * len(fishers)
 
-    def _geometry(self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None) -> _Geometry:
+    def geometry(self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
+                 ) -> tuple[Geometry, TaggedBasis, ProjectedFisher]:
+        """The geometry merge and diagnose both solve with: tagged basis, coordinates (float64)
+        and the projected Fisher metric of each task's clamped, normalised F_t."""
         fishers = require_fishers(self.name, x)
+        divisors = self._divisors(fishers, params, state)
         basis = tagged_basis(x.deltas, params.rank_fraction)
         if params.coords == "projected":
             coords = [project(basis.u, basis.v, tau) for tau in x.deltas]
         else:
             coords = [singular_coords(basis, t) for t in range(x.num_tasks)]
-        return _Geometry(
-            basis=basis,
-            coords=[c.to(torch.float64) for c in coords],
-            fishers=fishers,
-            divisors=self._divisors(fishers, params, state),
-            eps=params.eps,
-            fisher_rank=params.fisher_rank,
-        )
-
-    @staticmethod
-    def _solve(geo: _Geometry, weights: torch.Tensor, params: EpimerParams) -> tuple[torch.Tensor, float]:
-        """c* = (Σ_t w_t H_t)⁻¹ Σ_t a_t H_t c_t (eq. 13/14) with one metric instead of T.
-
-        H_t is linear in F_t, so Σ_t w_t H_t = Bᵀ diag(vec F̄) B + Σ_t w_t eps_t·I with the
-        weighted mean Fisher F̄ = Σ_t w_t F_t: one projected metric (exact, or factored from
-        F̄'s top-s SVD) where the direct form builds T. And H_t c_t = Bᵀ vec(F_t ⊙ B c_t) +
-        eps_t c_t is exact without forming H_t: one lift per task, one projection in all
-        (O((T + 1)·m·n·r)). Same c* as ``frechet_dense`` over
-        the H_t (a test checks it); the factored path now approximates F̄ alone, and its
-        relative error is the one returned.
-        """
-        u, v = geo.basis.u, geo.basis.v
-        pull = pull_weights(weights, params.aggregator)
-        f_bar = torch.zeros(u.shape[0], v.shape[0], dtype=u.dtype)  # (m, n)
-        pulled = torch.zeros_like(f_bar)  # Σ_t a_t F_t ⊙ B c_t, projected once below
-        rhs = torch.zeros(u.shape[1], dtype=torch.float64)  # (r,)
-        jitter = 0.0
-        for t, (w, a) in enumerate(zip(weights.tolist(), pull)):
-            f = geo.fisher(t).to(u.dtype)  # F_t, clamped and normalised
-            eps_t = fisher_jitter(f, geo.eps)
-            f_bar.add_(f, alpha=w)
-            jitter += w * eps_t
-            c_t = geo.coords[t]
-            pulled.add_(f.mul_(lift(u, v, c_t.to(u.dtype))), alpha=a)
-            rhs.add_(c_t, alpha=a * eps_t)
-        # Σ_t a_t H_t c_t = Bᵀ vec(Σ_t a_t F_t ⊙ B c_t) + Σ_t a_t eps_t c_t: Bᵀ is linear, so
-        # one projection serves every task
-        rhs.add_(project(u, v, pulled).to(torch.float64))
-        if geo.fisher_rank == "exact":
-            h_bar, err = projected_metric_exact(f_bar, u, v), 0.0
-        else:
-            h_bar, err = projected_metric_factored(f_bar, u, v, int(geo.fisher_rank))
-        h_bar = h_bar.to(torch.float64)
-        h_bar.diagonal().add_(jitter)
-        return spd_solve(h_bar, rhs), err
+        metric = ProjectedFisher(lambda t: fishers[t].clamp(min=0).div_(divisors[t]), x.num_tasks,
+                                 basis.u, basis.v, params.eps, params.fisher_rank)
+        geo = Geometry([c.to(torch.float64) for c in coords], metric,
+                       lambda c: lift(basis.u, basis.v, c))  # U⊥ diag(c) V⊥ᵀ
+        return geo, basis, metric
 
     def merge(
         self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
@@ -335,36 +271,23 @@ class Epimer(MergeMethod):
             fishers = require_fishers(self.name, x)
             divisors = self._divisors(fishers, params, state)
             return fisher_weighted_average(x.deltas, fishers, x.weights, params.eps, divisors)
-        geo = self._geometry(x, params, state)
-        c, fisher_err = self._solve(geo, x.weights, params)
-        delta = lift(geo.basis.u, geo.basis.v, c).to(x.deltas[0].dtype)  # U⊥ diag(c*) V⊥ᵀ
-        info = _basis_info(geo.basis)
+        geo, basis, metric = self.geometry(x, params, state)
+        delta = geo.merge(x.weights, params.aggregator).to(x.deltas[0].dtype)
+        info = _basis_info(basis)
         if params.fisher_rank != "exact":
-            info["fisher_rel_err"] = fisher_err
+            info["fisher_rel_err"] = metric.fisher_rel_err
         return TensorResult(delta, info)
 
     def diagnose(
         self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
     ) -> dict[str, float]:
-        """docs/method.md §5 for one matrix tensor ({} for a vector tensor), for the coordinates and
-        metrics this merge uses: kappa, kappa_rel, J_flat = J(c̄), J_star = J(c*) (Theorem 3,
-        trace-normalised metrics) and V, R, bound (Theorem 2, at the merged c* before scale)."""
+        """docs/method.md §5 for one matrix tensor ({} for a vector tensor), from the very
+        geometry the merge solves with (same coordinates, same T metrics, same c*): kappa,
+        kappa_rel, J_flat = J(c̄), J_star = J(c*) (Theorem 3, trace-normalised metrics) and
+        V, R, bound (Theorem 2, at the merged c* before scale)."""
         if x.kind != "matrix":
             return {}
-        geo = self._geometry(x, params, state)
-        metrics = [geo.metric(t).h for t in range(x.num_tasks)]
-        c, _ = self._solve(geo, x.weights, params)  # the coordinates merge() uses
-        het = heterogeneity(geo.coords, metrics, x.weights)
-        fishers = (geo.fisher(t) for t in range(x.num_tasks))
-        resid = residual_energy(x.deltas, fishers, geo.basis.u, geo.basis.v, geo.coords, x.weights)
-        eb = error_bound(c, geo.coords, metrics, resid, x.weights)
-        return {
-            "kappa": het.kappa,
-            "kappa_rel": het.kappa_rel,
-            "J_flat": het.j_flat,
-            "J_star": het.j_star,
-            "V": eb.V,
-            "R": eb.R,
-            "bound": eb.bound,
-            **_basis_info(geo.basis),
-        }
+        geo, basis, metric = self.geometry(x, params, state)
+        c = geo.solve(x.weights, params.aggregator)  # the coordinates merge() lifts
+        return {**tensor_diagnostics(geo, c, x.deltas, [metric.fisher(t) for t in range(x.num_tasks)],
+                                     basis.u, basis.v, x.weights), **_basis_info(basis)}
