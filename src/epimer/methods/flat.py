@@ -13,6 +13,7 @@ from typing import Any, Literal, cast
 import torch
 from pydantic import Field
 
+from epimer.frechet import IDENTITY, Geometry, pull_weights
 from epimer.methods import dare as dare_fn
 from epimer.methods import ties as ties_fn
 from epimer.methods.base import (
@@ -22,10 +23,8 @@ from epimer.methods.base import (
     Stream,
     TensorInputs,
     TensorResult,
-    sum_factors,
     task_factors,
     task_sum,
-    weighted_sum,
 )
 from epimer.registry import register
 
@@ -59,10 +58,11 @@ class WeightAverage(MergeMethod):
         return True
 
     def linear_coefficients(self, params: MethodParams, weights: torch.Tensor) -> tuple[float, ...]:
-        return tuple(weights.tolist())
+        return tuple(pull_weights(weights, "frechet_mean"))  # the identity geometry's pull
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
-        return weighted_sum(x.deltas, x.weights)
+        # Proposition 2: B = I, c_t = τ_t, H_t = I, frechet_mean
+        return Geometry(list(x.deltas), IDENTITY).merge(x.weights, "frechet_mean")
 
 
 class TaskArithmeticParams(MethodParams):
@@ -84,10 +84,11 @@ class TaskArithmetic(MergeMethod):
         return True
 
     def linear_coefficients(self, params: MethodParams, weights: torch.Tensor) -> tuple[float, ...]:
-        return tuple(sum_factors(weights).tolist())
+        return tuple(pull_weights(weights, "frechet_sum"))  # the identity geometry's pull
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
-        return task_sum(x)
+        # Proposition 2 case 1: B = I, c_t = τ_t, H_t = I, frechet_sum
+        return Geometry(list(x.deltas), IDENTITY).merge(x.weights, "frechet_sum")
 
 
 class TiesParams(MethodParams):
