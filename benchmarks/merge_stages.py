@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from epimer import engine
+import epimer.engine.stream  # noqa: F401,E402 - its BLOCK_ELEMENTS is swept
 from epimer.config import load_config
 
 CONFIGS = {
@@ -57,20 +58,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
 
-    default = engine.BLOCK_ELEMENTS
+    default = engine.stream.BLOCK_ELEMENTS
     lines = ["| merge | " + " | ".join(f"blocks of 2^{e}" for e in args.block_exponents) + " |",
              "|---|" + "---:|" * len(args.block_exponents)]
     for label, name in CONFIGS.items():
         times: dict[int, list[float]] = {e: [] for e in args.block_exponents}
         for _ in range(args.repeats):  # alternate sizes so drifts in load hit all alike
             for e in args.block_exponents:
-                engine.BLOCK_ELEMENTS = 1 << e
+                engine.stream.BLOCK_ELEMENTS = 1 << e
                 times[e].append(merge_without_writing(args.work / name))
                 print(f"{label}, 2^{e}: {times[e][-1]:.2f} s", flush=True)
         lines.append(f"| {label} | " + " | ".join(
             f"{statistics.median(times[e]):.2f} s ({', '.join(f'{t:.2f}' for t in times[e])})"
             for e in args.block_exponents) + " |")
-    engine.BLOCK_ELEMENTS = default
+    engine.stream.BLOCK_ELEMENTS = default
 
     passes: list[tuple[str, float]] = []
     total = merge_without_writing(args.work / CONFIGS["ties (global)"], passes)

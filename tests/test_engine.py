@@ -132,13 +132,14 @@ def test_in_memory_inputs_are_not_mutated() -> None:
 def test_row_blocks_give_the_same_merge(model_set, tmp_path: Path, monkeypatch, method: str, params: dict) -> None:
     """Elementwise methods stream large tensors in row blocks; the result must not change."""
     import epimer.engine as engine
+    import epimer.engine.stream  # noqa: F401 - patched below
 
     ms = model_set()
     cfg = load_config(write_config(tmp_path / "c.yaml", ms["base"], ms["tasks"], method, params))
     merge_to_folder(cfg, tmp_path / "whole")
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)  # rows of 16-24 entries: 2-3 rows a block
+    monkeypatch.setattr(engine.stream, "BLOCK_ELEMENTS", 50)  # rows of 16-24 entries: 2-3 rows a block
     run = engine.MergeRun(cfg)
-    assert max(len(run.row_blocks(p, run.blocked)) for p in run.plan) > 5
+    assert max(len(engine.stream.row_blocks(p, run.blocked)) for p in run.plan) > 5
     report = engine.write_merge(run, tmp_path / "blocked")
     whole, blocked = _read(tmp_path / "whole"), _read(tmp_path / "blocked")
     for n in whole:
@@ -152,10 +153,11 @@ def test_row_blocks_give_the_same_merge(model_set, tmp_path: Path, monkeypatch, 
 def test_in_memory_merge_reassembles_row_blocks(monkeypatch) -> None:
     """merge_state_dicts returns whole tensors even when the engine streams row blocks."""
     import epimer.engine as engine
+    import epimer.engine.stream  # noqa: F401 - patched below
 
     base, tasks = random_models(3, seed=4)
     whole = merge_state_dicts(base, tasks, "task_arithmetic")
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    monkeypatch.setattr(engine.stream, "BLOCK_ELEMENTS", 50)
     blocked = merge_state_dicts(base, tasks, "task_arithmetic")
     for n, v in whole.items():
         assert blocked[n].shape == v.shape and torch.equal(blocked[n], v), n
@@ -165,11 +167,12 @@ def test_merge_does_not_depend_on_the_worker_count(model_set, tmp_path: Path, mo
     """Row blocks are worked on by several threads at once; the output files and the report
     must be the same bits whatever the number of workers."""
     import epimer.engine as engine
+    import epimer.engine.stream  # noqa: F401 - patched below
 
     ms = model_set(dtype=torch.bfloat16)
     cfg = load_config(write_config(tmp_path / "c.yaml", ms["base"], ms["tasks"], "ties",
                                    {"scope": "global", "density": 0.3}))
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    monkeypatch.setattr(engine.stream, "BLOCK_ELEMENTS", 50)
     files = {}
     for workers in (1, 2, 5):
         run = engine.MergeRun(cfg)
@@ -191,6 +194,7 @@ def test_linear_methods_direct_path_matches_the_task_vector_path(
     θ0 + scale · Σ_t c_t τ_t up to float32 rounding of θ: within 4 float32 units in the last
     place of max |θ|, and for bfloat16 outputs the same bits except at rounding boundaries."""
     import epimer.engine as engine
+    import epimer.engine.stream  # noqa: F401 - patched below
     from epimer.methods.base import MergeMethod
 
     ms = model_set(dtype=dtype)
@@ -198,9 +202,11 @@ def test_linear_methods_direct_path_matches_the_task_vector_path(
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base_model": str(ms["base"]), "models": models,
                                                      "method": method, "parameters": params}))
     cfg = load_config(tmp_path / "c.yaml")
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    monkeypatch.setattr(engine.stream, "BLOCK_ELEMENTS", 50)
     merge_to_folder(cfg, tmp_path / "direct")
-    cls = type(engine.get_method(method))
+    from epimer.registry import get_method
+
+    cls = type(get_method(method))
     monkeypatch.setattr(cls, "linear_coefficients", MergeMethod.linear_coefficients)  # the general path
     merge_to_folder(cfg, tmp_path / "general")
     a, b = _read(tmp_path / "direct"), _read(tmp_path / "general")
@@ -230,12 +236,13 @@ def test_global_ties_with_and_without_the_sampled_window_agree(model_set, tmp_pa
     """The engine's stream samples every 16th block to guess each task's threshold bin; the
     merge is the same bits as with the plain two passes, and the sample saves a full pass."""
     import epimer.engine as engine
+    import epimer.engine.stream  # noqa: F401 - patched below
     from epimer.methods.base import ShardedStream
 
     ms = model_set(dtype=torch.bfloat16)
     cfg = load_config(write_config(tmp_path / "c.yaml", ms["base"], ms["tasks"], "ties",
                                    {"scope": "global", "density": 0.2}))
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    monkeypatch.setattr(engine.stream, "BLOCK_ELEMENTS", 50)
     labels: list[str] = []
     stream = engine.MergeRun.stream
 

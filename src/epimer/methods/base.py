@@ -11,7 +11,7 @@ call ``stream`` as often as it needs; the engine streams the checkpoints again e
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
@@ -169,6 +169,28 @@ class MergeMethod(ABC):
         self, x: TensorInputs, params: MethodParams, state: Any
     ) -> torch.Tensor | TensorResult:
         """Merged update Δ (float32, shape of ``x.base``) for one tensor."""
+
+
+def linear_theta(stored: Iterable[torch.Tensor], coeffs: Sequence[float], scale: float, acc: torch.Tensor,
+                 tmp: torch.Tensor) -> torch.Tensor | None:
+    """θ = (1 − scale·Σ_t c_t) θ0 + Σ_t scale·c_t θ_t in float32, for a method whose Δ is
+    Σ_t c_t τ_t (:meth:`MergeMethod.linear_coefficients`): two passes over memory per input
+    (convert, accumulate) instead of the five of forming task vectors first.
+
+    Args:
+        stored: θ0 then θ_1..θ_T, flat, in their stored dtypes (consumed one at a time).
+        coeffs: c_1..c_T. scale: the engine's scale. acc, tmp: float32 buffers of the same
+            length (the result is written into ``acc``).
+    Returns ``acc``, or None when it is not finite (the caller then checks the inputs).
+    """
+    factors = [1.0 - scale * sum(coeffs), *(scale * c for c in coeffs)]
+    for i, (raw, k) in enumerate(zip(stored, factors)):
+        src = raw if raw.dtype == torch.float32 else tmp.copy_(raw)
+        if i == 0:
+            torch.mul(src, k, out=acc)
+        else:
+            acc.add_(src, alpha=k)  # a zero k still carries a NaN or Inf into the check below
+    return acc if bool(torch.isfinite(acc.sum())) else None
 
 
 def _param_error(err: ValidationError, raw: Mapping[str, Any]) -> str:

@@ -1,0 +1,162 @@
+"""The engine's public API: merge into a folder, merge or diagnose in-memory state dicts,
+diagnose a config."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epimer.config import MergeConfig, parse_config
+from epimer.distributed import SINGLE, Group
+from epimer.engine.output import check_output, write_merge
+from epimer.engine.plan import MergeReport, ProgressSink
+from epimer.engine.run import MergeRun
+from epimer.errors import InputError
+from epimer.io.reader import Checkpoint, DictCheckpoint
+from epimer.methods.base import TensorInputs
+
+
+def merge_to_folder(
+    config: MergeConfig,
+    out: str | Path,
+    *,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    allow_nonfinite: bool = False,
+    progress: ProgressSink | None = None,
+    group: Group = SINGLE,
+) -> MergeReport:
+    """Python API of ``epimer merge``: validate, merge and write OUT (``group``: this
+    process's place among torchrun's merge processes, `epimer.distributed.init_from_env`)."""
+    out_path = Path(os.path.abspath(out))
+    if group.rank == 0:
+        check_output(out_path, config, overwrite)  # refuse before any reading
+    run = MergeRun(config, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress, group=group)
+    try:
+        return write_merge(run, out_path, shard_size=shard_size, overwrite=overwrite)
+    finally:
+        run.close()
+
+
+def _in_memory(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    method: str,
+    parameters: dict[str, Any] | None,
+    weights: list[float] | None,
+    fishers: list[dict[str, torch.Tensor]] | None,
+    exclude: list[str] | None,
+    dtype: str | None,
+    source: str,
+) -> tuple[MergeConfig, tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None]]:
+    """The config and checkpoints of a merge of in-memory state dicts."""
+    specs = [
+        {"model": f"<model {i}>", "weight": (weights[i] if weights else 1.0),
+         **({"fisher": f"<fisher {i}>"} if fishers else {})}
+        for i in range(len(models))
+    ]
+    cfg = parse_config(
+        {"base_model": "<base>", "models": specs, "method": method, "parameters": parameters or {},
+         "exclude": exclude or [], "dtype": dtype},
+        source=source,
+    )
+    cks = (
+        DictCheckpoint(base, "<base>"),
+        [DictCheckpoint(m, f"<model {i}>") for i, m in enumerate(models)],
+        [DictCheckpoint(f, f"<fisher {i}>") for i, f in enumerate(fishers)] if fishers else None,
+    )
+    return cfg, cks
+
+
+def merge_state_dicts(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    method: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    weights: list[float] | None = None,
+    fishers: list[dict[str, torch.Tensor]] | None = None,
+    exclude: list[str] | None = None,
+    dtype: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts with any registered method; returns the merged state dict.
+
+    The same engine as ``epimer merge`` (same checks, same maths), without files.
+    """
+    cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, dtype, "merge_state_dicts")
+    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
+    parts: dict[str, list[torch.Tensor]] = {}
+    with tempfile.TemporaryDirectory() as tmp, closing(run.tensors(Path(tmp))) as merged:
+        for name, t in merged:  # large tensors come in row blocks
+            parts.setdefault(name, []).append(t)
+    return {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
+
+
+def diagnose_state_dicts(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    fishers: list[dict[str, torch.Tensor]],
+    parameters: dict[str, Any] | None = None,
+    *,
+    weights: list[float] | None = None,
+    exclude: list[str] | None = None,
+) -> dict[str, Any]:
+    """`diagnose` (docs/method.md §5, EpiMer with ``parameters``) on in-memory state dicts."""
+    cfg, cks = _in_memory(base, models, "epimer", parameters, weights, fishers, exclude, None, "diagnose_state_dicts")
+    return diagnose(cfg, checkpoints=cks)
+
+
+# ---------------------------------------------------------------------- diagnostics
+
+def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow_nonfinite: bool = False,
+             checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
+             ) -> dict[str, Any]:
+    """docs/method.md §5 per matrix tensor and in total, without writing a model.
+
+    The diagnostics are those of the EpiMer geometry: with ``method: epimer`` its parameters
+    are used; with any other method, epimer's defaults (keeping ``rank_fraction`` if the
+    config sets one, so a ``tsv_m`` config is diagnosed at its own rank).
+    """
+    if checkpoints is None:
+        missing = [m for m in config.models if m.fisher is None]
+        if missing:
+            where = f"{config.source}: " if config.source else ""
+            raise InputError(
+                f"{where}model {missing[0].model}: `epimer diagnose` measures curvature and needs a Fisher file "
+                f"for every model ({len(missing)} lack one); add `fisher: PATH` (estimate one with `epimer fisher`)"
+            )
+    if config.method != "epimer":
+        keep = {k: v for k, v in config.parameters.items() if k == "rank_fraction"}
+        config = config.model_copy(update={"method": "epimer", "parameters": keep})
+    run = MergeRun(config, allow_nonfinite=allow_nonfinite, progress=progress, checkpoints=checkpoints,
+                   verify_fishers=checkpoints is None)
+    try:
+        method = run.method
+        state = method.prepare(run.params, run.prepare_stream())
+        per: dict[str, dict[str, float]] = {}
+        shapes: dict[str, list[int]] = {}
+
+        def visit(x: TensorInputs) -> None:
+            if x.kind == "matrix":
+                per[x.name] = method.diagnose(x, run.params, state)  # type: ignore[attr-defined]
+                shapes[x.name] = list(x.base.shape)
+
+        run.stream(visit, "diagnose")
+    finally:
+        run.close()
+    from epimer.diagnostics import totals
+
+    total = totals(per.values())
+    return {
+        "method": "epimer",
+        "parameters": run.params.model_dump(mode="json"),
+        "models": [str(m.model) for m in config.models],
+        "tensors": {n: {"shape": shapes[n], **d} for n, d in per.items()},
+        "total": total,
+    }

@@ -1,0 +1,309 @@
+"""A merge run: inputs opened and checked, the method's global passes, then the merged tensors
+in plan order (``θ = θ0 + scale · Δ`` in the output dtype), ``scale: auto`` included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epimer._allocator import tune_allocator
+from epimer.config import MergeConfig
+from epimer.distributed import SINGLE, Group, exact_sum, partition
+from epimer.engine.plan import (
+    _FLOAT32_MAX,
+    MergeReport,
+    ProgressSink,
+    TensorPlan,
+    build_plan,
+    check_fishers,
+    open_inputs,
+)
+from epimer.engine.stream import Unit, _scratch, _scratch_float, _unit_bytes, pipeline, units
+from epimer.errors import InputError
+from epimer.io.reader import Checkpoint, open_checkpoint
+from epimer.io.writer import CheckpointWriter, PlannedTensor
+from epimer.methods.base import MergeMethod, MethodParams, ShardedStream, TensorInputs, TensorResult, linear_theta
+from epimer.registry import get_method
+
+
+class MergeRun:
+    """A validated merge, ready to stream. Opening it checks every input before any work.
+
+    Args:
+        config: the (path-resolved) merge configuration.
+        strict: refuse task models that hold tensors the base lacks (default: warn).
+        allow_nonfinite: merge tensors holding NaN or Inf instead of refusing them.
+        progress: progress sink (the CLI's bar), or None for silence.
+        checkpoints: already-open (base, tasks, fishers) to use instead of the config's paths.
+        verify_fishers: check Fisher files against the task checkpoints (names, shapes,
+            fingerprint). Only in-memory Fisher dicts, which carry no fingerprint, skip it.
+        group: the merge processes (torchrun); this one streams and yields only the tensors
+            it owns (`epimer.distributed.partition`, balanced by bytes read).
+    """
+
+    def __init__(
+        self,
+        config: MergeConfig,
+        *,
+        strict: bool = False,
+        allow_nonfinite: bool = False,
+        progress: ProgressSink | None = None,
+        checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
+        verify_fishers: bool = True,
+        group: Group = SINGLE,
+    ) -> None:
+        tune_allocator()  # streaming reuses block buffers: keep freed memory for reuse
+        self.config = config
+        self.group = group
+        self.allow_nonfinite = allow_nonfinite
+        self.progress = progress or ProgressSink()
+        self.method: MergeMethod = get_method(config.method)
+        self.params: MethodParams = self.method.parse_params(config.parameters)
+        self.weights = config.weights()
+        self.report = MergeReport(method=config.method)
+        if checkpoints is None:
+            checkpoints = open_inputs(config, self.method, self.params)
+        self.base, self.tasks, self.fishers = checkpoints
+        if not self.method.requires_fisher(self.params):
+            self.fishers = None  # never read Fisher files a run does not use
+        elif self.fishers is None:
+            raise InputError(f"method {config.method!r} with these parameters needs a Fisher file for every model")
+        self.plan = build_plan(config, self.base, self.tasks, strict, self.progress, self.report)
+        #: The rank that merges and writes each tensor of the plan, and this process's share.
+        self.owners = partition([p.in_bytes for p in self.plan], group.world_size)
+        self.own = [p for p, r in zip(self.plan, self.owners) if r == group.rank]
+        self.blocked = self.method.elementwise(self.params)
+        #: Threads that work on row blocks at once (elementwise methods): one per intra-op thread.
+        self.workers = max(1, torch.get_num_threads())
+        if self.fishers is not None:
+            check_fishers(config, self.plan, self.tasks, self.fishers, verify_fishers)
+
+    # ------------------------------------------------------------------ opening and checks
+
+    # ------------------------------------------------------------------ streaming
+
+    @staticmethod
+    def _view(ckpt: Checkpoint, name: str, rows: tuple[int, int]) -> torch.Tensor:
+        """Rows of a stored tensor in its own dtype, read into this thread's reused buffer:
+        valid until the thread's next read."""
+        meta = ckpt.meta(name)
+        return ckpt.view_rows(name, *rows, _scratch(meta.nbytes // max(1, meta.shape[0]) * (rows[1] - rows[0])))
+
+    def _load_float(self, ckpt: Checkpoint, name: str, what: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        if rows is None:
+            t = ckpt.get(name)
+        elif ckpt.meta(name).dtype == torch.float32:
+            t = ckpt.get_rows(name, *rows)  # owned: the caller may write into it
+        else:  # converted at once, so the raw bytes can go to this thread's reused buffer
+            t = self._view(ckpt, name, rows)
+        x = t.to(torch.float32) if t.dtype != torch.float32 else t
+        fisher = what == "Fisher"
+        # A finite sum proves every entry finite, at a fraction of isfinite()'s cost; only an
+        # infinite or NaN sum (non-finite entries, or an overflow) needs the entrywise check.
+        if (fisher or not self.allow_nonfinite) and not bool(torch.isfinite(x.sum())) \
+                and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            fix = "re-estimate it" if fisher else "fix the checkpoint or pass --allow-nonfinite"
+            raise InputError(f"{ckpt.path}: tensor {name!r} ({what}) holds {bad} NaN/Inf value(s); {fix}")
+        if fisher and x.numel():
+            lo, hi = torch.aminmax(x)
+            if float(lo) < 0:
+                bad = int((x < 0).sum())
+                raise InputError(
+                    f"{ckpt.path}: tensor {name!r} (Fisher) holds {bad} negative value(s); a Fisher diagonal "
+                    "is a mean of squares, so this file is corrupt or not a Fisher: re-estimate it"
+                )
+            # The metrics sum Fisher values over the whole tensor in float32: beyond this
+            # they overflow (real Fishers are many orders of magnitude below it).
+            limit = _FLOAT32_MAX / max(1, ckpt.meta(name).numel)
+            if float(hi) > limit:
+                raise InputError(
+                    f"{ckpt.path}: tensor {name!r} (Fisher) holds values up to {float(hi):.3g}, beyond {limit:.3g} "
+                    "(float32's range over this tensor's entries); the file is corrupt or needs rescaling"
+                )
+        return x
+
+    def load_inputs(self, p: TensorPlan, rows: tuple[int, int] | None = None) -> TensorInputs:
+        """Base, task vectors and Fisher diagonals of one tensor (or a block of its rows), float32."""
+        assert p.kind is not None
+        base = self._load_float(self.base, p.name, "base", rows)
+        deltas = []
+        for task in self.tasks:
+            # get() returns a buffer the engine owns, so the subtraction may run in place.
+            deltas.append(self._load_float(task, p.name, "task model", rows).sub_(base))
+        fishers = None
+        if self.fishers is not None:
+            fishers = tuple(self._load_float(f, p.name, "Fisher", rows) for f in self.fishers)
+        return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind)
+
+    def prepare_stream(self) -> ShardedStream:
+        """The stream a method's :meth:`~MergeMethod.prepare` gets (this process's share)."""
+        return ShardedStream(lambda v: self.stream(v, "prepare"), len(self.tasks), self.group,
+                             lambda v, every: self.stream(v, "prepare (sample)", every=every))
+
+    def _pipe(self, todo: list[Unit], work: Callable[[Unit], Any]) -> Iterator[tuple[Unit, Any]]:
+        """`epimer.engine.stream.pipeline` with this run's blocking and worker count."""
+        return pipeline(todo, work, self.blocked, self.workers)
+
+    def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass", every: int = 1) -> None:
+        """Call ``visitor`` once per merged tensor, or per row block for elementwise methods
+        (the ``Stream`` a method's prepare gets); ``every`` > 1 visits every ``every``-th unit
+        only. Row blocks are visited from worker threads, concurrently and in no fixed order
+        (see :data:`epimer.methods.base.Stream`)."""
+        todo = [p for p in self.own if p.action == "merge"]
+        work = units(todo, self.blocked)[::every]
+        if every == 1:  # progress counts tensors
+            self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
+        else:  # a sample: progress counts units
+            self.progress.start(label, sum(_unit_bytes(u) for u in work), len(work))
+        for u, _ in self._pipe(work, lambda u: visitor(self.load_inputs(u[0], u[1]))):
+            if every > 1:
+                self.progress.advance(_unit_bytes(u))
+            elif u[2]:
+                self.progress.advance(u[0].in_bytes)
+        self.progress.finish()
+
+    def _delta(self, p: TensorPlan, state: Any, rows: tuple[int, int] | None,
+               x: TensorInputs | None = None) -> tuple[TensorResult, TensorInputs]:
+        """The method's Δ (float32) for one tensor or row block; the caller records ``info``
+        (in unit order, so reported means do not depend on which worker finished first)."""
+        x = self.load_inputs(p, rows) if x is None else x
+        out = self.method.merge(x, self.params, state)
+        res = out if isinstance(out, TensorResult) else TensorResult(out)
+        if res.delta.shape != x.base.shape:
+            raise RuntimeError(f"method {self.method.name!r} returned shape {list(res.delta.shape)} for {p.name!r}")
+        return TensorResult(res.delta.to(torch.float32), res.info), x
+
+    def _linear_theta(self, p: TensorPlan, rows: tuple[int, int] | None, coeffs: tuple[float, ...],
+                      scale: float) -> torch.Tensor | None:
+        """θ straight from the stored tensors for methods with
+        :meth:`~MergeMethod.linear_coefficients` (`epimer.methods.base.linear_theta`); the
+        engine reads and supplies the buffers. None when the result is not finite: the caller
+        then takes the general path, which checks every input and names the one at fault."""
+        numel = torch.Size(p.shape if rows is None else (rows[1] - rows[0], *p.shape[1:])).numel()
+        stored = ((ckpt.get(p.name) if rows is None else self._view(ckpt, p.name, rows)).reshape(-1)
+                  for ckpt in (self.base, *self.tasks))  # read one at a time, as it is consumed
+        acc = linear_theta(stored, coeffs, scale, _scratch_float(numel, "acc"), _scratch_float(numel, "tmp"))
+        if acc is None:
+            return None
+        shape = p.shape if rows is None else (rows[1] - rows[0], *p.shape[1:])
+        return torch.empty(shape, dtype=p.out_dtype).copy_(acc.view(shape))
+
+    def _check_output(self, p: TensorPlan, theta: torch.Tensor) -> torch.Tensor:
+        """Refuse a merged tensor that is not finite in the output dtype (the scale or the
+        weights blew it up, or it overflows float16), unless --allow-nonfinite."""
+        if self.allow_nonfinite or not theta.is_floating_point():
+            return theta
+        # float32 accumulation: finite for any finite float16/bfloat16 tensor of this size
+        if bool(torch.isfinite(theta.sum(dtype=torch.float64 if theta.dtype == torch.float64 else torch.float32))) \
+                or bool(torch.isfinite(theta).all()):
+            return theta
+        bad = int((~torch.isfinite(theta)).sum())
+        dtype = str(p.out_dtype).replace("torch.", "")
+        raise InputError(
+            f"tensor {p.name!r}: the merged values hold {bad} NaN/Inf value(s) in the output dtype {dtype} "
+            "(a huge scale or weight, or values beyond the dtype's range); lower the scale, choose a wider "
+            "`dtype:`, or pass --allow-nonfinite"
+        )
+
+    def _record_info(self, p: TensorPlan, rows: tuple[int, int] | None, info: dict[str, float]) -> None:
+        if rows is None:
+            self.report.tensors[p.name] = dict(info)
+            return
+        # Row blocks: the entry-weighted mean over blocks (blocks partition the rows).
+        share = (rows[1] - rows[0]) / p.shape[0]
+        acc = self.report.tensors.setdefault(p.name, {})
+        for k, v in info.items():
+            acc[k] = acc.get(k, 0.0) + share * float(v)
+
+    def tensors(self, workdir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        """Merged tensors (name, θ in the output dtype) in plan order.
+
+        ``workdir`` holds the float32 Δ spill file when ``scale: auto`` needs two passes.
+        """
+        state = self.method.prepare(self.params, self.prepare_stream())
+        scale = self.method.scale(self.params)
+        spill: Checkpoint | None = None
+        if scale == "auto":
+            scale, spill = self._auto_scale(state, workdir)
+            self.report.scale_auto = scale
+        self.report.scale = float(scale)
+        todo = self.own
+        self.progress.start("merge", sum(p.in_bytes for p in todo), len(todo))
+
+        linear = None if spill is not None else self.method.linear_coefficients(self.params, self.weights)
+
+        def work(u: Unit) -> tuple[torch.Tensor, dict[str, float]]:
+            p, rows, _ = u
+            if p.action == "copy":
+                raw = self.base.get(p.name) if rows is None else self.base.get_rows(p.name, *rows)
+                return raw.to(p.out_dtype), {}
+            info: dict[str, float] = {}
+            if linear is not None:
+                theta = self._linear_theta(p, rows, linear, float(scale))
+                if theta is not None:  # finite in float32; a narrower output may still overflow
+                    return (self._check_output(p, theta) if p.out_dtype.itemsize < 4 else theta), info
+            if spill is not None:
+                delta = spill.get(p.name) if rows is None else spill.get_rows(p.name, *rows)
+                base = self._load_float(self.base, p.name, "base", rows)
+            else:
+                res, x = self._delta(p, state, rows)
+                delta, base, info = res.delta, x.base, res.info
+                del x, res  # drop the task vectors before the output is built
+            theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
+            return self._check_output(p, theta.to(p.out_dtype)), info
+
+        try:
+            for (p, rows, last), (theta, info) in self._pipe(units(todo, self.blocked), work):
+                if info:
+                    self._record_info(p, rows, info)
+                yield p.name, theta
+                if last:
+                    self.progress.advance(p.in_bytes)
+        finally:
+            self.progress.finish()
+            if spill is not None:
+                spill.close()
+
+    def _auto_scale(self, state: Any, workdir: Path) -> tuple[float, Checkpoint]:
+        """docs/method.md §6: one pass computes Δ, spills it, and accumulates the surrogate terms."""
+        from epimer.diagnostics import auto_scale_terms
+
+        merged = [p for p in self.own if p.action == "merge"]
+        spill_dir = workdir / f".delta-spill-{self.group.rank}"
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        writer = CheckpointWriter(spill_dir, [PlannedTensor(p.name, p.shape, torch.float32) for p in merged])
+        terms: list[tuple[float, float]] = []
+        self.progress.start("scale: auto", sum(p.in_bytes for p in merged), len(merged))
+        def work(u: Unit) -> tuple[TensorResult, tuple[float, float]]:
+            res, x = self._delta(u[0], state, u[1])
+            assert x.fishers is not None
+            a, b = auto_scale_terms(res.delta, x.deltas, x.fishers, x.weights)
+            return res, (float(a), float(b))
+
+        for (p, rows, last), (res, ab) in self._pipe(units(merged, self.blocked), work):
+            if res.info:
+                self._record_info(p, rows, res.info)
+            terms.append(ab)
+            writer.write(p.name, res.delta)
+            if last:
+                self.progress.advance(p.in_bytes)
+        self.progress.finish()
+        writer.close()
+        # exact sums: the same value whatever the order or split of the terms over processes
+        terms = [t for share in self.group.all_gather(terms) for t in share]
+        num, den = exact_sum([a for a, _ in terms]), exact_sum([b for _, b in terms])
+        if den <= 0:
+            raise InputError("scale: auto is undefined: the merged update has zero curvature under every Fisher")
+        scale = num / den
+        self.progress.log(f"scale: auto chose {scale:.6g}")
+        return scale, open_checkpoint(spill_dir)
+
+    def close(self) -> None:
+        for c in [self.base, *self.tasks, *(self.fishers or [])]:
+            c.close()
+
+
