@@ -120,7 +120,7 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
 
 
 def fisher_files(work: Path, tasks: list[str]) -> list[Path]:
-    from epimer.curvature.fisher_io import save_fisher
+    from epimer.io.fisher import save_fisher
     from epimer.fingerprint import checkpoint_blocks, fingerprint
     from epimer.io import open_checkpoint
 

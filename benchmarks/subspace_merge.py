@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from epimer.curvature.fisher_io import save_fisher
+from epimer.io.fisher import save_fisher
 from epimer.fingerprint import fingerprint_tensors
 from epimer.io import open_checkpoint
 from epimer.io.writer import CheckpointWriter, PlannedTensor

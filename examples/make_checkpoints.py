@@ -28,7 +28,7 @@ def main() -> None:
     from transformers import BertConfig, BertModel
 
     from epimer.curvature.fisher import CrossEntropyLoss, estimate_fisher
-    from epimer.curvature.fisher_io import save_fisher
+    from epimer.io.fisher import save_fisher
     from epimer.fingerprint import fingerprint_tensors
 
     torch.manual_seed(args.seed)

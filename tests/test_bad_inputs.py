@@ -37,7 +37,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from epimer.cli import main
-from epimer.curvature.fisher_io import save_fisher
+from epimer.io.fisher import save_fisher
 from epimer.fingerprint import combine, tensor_blocks, tensor_fingerprints
 from tests.conftest import random_models, write_folder
 

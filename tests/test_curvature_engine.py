@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from epimer.cli import main
 from epimer.config import load_config
-from epimer.curvature.fisher_io import save_fisher
+from epimer.io.fisher import save_fisher
 from epimer.diagnostics import auto_scale_terms
 from epimer.engine import diagnose, merge_state_dicts, merge_to_folder
 from epimer.fingerprint import fingerprint_tensors

@@ -71,7 +71,7 @@ def _read_all(folder: Path) -> dict[str, torch.Tensor]:
     ("epimer", {"fisher_norm": "global", "scale": "auto", "fisher_rank": 2}),
 ])
 def test_torchrun_two_processes_equal_one(model_set, tmp_path: Path, method: str, params: dict) -> None:
-    from epimer.curvature.fisher_io import save_fisher
+    from epimer.io.fisher import save_fisher
     from epimer.fingerprint import fingerprint_tensors
 
     ms = model_set(dtype=torch.bfloat16)

@@ -34,7 +34,7 @@ from epimer.curvature.fisher import (
     sequence_classification_loss,
     shard_bounds,
 )
-from epimer.curvature.fisher_io import save_fisher, tensor_fingerprints
+from epimer.io.fisher import save_fisher, tensor_fingerprints
 from epimer.cli_options import require_packages, set_threads
 from epimer.errors import InputError
 from epimer.io.outdir import ensure_writable_folder

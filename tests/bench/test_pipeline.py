@@ -145,7 +145,7 @@ def test_task_model_and_fisher_are_cached(tiny_model: Path, tasks: dict[str, Tas
     files = list(made.folder.glob("fisher-*.safetensors"))
     assert len(files) == 1
     # the file belongs to the cached model folder: `epimer merge` accepts the pair
-    from epimer.curvature.fisher_io import check_fisher
+    from epimer.io.fisher import check_fisher
     from epimer.fingerprint import checkpoint_blocks
     from epimer.io.reader import open_checkpoint
 

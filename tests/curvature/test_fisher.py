@@ -24,7 +24,7 @@ from epimer.curvature.fisher import (
     sequence_classification_loss,
     shard_bounds,
 )
-from epimer.curvature.fisher_io import (
+from epimer.io.fisher import (
     check_fisher,
     load_fisher,
     load_fisher_meta,

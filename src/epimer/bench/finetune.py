@@ -23,7 +23,7 @@ so a rerun loads what is done and resumes what is not:
     <key>/model/               the fine-tuned encoder: save_pretrained + tokenizer files
     <key>/head.safetensors     the frozen probe head (weight (C, H), bias (C,))
     <key>/finetune.json        probe and training figures (written last: marks completion)
-    <key>/fisher-<fkey>.safetensors   Fisher files (`epimer.curvature.fisher_io` format)
+    <key>/fisher-<fkey>.safetensors   Fisher files (`epimer.io.fisher` format)
 """
 
 from __future__ import annotations
@@ -504,14 +504,14 @@ def task_fisher(
     ``F = (1/N) Σ_n (∇_θ CE(head(pool(encoder_θ(x_n))), y_n))²`` over the encoder's
     trainable parameters θ (the frozen word embeddings and the unused pooler have no task
     vector and are left out), with per-sample gradients from `epimer.curvature.fisher`.
-    Keys are the encoder checkpoint's; the file (`epimer.curvature.fisher_io` format)
+    Keys are the encoder checkpoint's; the file (`epimer.io.fisher` format)
     records N, the estimator, seed, fraction and the fine-tuned encoder's fingerprint.
 
     Args:
         advance: called with the number of texts of each batch done.
     """
     from epimer.curvature.fisher import estimate_fisher, select_fraction
-    from epimer.curvature.fisher_io import load_fisher, save_fisher
+    from epimer.io.fisher import load_fisher, save_fisher
 
     path = fisher_path(task, fs)
     if path.is_file():

@@ -182,7 +182,7 @@ def check_fishers(config: MergeConfig, plan: Sequence[TensorPlan], tasks: Sequen
                 "estimate them, or keep those tensors at the base with `exclude`"
             )
         if verify:
-            from epimer.curvature.fisher_io import check_fisher
+            from epimer.io.fisher import check_fisher
             from epimer.fingerprint import checkpoint_blocks
 
             check_fisher(fisher.path, task.names(), lambda n, t=task: t.meta(n).shape, checkpoint_blocks(task))

@@ -13,7 +13,6 @@ from epimer._allocator import tune_allocator
 from epimer.config import MergeConfig
 from epimer.distributed import SINGLE, Group, exact_sum, partition
 from epimer.engine.plan import (
-    _FLOAT32_MAX,
     MergeReport,
     ProgressSink,
     TensorPlan,
@@ -23,6 +22,7 @@ from epimer.engine.plan import (
 )
 from epimer.engine.stream import Unit, _scratch, _scratch_float, _unit_bytes, pipeline, units
 from epimer.errors import InputError
+from epimer.io.fisher import check_fisher_values
 from epimer.io.reader import Checkpoint, open_checkpoint
 from epimer.io.writer import CheckpointWriter, PlannedTensor
 from epimer.methods.base import MergeMethod, MethodParams, ShardedStream, TensorInputs, TensorResult, linear_theta
@@ -100,30 +100,13 @@ class MergeRun:
         else:  # converted at once, so the raw bytes can go to this thread's reused buffer
             t = self._view(ckpt, name, rows)
         x = t.to(torch.float32) if t.dtype != torch.float32 else t
-        fisher = what == "Fisher"
-        # A finite sum proves every entry finite, at a fraction of isfinite()'s cost; only an
-        # infinite or NaN sum (non-finite entries, or an overflow) needs the entrywise check.
-        if (fisher or not self.allow_nonfinite) and not bool(torch.isfinite(x.sum())) \
-                and not bool(torch.isfinite(x).all()):
+        if what == "Fisher":  # one check of Fisher values, shared with every Fisher reader
+            check_fisher_values(x, ckpt.path, name, ckpt.meta(name).numel)
+        elif not self.allow_nonfinite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            # a finite sum proves every entry finite, at a fraction of isfinite()'s cost
             bad = int((~torch.isfinite(x)).sum())
-            fix = "re-estimate it" if fisher else "fix the checkpoint or pass --allow-nonfinite"
-            raise InputError(f"{ckpt.path}: tensor {name!r} ({what}) holds {bad} NaN/Inf value(s); {fix}")
-        if fisher and x.numel():
-            lo, hi = torch.aminmax(x)
-            if float(lo) < 0:
-                bad = int((x < 0).sum())
-                raise InputError(
-                    f"{ckpt.path}: tensor {name!r} (Fisher) holds {bad} negative value(s); a Fisher diagonal "
-                    "is a mean of squares, so this file is corrupt or not a Fisher: re-estimate it"
-                )
-            # The metrics sum Fisher values over the whole tensor in float32: beyond this
-            # they overflow (real Fishers are many orders of magnitude below it).
-            limit = _FLOAT32_MAX / max(1, ckpt.meta(name).numel)
-            if float(hi) > limit:
-                raise InputError(
-                    f"{ckpt.path}: tensor {name!r} (Fisher) holds values up to {float(hi):.3g}, beyond {limit:.3g} "
-                    "(float32's range over this tensor's entries); the file is corrupt or needs rescaling"
-                )
+            raise InputError(f"{ckpt.path}: tensor {name!r} ({what}) holds {bad} NaN/Inf value(s); "
+                             "fix the checkpoint or pass --allow-nonfinite")
         return x
 
     def load_inputs(self, p: TensorPlan, rows: tuple[int, int] | None = None) -> TensorInputs:

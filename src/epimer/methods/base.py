@@ -13,12 +13,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Protocol, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from epimer.distributed import SINGLE, Group
 from epimer.errors import InputError
 from epimer.frechet import combine, pull_weights
 
@@ -75,15 +74,39 @@ Visitor = Callable[[TensorInputs], None]
 Stream = Callable[[Visitor], None]
 
 
+class Reducer(Protocol):
+    """What a stream's partial results are combined with, across threads' and processes'
+    shares: integer or float tensor sums, and the gathering of any picklable object (one per
+    share, in share order) for sums a method then adds exactly (``math.fsum``)."""
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, obj: Any) -> list[Any]: ...
+
+
+class _Local:
+    """The reducer of a single share: identities."""
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+LOCAL: Reducer = _Local()
+
+
 @dataclass(frozen=True)
 class ShardedStream:
     """The `Stream` the engine hands to :meth:`MergeMethod.prepare`: it visits this process's
-    share of the tensors, and ``group`` combines the shares (`epimer.distributed`). In a
-    single process the share is every tensor and the reductions are identities."""
+    share of the tensors, and ``reduce`` combines the shares exactly (the engine passes its
+    process group; methods never see how). In a single process the share is every tensor and
+    the reductions are identities."""
 
     visit_all: Callable[[Visitor], None]
     num_tasks: int
-    group: Group = SINGLE
+    reduce: Reducer = LOCAL
     #: Visits every n-th unit of work (row block, or tensor) of this process's share.
     visit_sample: Callable[[Visitor, int], None] | None = None
 
@@ -102,10 +125,9 @@ class ShardedStream:
         self.visit_sample(visitor, every)
 
 
-def group_of(stream: Stream) -> Group:
-    """The process group a stream's partial results must be combined over (plain callables:
-    one process)."""
-    return stream.group if isinstance(stream, ShardedStream) else SINGLE
+def reducer_of(stream: Stream) -> Reducer:
+    """What a stream's partial results must be combined with (plain callables: one share)."""
+    return stream.reduce if isinstance(stream, ShardedStream) else LOCAL
 
 
 class MergeMethod(ABC):

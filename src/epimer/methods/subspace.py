@@ -10,6 +10,7 @@ coordinates (Proposition 2), and the code says so by calling the same solve.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Annotated, Any, Literal, Union
 
 import torch
@@ -28,11 +29,7 @@ from epimer.methods.base import (
     task_sum,
     weighted_sum,
 )
-from epimer.methods.fisher_average import (
-    fisher_weighted_average,
-    require_fishers,
-    task_fisher_norms,
-)
+from epimer.methods.curvature import fisher_weighted_average, require_fishers, task_fisher_norms
 from epimer.registry import register
 from epimer.subspace import (
     TaggedBasis,
@@ -59,6 +56,23 @@ def _scale_field(default: float, why: str) -> Any:
     return Field(default, description=f"θ = θ0 + scale·Δ, or 'auto' (data-free, docs/method.md §6). {why}")
 
 
+class SubspaceMethod(MergeMethod):
+    """A method that merges matrix tensors in a low-rank subspace (:meth:`merge_matrix`) and
+    vector tensors by the weighted mean Σ_t w_t τ_t (:meth:`merge_vector`; docs/method.md §3)."""
+
+    def merge(self, x: TensorInputs, params: Any, state: Any) -> torch.Tensor | TensorResult:
+        if x.kind == "vector":
+            return self.merge_vector(x, params, state)
+        return self.merge_matrix(x, params, state)
+
+    def merge_vector(self, x: TensorInputs, params: Any, state: Any) -> torch.Tensor:
+        return weighted_sum(x.deltas, x.weights)
+
+    @abstractmethod
+    def merge_matrix(self, x: TensorInputs, params: Any, state: Any) -> torch.Tensor | TensorResult:
+        """Δ of one matrix tensor."""
+
+
 def _basis_info(basis: TaggedBasis) -> dict[str, float]:
     return {"k": float(basis.k), "r": float(basis.rank)}
 
@@ -72,7 +86,7 @@ class TsvMParams(MethodParams):
 
 
 @register
-class TsvM(MergeMethod):
+class TsvM(SubspaceMethod):
     """Δ = U⊥ diag(Σ_t T·w_t c_t) V⊥ᵀ with singular coordinates on the tagged basis
     (docs/method.md §3.2): U⊥ diag(s) V⊥ᵀ for equal weights; custom weights scale each task's
     atoms by T·w_t, as they scale its task vector in task arithmetic."""
@@ -81,9 +95,7 @@ class TsvM(MergeMethod):
     description = "Task Singular Vectors merge: per-task top singular triples, decorrelated (Gargiulo et al. 2025)."
     Params = TsvMParams
 
-    def merge(self, x: TensorInputs, params: TsvMParams, state: None) -> torch.Tensor | TensorResult:
-        if x.kind == "vector":
-            return weighted_sum(x.deltas, x.weights)
+    def merge_matrix(self, x: TensorInputs, params: TsvMParams, state: None) -> torch.Tensor | TensorResult:
         basis = tagged_basis(x.deltas, params.rank_fraction)
         # Proposition 2, case 4: identity metric, singular coordinates, eq. 14 -> Σ_t T·w_t c_t
         # (= s for equal weights)
@@ -107,14 +119,12 @@ class IsoCParams(MethodParams):
 
 
 @register
-class IsoC(MergeMethod):
+class IsoC(SubspaceMethod):
     name = "iso_c"
     description = "Isotropic merging in the common subspace: task-arithmetic sum with a flattened spectrum (Marczak et al. 2025)."
     Params = IsoCParams
 
-    def merge(self, x: TensorInputs, params: IsoCParams, state: None) -> torch.Tensor:
-        if x.kind == "vector":
-            return weighted_sum(x.deltas, x.weights)
+    def merge_matrix(self, x: TensorInputs, params: IsoCParams, state: None) -> torch.Tensor:
         total = task_sum(x).to(compute_dtype(x.deltas[0]))  # M = Σ_t τ_t
         p, sigma, qh = torch.linalg.svd(total, full_matrices=False)
         return (sigma.mean() * (p @ qh)).to(x.deltas[0].dtype)
@@ -141,14 +151,12 @@ def iso_cts_dims(p: int, num_tasks: int, common_fraction: float) -> tuple[int, i
 
 
 @register
-class IsoCts(MergeMethod):
+class IsoCts(SubspaceMethod):
     name = "iso_cts"
     description = "Isotropic merging in common and task-specific subspaces (Marczak et al. 2025)."
     Params = IsoCtsParams
 
-    def merge(self, x: TensorInputs, params: IsoCtsParams, state: None) -> torch.Tensor:
-        if x.kind == "vector":
-            return weighted_sum(x.deltas, x.weights)
+    def merge_matrix(self, x: TensorInputs, params: IsoCtsParams, state: None) -> torch.Tensor:
         dtype = compute_dtype(x.deltas[0])
         k_c, n_t = iso_cts_dims(min(x.base.shape), x.num_tasks, params.common_fraction)
         total = task_sum(x).to(compute_dtype(x.deltas[0]))  # Σ_t τ_t
@@ -221,7 +229,7 @@ class EpimerParams(MethodParams):
 
 
 @register
-class Epimer(MergeMethod):
+class Epimer(SubspaceMethod):
     name = "epimer"
     description = "EpiMer: Fréchet mean of task coordinates under projected Fisher metrics on the tagged basis."
     Params = EpimerParams
@@ -262,15 +270,15 @@ class Epimer(MergeMethod):
                        lambda c: lift(basis.u, basis.v, c))  # U⊥ diag(c) V⊥ᵀ
         return geo, basis, metric
 
-    def merge(
+    def merge_vector(self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None) -> torch.Tensor:
+        if params.vector_rule == "mean":
+            return super().merge_vector(x, params, state)
+        fishers = require_fishers(self.name, x)
+        return fisher_weighted_average(x.deltas, fishers, x.weights, params.eps, self._divisors(fishers, params, state))
+
+    def merge_matrix(
         self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
     ) -> torch.Tensor | TensorResult:
-        if x.kind == "vector":
-            if params.vector_rule == "mean":
-                return weighted_sum(x.deltas, x.weights)
-            fishers = require_fishers(self.name, x)
-            divisors = self._divisors(fishers, params, state)
-            return fisher_weighted_average(x.deltas, fishers, x.weights, params.eps, divisors)
         geo, basis, metric = self.geometry(x, params, state)
         delta = geo.merge(x.weights, params.aggregator).to(x.deltas[0].dtype)
         info = _basis_info(basis)

@@ -31,8 +31,7 @@ from typing import Literal
 
 import torch
 
-from epimer.distributed import Group
-from epimer.methods.base import ShardedStream, Stream, TensorInputs, group_of
+from epimer.methods.base import Reducer, ShardedStream, Stream, TensorInputs, reducer_of
 
 SignRule = Literal["mass", "frequency"]
 Scope = Literal["global", "tensor"]
@@ -290,7 +289,7 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
     whose bin fell outside (the result is the same either way). Across processes the
     histograms, being integer counts, are summed exactly.
     """
-    group = group_of(stream)
+    group = reducer_of(stream)
     num_tasks = stream.num_tasks if isinstance(stream, ShardedStream) else None
     selectors: list[StreamingKthLargest] = [StreamingKthLargest() for _ in range(num_tasks or 0)]
     lock = threading.Lock()
@@ -331,7 +330,7 @@ def global_thresholds(stream: Stream, density: float) -> tuple[Threshold, ...]:
 
 
 def _guess_windows(stream: ShardedStream, density: float, num_tasks: int,
-                   group: Group) -> list[tuple[int, int] | None]:
+                   group: Reducer) -> list[tuple[int, int] | None]:
     """Per task, the (first bin, bins) window likely to hold the k-th largest, from a sample of
     the stream's blocks; None when the sample has nothing to go on."""
     samples = [StreamingKthLargest() for _ in range(num_tasks)]

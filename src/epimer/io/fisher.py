@@ -29,16 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from epimer.curvature.fisher import ESTIMATORS
 from epimer.errors import InputError
+from epimer.io.outdir import default_mode, ensure_writable_folder, os_error_message
+from epimer.io.reader import SafetensorsCheckpoint, open_checkpoint
+from epimer.io.writer import PlannedTensor, header_bytes
 from epimer.fingerprint import BlocksOf, ShapeOf, combine
 from epimer.fingerprint import tensor_fingerprints as _tensor_fingerprints
 
 FORMAT = "epimer-fisher"
 #: 2: the fingerprints cover every value (version 1 covered each tensor's first 1024 values).
 FORMAT_VERSION = "2"
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,6 @@ def save_fisher(
         if missing:
             raise InputError(f"{path}: tensor_fingerprints lacks {len(missing)} Fisher tensor(s), e.g. {missing[0]!r}")
         metadata["tensor_fingerprints"] = json.dumps({n: tensor_fingerprints[n] for n in sorted(tensors)})
-    from epimer.io.outdir import default_mode, ensure_writable_folder, os_error_message
-    from epimer.io.writer import PlannedTensor, header_bytes
 
     ensure_writable_folder(path.absolute().parent, "Fisher file")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.absolute().parent)
@@ -127,20 +128,44 @@ def save_fisher(
         raise
 
 
-def _open(path: Path):  # type: ignore[no-untyped-def]
+def _open(path: Path) -> SafetensorsCheckpoint:
+    """The Fisher file through the one checkpoint reader (one validation of the format)."""
     if not path.is_file():
         raise InputError(f"{path}: Fisher file not found")
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error types for a malformed header
-        raise InputError(f"{path}: not a safetensors file ({e}); estimate one with `epimer fisher`") from None
+    ckpt = open_checkpoint(path)
+    if not isinstance(ckpt, SafetensorsCheckpoint):
+        raise InputError(f"{path}: a Fisher file is a .safetensors file; estimate one with `epimer fisher`")
+    return ckpt
+
+
+def check_fisher_values(x: torch.Tensor, path: Path, name: str, numel: int) -> None:
+    """Refuse Fisher values that no Fisher can hold: NaN/Inf, negative (a diagonal Fisher is a
+    mean of squares), or so large that sums over the tensor's ``numel`` entries overflow
+    float32 (the metrics add them up). ``x`` may be a row block of the tensor."""
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"{path}: tensor {name!r} (Fisher) holds {bad} NaN/Inf value(s); re-estimate it")
+    if not x.numel():
+        return
+    lo, hi = torch.aminmax(x)
+    if float(lo) < 0:
+        raise InputError(
+            f"{path}: tensor {name!r} (Fisher) holds {int((x < 0).sum())} negative value(s); a Fisher diagonal "
+            "is a mean of squares, so this file is corrupt or not a Fisher: re-estimate it"
+        )
+    limit = _FLOAT32_MAX / max(1, numel)
+    if float(hi) > limit:
+        raise InputError(
+            f"{path}: tensor {name!r} (Fisher) holds values up to {float(hi):.3g}, beyond {limit:.3g} "
+            "(float32's range over this tensor's entries); the file is corrupt or needs rescaling"
+        )
 
 
 def load_fisher_meta(path: str | os.PathLike[str]) -> FisherMeta:
     """The metadata of a Fisher file; InputError if the file is missing or not a Fisher file."""
     path = Path(path)
     with _open(path) as f:
-        meta = f.metadata() or {}
+        meta = dict(f.metadata)
     if meta.get("format") != FORMAT:
         raise InputError(
             f"{path}: not an epimer Fisher file (metadata format is {meta.get('format')!r}, "
@@ -172,18 +197,17 @@ def fisher_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor of a Fisher file, read from its header only."""
     path = Path(path)
     with _open(path) as f:
-        return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+        return {n: tuple(f.meta(n).shape) for n in f.names()}
 
 
 def load_fisher_tensor(path: str | os.PathLike[str], name: str) -> torch.Tensor:
     """One Fisher tensor as float32; InputError if it is absent, negative or not finite."""
     path = Path(path)
     with _open(path) as f:
-        if name not in f.keys():
+        if name not in f:
             raise InputError(f"{path}: no Fisher values for tensor {name!r}")
-        t = f.get_tensor(name).to(torch.float32)
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise InputError(f"{path}: Fisher tensor {name!r} holds negative or non-finite values")
+        t = f.get(name).to(torch.float32)
+    check_fisher_values(t, path, name, t.numel())
     return t
 
 
