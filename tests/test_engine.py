@@ -259,3 +259,26 @@ def test_global_ties_with_and_without_the_sampled_window_agree(model_set, tmp_pa
     assert labels == ["prepare", "prepare"]
     for f in sorted((tmp_path / "plain").iterdir()):
         assert f.read_bytes() == (tmp_path / "window" / f.name).read_bytes(), f.name
+
+
+@pytest.mark.parametrize("method", ["ties", "tsv_m", "epimer"])
+def test_merge_updates_is_the_merge_at_every_scale(method: str) -> None:
+    """θ0 + s·Δ from `merge_updates` is the engine's merge at scale s, and its data-free scale
+    is the one `scale: auto` chooses, with uneven weights (the benchmark relies on both)."""
+    from epimer.engine import merge_updates
+    from epimer.engine.run import scaled_update
+    from tests.conftest import random_models
+
+    base, tasks = random_models(3, seed=4)
+    g = torch.Generator().manual_seed(2)
+    fishers = [{k: torch.rand(v.shape, generator=g) + 0.05 for k, v in t.items() if v.is_floating_point()}
+               for t in tasks]
+    weights = [0.5, 0.3, 0.2]
+    delta, auto = merge_updates(base, tasks, method, {}, weights=weights, fishers=fishers)
+    for s in (0.5, 1.7):
+        want = merge_state_dicts(base, tasks, method, {"scale": s}, weights=weights, fishers=fishers)
+        for k, d in delta.items():
+            assert torch.equal(scaled_update(base[k].float(), d.clone(), s, base[k].dtype), want[k]), k
+    chosen = merge_state_dicts(base, tasks, method, {"scale": "auto"}, weights=weights, fishers=fishers)
+    for k, d in delta.items():
+        assert torch.equal(scaled_update(base[k].float(), d.clone(), auto, base[k].dtype), chosen[k]), k

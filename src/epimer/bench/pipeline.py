@@ -54,8 +54,8 @@ from epimer.bench.finetune import (
     task_fisher,
     task_model,
 )
-from epimer.diagnostics import auto_scale_terms
-from epimer.engine import merge_state_dicts
+from epimer.engine import merge_updates
+from epimer.engine.run import scaled_update
 from epimer.errors import InputError
 from epimer.registry import available_methods, get_method
 
@@ -225,30 +225,15 @@ class Progress:
 
 
 def scaled(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float) -> StateDict:
-    """``θ0 + scale·Δ`` on the tensors of ``delta``, the base elsewhere."""
-    return {k: (v + scale * delta[k]).to(v.dtype) if k in delta else v for k, v in base.items()}
+    """``θ0 + scale·Δ`` on the tensors of ``delta`` as the engine writes it
+    (`epimer.engine.run.scaled_update`), the base elsewhere."""
+    return {k: scaled_update(v.to(torch.float32), delta[k].clone(), scale, v.dtype) if k in delta else v
+            for k, v in base.items()}
 
 
 def unchanged_tensors(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
     """Names of the tensors every model holds exactly at the base's values."""
     return [k for k, v in base.items() if all(torch.equal(m[k], v) for m in models)]
-
-
-def auto_scale(
-    delta: Mapping[str, torch.Tensor],
-    base: Mapping[str, torch.Tensor],
-    models: Sequence[Mapping[str, torch.Tensor]],
-    fishers: Sequence[Mapping[str, torch.Tensor]],
-) -> float | None:
-    """docs/method.md §6 over every merged tensor: ``Σ_t w_t⟨Δ, F_t⊙τ_t⟩ / Σ_t w_t⟨Δ, F_t⊙Δ⟩``, equal
-    weights (as the engine's ``scale: auto``); None where Δ has no curvature."""
-    weights = torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
-    num = den = 0.0
-    for k, d in delta.items():
-        taus = [m[k].to(torch.float32) - base[k].to(torch.float32) for m in models]
-        a, b = auto_scale_terms(d, taus, [f[k] for f in fishers], weights)
-        num, den = num + a, den + b
-    return num / den if den > 0 else None
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -373,19 +358,17 @@ def _run_method(
 ) -> dict[str, Any]:
     models = [m.encoder for m in ctx.models]
     exclude = [f"^{re.escape(k)}$" for k in unchanged]
-    skip = set(unchanged)
     params = {**spec.params, **({"scale": 1.0} if spec.has_scale else {})}
     start = time.perf_counter()
-    merged = merge_state_dicts(ctx.base, models, spec.method, params, fishers=ctx.fishers, exclude=exclude)
+    # Δ and the data-free scale from the engine itself: θ0 + s·Δ is the merge at scale s
+    delta, s_auto = merge_updates(ctx.base, models, spec.method, params, fishers=ctx.fishers, exclude=exclude)
     merge_seconds = time.perf_counter() - start
-    wrong = [k for k, v in ctx.base.items() if k not in merged or merged[k].shape != v.shape]
+    wrong = [k for k, v in delta.items() if v.shape != ctx.base[k].shape]
     if wrong:
         k = wrong[0]
-        got = list(merged[k].shape) if k in merged else "no tensor"
-        raise RuntimeError(f"merge_state_dicts with {spec.method!r} returned {got} for {k!r}, whose base shape "
-                           f"is {list(ctx.base[k].shape)} ({len(wrong)} tensor(s) affected)")
-    delta = {k: merged[k].to(torch.float32) - ctx.base[k].to(torch.float32)
-             for k, v in ctx.base.items() if v.is_floating_point() and k not in skip}
+        raise RuntimeError(f"merge_updates with {spec.method!r} returned {list(delta[k].shape)} for {k!r}, whose base "
+                           f"shape is {list(ctx.base[k].shape)} ({len(wrong)} tensor(s) affected)")
+    merged = scaled(ctx.base, delta, 1.0)
     row: dict[str, Any] = {"label": spec.label, "method": spec.method, "params": spec.params,
                            "has_scale": spec.has_scale, "merge_seconds": merge_seconds}
     grid = config.grid if spec.has_scale else [1.0]
@@ -401,8 +384,7 @@ def _run_method(
     row.update(scale=chosen if spec.has_scale else None, sweep=list(sweep.values()) if spec.has_scale else [],
                val=best["val"], val_avg=best["val_avg"], test=test, **_summary(test, ft_test))
     if spec.has_scale:
-        # The data-free scale costs one pass over Δ; scoring it costs forward passes.
-        s_auto = auto_scale(delta, ctx.base, models, ctx.fishers)
+        # The data-free scale came with Δ; scoring it costs forward passes.
         row["auto"] = {"scale": s_auto}
         if s_auto is not None and config.auto_scale:
             state = scaled(ctx.base, delta, s_auto)

@@ -11,7 +11,7 @@ memory does not grow with the model at all.
 
 from __future__ import annotations
 
-from epimer.engine.api import diagnose, diagnose_state_dicts, merge_state_dicts, merge_to_folder
+from epimer.engine.api import diagnose, diagnose_state_dicts, merge_state_dicts, merge_to_folder, merge_updates
 from epimer.engine.output import check_output, model_card, write_merge
 from epimer.engine.plan import MergeReport, ProgressSink, TensorPlan
 from epimer.engine.run import MergeRun
@@ -26,6 +26,7 @@ __all__ = [
     "diagnose_state_dicts",
     "merge_state_dicts",
     "merge_to_folder",
+    "merge_updates",
     "model_card",
     "write_merge",
 ]

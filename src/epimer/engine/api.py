@@ -14,7 +14,7 @@ import torch
 from epimer.config import MergeConfig, parse_config
 from epimer.distributed import SINGLE, Group
 from epimer.engine.output import check_output, write_merge
-from epimer.engine.plan import MergeReport, ProgressSink
+from epimer.engine.plan import MergeReport, ProgressSink, check_fishers
 from epimer.engine.run import MergeRun
 from epimer.errors import InputError
 from epimer.io.reader import Checkpoint, DictCheckpoint
@@ -96,6 +96,46 @@ def merge_state_dicts(
         for name, t in merged:  # large tensors come in row blocks
             parts.setdefault(name, []).append(t)
     return {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
+
+
+def merge_updates(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    method: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    weights: list[float] | None = None,
+    fishers: list[dict[str, torch.Tensor]] | None = None,
+    exclude: list[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], float | None]:
+    """The method's update Δ (float32, before the scale) of every merged tensor, and the
+    data-free ``scale: auto`` when Fisher dicts are given (None otherwise, or where Δ has no
+    curvature): the merge at any scale s is ``θ0 + s·Δ`` (`epimer.engine.run.scaled_update`),
+    so a scale sweep needs one merge. The same engine, checks and maths as ``epimer merge``
+    (``parameters``' own ``scale`` is ignored here)."""
+    cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, None, "merge_updates")
+    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
+    if fishers and run.fishers is None:  # the method reads no Fisher: open them for the scale terms
+        run.fishers = cks[2]
+        check_fishers(cfg, run.plan, run.tasks, run.fishers, verify=False)
+    parts: dict[str, list[torch.Tensor]] = {}
+    terms: list[tuple[float, float]] = []
+    try:
+        state = run.method.prepare(run.params, run.prepare_stream())
+        for p, _rows, _last, delta, ab in run.updates(state):
+            parts.setdefault(p.name, []).append(delta)
+            if ab is not None:
+                terms.append(ab)
+    finally:
+        run.close()
+    deltas = {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
+    scale = None
+    if terms:
+        try:
+            scale = run.auto_scale(terms)
+        except InputError:  # no curvature along Δ: no data-free scale
+            scale = None
+    return deltas, scale
 
 
 def diagnose_state_dicts(

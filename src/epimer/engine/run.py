@@ -29,6 +29,12 @@ from epimer.methods.base import MergeMethod, MethodParams, ShardedStream, Tensor
 from epimer.registry import get_method
 
 
+def scaled_update(base: torch.Tensor, delta: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """θ = θ0 + scale · Δ in ``dtype`` (docs/method.md §1), computed in Δ's buffer (float32)."""
+    theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
+    return theta.to(dtype)
+
+
 class MergeRun:
     """A validated merge, ready to stream. Opening it checks every input before any work.
 
@@ -236,8 +242,7 @@ class MergeRun:
                 res, x = self._delta(p, state, rows)
                 delta, base, info = res.delta, x.base, res.info
                 del x, res  # drop the task vectors before the output is built
-            theta = delta.mul_(scale).add_(base) if scale != 1.0 else delta.add_(base)
-            return self._check_output(p, theta.to(p.out_dtype)), info
+            return self._check_output(p, scaled_update(base, delta, float(scale), p.out_dtype)), info
 
         try:
             for (p, rows, last), (theta, info) in self._pipe(units(todo, self.blocked), work):
@@ -251,37 +256,53 @@ class MergeRun:
             if spill is not None:
                 spill.close()
 
-    def _auto_scale(self, state: Any, workdir: Path) -> tuple[float, Checkpoint]:
-        """docs/method.md §6: one pass computes Δ, spills it, and accumulates the surrogate terms."""
+    def updates(self, state: Any) -> Iterator[tuple[TensorPlan, tuple[int, int] | None, bool, torch.Tensor,
+                                                  tuple[float, float] | None]]:
+        """(tensor, row block, last block, Δ, scale terms) for every merged unit this process
+        owns, in plan order: Δ is the method's float32 update before the scale, and the terms
+        are this unit's share of ``scale: auto`` (docs/method.md §6) when Fishers are read."""
         from epimer.diagnostics import auto_scale_terms
 
         merged = [p for p in self.own if p.action == "merge"]
-        spill_dir = workdir / f".delta-spill-{self.group.rank}"
-        spill_dir.mkdir(parents=True, exist_ok=True)
-        writer = CheckpointWriter(spill_dir, [PlannedTensor(p.name, p.shape, torch.float32) for p in merged])
-        terms: list[tuple[float, float]] = []
-        self.progress.start("scale: auto", sum(p.in_bytes for p in merged), len(merged))
-        def work(u: Unit) -> tuple[TensorResult, tuple[float, float]]:
+
+        def work(u: Unit) -> tuple[TensorResult, tuple[float, float] | None]:
             res, x = self._delta(u[0], state, u[1])
-            assert x.fishers is not None
+            if x.fishers is None:
+                return res, None
             a, b = auto_scale_terms(res.delta, x.deltas, x.fishers, x.weights)
             return res, (float(a), float(b))
 
         for (p, rows, last), (res, ab) in self._pipe(units(merged, self.blocked), work):
             if res.info:
                 self._record_info(p, rows, res.info)
-            terms.append(ab)
-            writer.write(p.name, res.delta)
-            if last:
-                self.progress.advance(p.in_bytes)
-        self.progress.finish()
-        writer.close()
-        # exact sums: the same value whatever the order or split of the terms over processes
+            yield p, rows, last, res.delta, ab
+
+    def auto_scale(self, terms: list[tuple[float, float]]) -> float:
+        """``scale: auto`` from every process's (num, den) terms, summed exactly, so the value
+        does not depend on the order or the split of the tensors."""
         terms = [t for share in self.group.all_gather(terms) for t in share]
         num, den = exact_sum([a for a, _ in terms]), exact_sum([b for _, b in terms])
         if den <= 0:
             raise InputError("scale: auto is undefined: the merged update has zero curvature under every Fisher")
-        scale = num / den
+        return num / den
+
+    def _auto_scale(self, state: Any, workdir: Path) -> tuple[float, Checkpoint]:
+        """docs/method.md §6: one pass computes Δ, spills it, and accumulates the surrogate terms."""
+        merged = [p for p in self.own if p.action == "merge"]
+        spill_dir = workdir / f".delta-spill-{self.group.rank}"
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        writer = CheckpointWriter(spill_dir, [PlannedTensor(p.name, p.shape, torch.float32) for p in merged])
+        terms: list[tuple[float, float]] = []
+        self.progress.start("scale: auto", sum(p.in_bytes for p in merged), len(merged))
+        for p, _rows, last, delta, ab in self.updates(state):
+            assert ab is not None, "scale: auto reads Fisher files"
+            terms.append(ab)
+            writer.write(p.name, delta)
+            if last:
+                self.progress.advance(p.in_bytes)
+        self.progress.finish()
+        writer.close()
+        scale = self.auto_scale(terms)
         self.progress.log(f"scale: auto chose {scale:.6g}")
         return scale, open_checkpoint(spill_dir)
 
