@@ -145,7 +145,7 @@ def test_unknown_method_lists_valid_ones(setup) -> None:
 
 def test_unknown_parameter_lists_valid_ones(setup) -> None:
     assert_bad_input(*run_cli("merge", setup["cfg"]("ties", {"densty": 0.3}), "-o", str(setup["out"])),
-                     "densty", "density, scale, sign, scope")
+                     "densty", "scale, density, sign, scope")
 
 
 @pytest.mark.parametrize("density", [0, 1.5, -0.1])

@@ -76,6 +76,40 @@ class MergeConfig(BaseModel):
     def _none_is_empty(cls, v: Any) -> Any:
         return {} if v is None else v
 
+    @model_validator(mode="after")
+    def _method_and_fishers(self) -> "MergeConfig":
+        """The method exists, its parameters are valid, and a run that needs Fisher files
+        (the method, or ``scale: auto``) has one for every model: checked once, here."""
+        try:
+            method = self.method_impl
+            params = method.parse_params(self.parameters)
+        except InputError as err:
+            raise ValueError(str(err)) from None
+        if method.requires_fisher(params):
+            missing = next((m for m in self.models if m.fisher is None), None)
+            if missing is not None:
+                why = f"method {self.method!r}" if method.needs_fisher else "scale: auto"
+                raise ValueError(f"model {missing.model}: {why} needs a Fisher file for every model; add "
+                                 "`fisher: PATH` (estimate one with `epimer fisher`)")
+        return self
+
+    @property
+    def method_impl(self) -> Any:
+        """The registered `epimer.methods.base.MergeMethod` named by ``method``."""
+        from epimer.registry import get_method
+
+        return get_method(self.method)
+
+    @property
+    def params(self) -> Any:
+        """``parameters`` as the method's typed, validated `MethodParams`."""
+        return self.method_impl.parse_params(self.parameters)
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Whether this merge reads Fisher files."""
+        return bool(self.method_impl.requires_fisher(self.params))
+
     #: The config file this came from (None for configs built in Python).
     _source: Path | None = PrivateAttr(default=None)
 
@@ -144,7 +178,7 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     elif first["type"] == "finite_number":
         msg = f"must be a finite number, got {first.get('input')!r}"
     msg = msg.replace("Value error, ", "")
-    return f"{source}: {loc or 'config'}: {msg}{more}"
+    return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -160,18 +194,7 @@ def parse_config(data: Any, source: str = "config", root: Path | None = None) ->
         cfg = MergeConfig.model_validate(data)
     except ValidationError as err:
         raise InputError(_format_validation_error(source, err)) from None
-    check_method(cfg, source)
     return cfg.resolved(root or Path.cwd())
-
-
-def check_method(cfg: MergeConfig, source: str) -> None:
-    """The method exists and its parameters are valid; errors name ``source``."""
-    from epimer.registry import get_method
-
-    try:
-        get_method(cfg.method).parse_params(cfg.parameters)
-    except InputError as err:
-        raise InputError(f"{source}: {err}") from None
 
 
 class _StrictLoader(yaml.SafeLoader):

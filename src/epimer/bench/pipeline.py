@@ -57,6 +57,7 @@ from epimer.bench.finetune import (
 from epimer.engine import merge_updates
 from epimer.engine.run import scaled_update
 from epimer.errors import InputError
+from epimer.methods.base import ScaledParams
 from epimer.registry import available_methods, get_method
 
 StateDict = dict[str, torch.Tensor]
@@ -196,7 +197,7 @@ def method_specs(config: BenchConfig) -> list[MethodSpec]:
                         for norm in config.epimer_fisher_norms]
         for label, p in variants:
             needs = method.requires_fisher(method.parse_params(p))
-            specs.append(MethodSpec(label, name, p, "scale" in fields, needs))
+            specs.append(MethodSpec(label, name, p, issubclass(method.Params, ScaledParams), needs))
     return specs
 
 

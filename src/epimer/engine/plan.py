@@ -12,7 +12,7 @@ import torch
 from epimer.config import DTYPES, MergeConfig
 from epimer.errors import InputError
 from epimer.io.reader import Checkpoint, open_checkpoint
-from epimer.methods.base import MergeMethod, MethodParams, TensorKind
+from epimer.methods.base import TensorKind
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
@@ -74,20 +74,12 @@ def _classify(name: str, shape: tuple[int, ...], num_tasks: int) -> TensorKind:
 
 
 
-def open_inputs(config: MergeConfig, method: MergeMethod, params: MethodParams) -> tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None]:
-    """Open the base, task and (when the run needs them) Fisher checkpoints of ``config``."""
+def open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None]:
+    """Open the base, task and (when the run reads them) Fisher checkpoints of ``config``
+    (which has checked that every model has a Fisher file if the run needs them)."""
     base = open_checkpoint(config.base_model)
     tasks = [open_checkpoint(m.model) for m in config.models]
-    need = method.requires_fisher(params)
-    have = [m.fisher is not None for m in config.models]
-    if need and not all(have):
-        missing = next(m for m in config.models if m.fisher is None)
-        why = "scale: auto" if not method.needs_fisher else f"method {config.method!r}"
-        raise InputError(
-            f"model {missing.model}: {why} needs a Fisher file for every model; add `fisher: PATH` "
-            "(estimate one with `epimer fisher`)"
-        )
-    fishers = [open_checkpoint(m.fisher) for m in config.models] if need else None  # type: ignore[arg-type]
+    fishers = [open_checkpoint(m.fisher) for m in config.models] if config.needs_fisher else None  # type: ignore[arg-type]
     return base, tasks, fishers
 
 

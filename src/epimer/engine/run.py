@@ -26,7 +26,6 @@ from epimer.io.fisher import check_fisher_values
 from epimer.io.reader import Checkpoint, open_checkpoint
 from epimer.io.writer import CheckpointWriter, PlannedTensor
 from epimer.methods.base import MergeMethod, MethodParams, ShardedStream, TensorInputs, TensorResult, linear_theta
-from epimer.registry import get_method
 
 
 def scaled_update(base: torch.Tensor, delta: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -66,17 +65,15 @@ class MergeRun:
         self.group = group
         self.allow_nonfinite = allow_nonfinite
         self.progress = progress or ProgressSink()
-        self.method: MergeMethod = get_method(config.method)
-        self.params: MethodParams = self.method.parse_params(config.parameters)
+        self.method: MergeMethod = config.method_impl
+        self.params: MethodParams = config.params  # validated when the config was
         self.weights = config.weights()
         self.report = MergeReport(method=config.method)
         if checkpoints is None:
-            checkpoints = open_inputs(config, self.method, self.params)
+            checkpoints = open_inputs(config)
         self.base, self.tasks, self.fishers = checkpoints
-        if not self.method.requires_fisher(self.params):
+        if not config.needs_fisher:
             self.fishers = None  # never read Fisher files a run does not use
-        elif self.fishers is None:
-            raise InputError(f"method {config.method!r} with these parameters needs a Fisher file for every model")
         self.plan = build_plan(config, self.base, self.tasks, strict, self.progress, self.report)
         #: The rank that merges and writes each tensor of the plan, and this process's share.
         self.owners = partition([p.in_bytes for p in self.plan], group.world_size)

@@ -33,6 +33,13 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class ScaledParams(MethodParams):
+    """Parameters of a method whose update the engine scales: θ = θ0 + scale · Δ. Each method
+    restates ``scale`` with its own default and the reason for it."""
+
+    scale: Scale = 1.0
+
+
 @dataclass(frozen=True)
 class TensorInputs:
     """Everything a method sees of one tensor.
@@ -159,8 +166,9 @@ class MergeMethod(ABC):
         return self.needs_fisher or self.scale(params) == "auto"
 
     def scale(self, params: MethodParams) -> Scale:
-        """The global rescaling applied by the engine: θ = θ0 + scale · Δ."""
-        return getattr(params, "scale", 1.0)
+        """The global rescaling applied by the engine: θ = θ0 + scale · Δ (1 for a method
+        without a ``scale``, such as weight_average)."""
+        return params.scale if isinstance(params, ScaledParams) else 1.0
 
     def elementwise(self, params: MethodParams) -> bool:
         """True when :meth:`merge` of any block of rows of a tensor gives the same rows of Δ.

@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 from epimer.methods.base import (
+    ScaledParams,
     MergeMethod,
-    MethodParams,
     Scale,
     Stream,
     TensorInputs,
@@ -24,7 +24,7 @@ from epimer.methods.curvature import fisher_weighted_average, require_fishers, t
 from epimer.registry import register
 
 
-class FisherAverageParams(MethodParams):
+class FisherAverageParams(ScaledParams):
     eps: float = Field(
         1e-6,
         gt=0,

@@ -17,6 +17,7 @@ from epimer.frechet import IDENTITY, Geometry, pull_weights
 from epimer.methods import dare as dare_fn
 from epimer.methods import ties as ties_fn
 from epimer.methods.base import (
+    ScaledParams,
     MergeMethod,
     MethodParams,
     Scale,
@@ -65,7 +66,7 @@ class WeightAverage(MergeMethod):
         return Geometry(list(x.deltas), IDENTITY).merge(x.weights, "frechet_mean")
 
 
-class TaskArithmeticParams(MethodParams):
+class TaskArithmeticParams(ScaledParams):
     scale: Scale = Field(
         0.3,
         description="λ in θ = θ0 + λ Σ_t τ_t; 0.3 is the usual tuned value, or 'auto'",
@@ -91,7 +92,7 @@ class TaskArithmetic(MergeMethod):
         return Geometry(list(x.deltas), IDENTITY).merge(x.weights, "frechet_sum")
 
 
-class TiesParams(MethodParams):
+class TiesParams(ScaledParams):
     density: float = Field(
         0.2,
         gt=0,
@@ -147,7 +148,7 @@ class Ties(MergeMethod):
         return TensorResult(delta, {"kept_fraction": kept})
 
 
-class DareParams(MethodParams):
+class DareParams(ScaledParams):
     density: float = Field(
         0.5,
         gt=0,

@@ -20,8 +20,8 @@ from epimer.curvature.metric import ProjectedFisher
 from epimer.diagnostics import tensor_diagnostics
 from epimer.frechet import IDENTITY, Geometry
 from epimer.methods.base import (
+    ScaledParams,
     MergeMethod,
-    MethodParams,
     Scale,
     Stream,
     TensorInputs,
@@ -80,7 +80,7 @@ def _basis_info(basis: TaggedBasis) -> dict[str, float]:
 # --------------------------------------------------------------------------------- TSV-M
 
 
-class TsvMParams(MethodParams):
+class TsvMParams(ScaledParams):
     rank_fraction: float = _rank_fraction_field()
     scale: Scale = _scale_field(1.0, "1.0 is the default of Gargiulo et al.")
 
@@ -114,7 +114,7 @@ def _isotropic(us: list[torch.Tensor], vs: list[torch.Tensor], ss: list[torch.Te
     return torch.cat(ss).mean() * (u @ v.T)
 
 
-class IsoCParams(MethodParams):
+class IsoCParams(ScaledParams):
     scale: Scale = _scale_field(1.0, "1.0 is the paper's form; Marczak et al. tune it on validation.")
 
 
@@ -130,7 +130,7 @@ class IsoC(SubspaceMethod):
         return (sigma.mean() * (p @ qh)).to(x.deltas[0].dtype)
 
 
-class IsoCtsParams(MethodParams):
+class IsoCtsParams(ScaledParams):
     common_fraction: float = Field(
         0.8,
         ge=0,
@@ -183,7 +183,7 @@ class IsoCts(SubspaceMethod):
 _DEFAULT_FISHER_RANK = 4
 
 
-class EpimerParams(MethodParams):
+class EpimerParams(ScaledParams):
     rank_fraction: float = _rank_fraction_field()
     scale: Scale = _scale_field(
         1.0, "1.0 matches TSV-M's default; the paper finds the optimum well above it (Sec. 4.3)."
