@@ -28,7 +28,7 @@ import torch
 from epimer.curvature.metric import projected_metric_exact, projected_metric_factored
 from epimer.frechet import spd_solve
 from epimer.io import open_checkpoint
-from epimer.subspace import lift, project, tagged_basis
+from epimer.basis import lift, project, tagged_basis
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ import torch
 
 from epimer.curvature.metric import projected_metric_exact, projected_metric_factored
 from epimer.io import open_checkpoint
-from epimer.subspace import tagged_basis
+from epimer.basis import tagged_basis
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import torch
 
 from epimer.curvature.metric import projected_metric
 from epimer.frechet import IDENTITY, Dense, frechet_merge
-from epimer.subspace import project, tagged_basis
+from epimer.basis import project, tagged_basis
 
 EPS = 1e-6  # the method's default jitter
 

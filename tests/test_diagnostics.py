@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from epimer import get_method
 from epimer.curvature.metric import projected_metric
 from epimer.diagnostics import auto_scale_terms, error_bound, heterogeneity, objective
-from epimer.subspace import project, tagged_basis
+from epimer.basis import project, tagged_basis
 from tests.subspace_reference import make_inputs, np64, random_case, ref_epimer, run
 
 SETTINGS = settings(max_examples=12, deadline=None, database=None)

@@ -14,7 +14,7 @@ from epimer.curvature.metric import (
     projected_metric_factored,
     top_singular,
 )
-from epimer.subspace import tagged_basis
+from epimer.basis import tagged_basis
 from tests.subspace_reference import materialise_b, np64, random_case, ref_metric, rel_err
 
 

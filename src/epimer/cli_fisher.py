@@ -37,6 +37,7 @@ from epimer.curvature.fisher import (
 from epimer.io.fisher import save_fisher, tensor_fingerprints
 from epimer.cli_options import require_packages, set_threads
 from epimer.errors import InputError
+from epimer.progress import sample_bar
 from epimer.io.outdir import ensure_writable_folder
 from epimer.fingerprint import combine, tensor_blocks
 
@@ -263,31 +264,6 @@ def _check_out_file(out_file: Path, overwrite: bool, model_dir: Path, data_file:
         raise InputError(f"{out_file}: already exists; pass --overwrite to replace it, or choose another --out")
 
 
-def _progress_bar(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
-    from rich.progress import TimeElapsedColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class SamplesPerSecond(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            elapsed = task.elapsed
-            if not elapsed or not task.completed:
-                return Text("? samples/s")
-            return Text(f"{task.completed / elapsed:.1f} samples/s")  # the average since the start
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        SamplesPerSecond(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def run_fisher(
     model_dir: Path,
     data_file: Path,
@@ -350,7 +326,7 @@ def run_fisher(
         mine = [records[i] for i in indices[start:stop]]
         my_labels = labels[start:stop] if labels is not None else None
         show = not quiet and dist_info.rank == 0
-        with _progress_bar(show) as bar:
+        with sample_bar(show) as bar:
             what = "Fisher" if not dist_info.active else f"Fisher (rank 0 of {dist_info.world_size})"
             task = bar.add_task(what, total=len(mine))
             local = fisher_sums(
@@ -427,18 +403,13 @@ def fisher_command(ctx: click.Context, **options: Any) -> None:
     Under torchrun (WORLD_SIZE > 1) the samples are split across processes and rank 0
     writes the file.
     """
-    # Bad input is one line and exit 2 here, also when this command is invoked on its own;
-    # anything else (Ctrl-C, SIGTERM, internal errors) is left to the ``epimer`` group's
-    # boundary, which `standalone` puts around ``python -m epimer.cli_fisher`` too.
-    try:
-        require_packages("epimer fisher", "hf", "transformers")
-        run_fisher(
-            options.pop("model_dir"), options.pop("data_file"), options.pop("out_file"),
-            text_fields=tuple(options.pop("text_fields")), **options,
-        )
-    except InputError as err:
-        click.echo("error: " + " ".join(str(err).split()), err=True)
-        ctx.exit(2)
+    # Errors go to the ``epimer`` group's one boundary (exit 2 for bad input, one line), which
+    # `standalone` puts around ``python -m epimer.cli_fisher`` too.
+    require_packages("epimer fisher", "hf", "transformers")
+    run_fisher(
+        options.pop("model_dir"), options.pop("data_file"), options.pop("out_file"),
+        text_fields=tuple(options.pop("text_fields")), **options,
+    )
 
 
 def standalone(argv: Sequence[str] | None = None) -> None:

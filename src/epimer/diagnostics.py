@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from epimer.frechet import Dense, Geometry, frechet_merge, spd_solve
-from epimer.subspace import lift
+from epimer.basis import lift
 
 _F64 = torch.float64
 

@@ -1,4 +1,5 @@
-"""A rich progress bar for the engine: tensors done, bytes, speed and ETA on stderr."""
+"""Progress on stderr: the interface the engine reports to (`ProgressSink`), its rich bar
+(tensors done, bytes, speed and ETA) and the sample bar of Fisher estimation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from epimer.engine import ProgressSink
+
+
+class ProgressSink:
+    """No-op progress reporting; the CLI passes a rich-backed subclass."""
+
+    def start(self, label: str, total_bytes: int, total_tensors: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def finish(self) -> None: ...
+    def log(self, message: str) -> None: ...
 
 
 class RichProgress(ProgressSink):
@@ -60,3 +69,31 @@ class RichProgress(ProgressSink):
     def log(self, message: str) -> None:
         if self.enabled or message.startswith("warning"):
             self.console.print(message, markup=False, highlight=False)
+
+
+def sample_bar(enabled: bool) -> Any:
+    """A bar of samples done, with samples per second (Fisher estimation)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+    from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class SamplesPerSecond(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            elapsed = task.elapsed
+            if not elapsed or not task.completed:
+                return Text("? samples/s")
+            return Text(f"{task.completed / elapsed:.1f} samples/s")  # the average since the start
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        SamplesPerSecond(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+

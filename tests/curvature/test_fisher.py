@@ -386,9 +386,10 @@ def hf_task(tmp_path_factory) -> dict:
 
 
 def run_cli(*args: str):
-    from epimer.cli_fisher import fisher_command
+    """`epimer fisher ARGS` through the command line's one error boundary."""
+    from epimer.cli import main
 
-    return CliRunner().invoke(fisher_command, [str(a) for a in args])
+    return CliRunner().invoke(main, ["fisher", *[str(a) for a in args]], prog_name="epimer")
 
 
 def test_cli_writes_checkpoint_named_fisher(hf_task, tmp_path):

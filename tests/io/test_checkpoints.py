@@ -172,18 +172,34 @@ def test_view_rows_reuses_the_scratch_buffer(tmp_path: Path) -> None:
     assert torch.equal(ck.get_rows("w", 10, 99), sd["w"][10:])
 
 
-def test_allocator_tuning_is_idempotent() -> None:
-    import sys
+def test_allocator_tuning_sets_both_thresholds_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mallopt gets the mmap and trim thresholds, each once per process, however often the
+    engine asks; a libc without mallopt leaves it off."""
+    import ctypes
 
-    from epimer._allocator import tune_allocator
+    import epimer._allocator as alloc
 
-    first = tune_allocator()
-    assert tune_allocator() == first
-    if sys.platform.startswith("linux"):
-        import platform
+    calls: list[tuple[int, int]] = []
 
-        if platform.libc_ver()[0] == "glibc":
-            assert first
+    class FakeLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(alloc, "_done", False)
+    monkeypatch.setattr(alloc.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: FakeLibc())
+    assert alloc.tune_allocator() is True
+    assert alloc.tune_allocator() is True
+    assert calls == [(alloc._M_MMAP_THRESHOLD, alloc.MMAP), (alloc._M_TRIM_THRESHOLD, alloc.TRIM)]
+    assert (alloc._M_MMAP_THRESHOLD, alloc._M_TRIM_THRESHOLD) == (-3, -1)  # glibc's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    class NoMallopt:
+        pass
+
+    monkeypatch.setattr(alloc, "_done", False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: NoMallopt())
+    assert alloc.tune_allocator() is False
 
 
 def test_writer_flushes_behind_and_a_flush_error_surfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

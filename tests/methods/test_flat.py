@@ -461,7 +461,8 @@ def test_ties_does_not_fail_on_nan(scope: str) -> None:
     base, deltas = random_model(6, SHAPES)
     deltas[0]["w1"][2, 3] = float("nan")
     got = run("ties", {"scope": scope, "density": 0.5}, base, deltas)
-    assert np.isfinite(got["b1"]).all()
+    # the NaN entry is trimmed (it is no magnitude): every tensor, the NaN's own included, is finite
+    assert all(np.isfinite(v).all() for v in got.values()), [k for k, v in got.items() if not np.isfinite(v).all()]
 
 
 # --------------------------------------------------------------------------- streaming threshold

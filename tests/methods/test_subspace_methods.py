@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from epimer import InputError, get_method
 from epimer.methods.base import TensorResult
-from epimer.subspace import lift
+from epimer.basis import lift
 from tests.subspace_reference import (
     make_inputs,
     np64,

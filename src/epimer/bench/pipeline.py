@@ -605,6 +605,3 @@ def config_with(base: BenchConfig, **changes: Any) -> BenchConfig:
     return replace(base, finetune=replace(base.finetune, **ft), fisher=replace(base.fisher, **fs), **top)
 
 
-def load_results(path: Path) -> dict[str, Any]:
-    """A ``results.json`` written by `run_benchmark`."""
-    return json.loads(Path(path).read_text())

@@ -1,6 +1,6 @@
 """The projected metric ``H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` (docs/method.md §3.4, paper eq. 12).
 
-B's columns are the vectorised atoms ``u_a v_aᵀ`` of the tagged basis (:mod:`epimer.subspace`),
+B's columns are the vectorised atoms ``u_a v_aᵀ`` of the tagged basis (:mod:`epimer.basis`),
 so entry (a, b) is
 
     H[a, b] = Σ_{i,j} F[i, j] · U[i, a] U[i, b] · V[j, a] V[j, b]
@@ -33,7 +33,7 @@ from typing import Any, Literal, Union
 import torch
 
 from epimer.frechet import Metric, combine, spd_solve
-from epimer.subspace import lift, project
+from epimer.basis import lift, project
 
 #: ``fisher_rank``: "exact", or the rank s of the factored fast path.
 FisherRank = Union[Literal["exact"], int]

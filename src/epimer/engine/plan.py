@@ -13,6 +13,7 @@ from epimer.config import DTYPES, MergeConfig
 from epimer.errors import InputError
 from epimer.io.reader import Checkpoint, open_checkpoint
 from epimer.methods.base import TensorKind
+from epimer.progress import ProgressSink
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
@@ -39,15 +40,6 @@ class MergeReport:
     scale_auto: float | None = None
     tensors: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-
-class ProgressSink:
-    """No-op progress reporting; the CLI passes a rich-backed subclass."""
-
-    def start(self, label: str, total_bytes: int, total_tensors: int) -> None: ...
-    def advance(self, nbytes: int) -> None: ...
-    def finish(self) -> None: ...
-    def log(self, message: str) -> None: ...
 
 
 def _missing_message(task: Checkpoint, name: str) -> str:
@@ -84,7 +76,7 @@ def open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint], list
 
 
 def build_plan(config: MergeConfig, base: Checkpoint, tasks: Sequence[Checkpoint], strict: bool,
-               progress: "ProgressSink", report: MergeReport) -> list[TensorPlan]:
+               progress: ProgressSink, report: MergeReport) -> list[TensorPlan]:
     """Each base tensor merged or copied, checked against every task model (see docs/method.md §7)."""
     T = len(tasks)
     plan: list[TensorPlan] = []
@@ -141,7 +133,7 @@ def build_plan(config: MergeConfig, base: Checkpoint, tasks: Sequence[Checkpoint
 
 
 def _check_buffer(name: str, meta: Any, base: Checkpoint, tasks: Sequence[Checkpoint], missing: list[str],
-                  progress: "ProgressSink", report: MergeReport) -> None:
+                  progress: ProgressSink, report: MergeReport) -> None:
     """A non-float tensor (a buffer: position ids, counters) is copied from the base; say so
     when a task model lacks it, and warn when a task model holds other values."""
     base_value: torch.Tensor | None = None

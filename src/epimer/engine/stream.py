@@ -18,10 +18,8 @@ from epimer.engine.plan import TensorPlan
 
 #: Row blocks of elementwise methods hold about this many entries (2 MB per float32 input):
 #: large enough that per-block Python overhead is small, small enough that the blocks two
-#: workers hold stay near the CPU's caches and memory stays bounded. On the 836M-parameter
-#: benchmark (`benchmarks/merge_stages.py`: 2 cores, two workers, merge without writing)
-#: ties took 13.4 s at 2^19, 13.4 s at 2^20, 15.2 s at 2^18; task_arithmetic 1.45 s, 1.28 s
-#: and 2.04 s, with 2^19 and 2^20 trading places between sweeps (docs/performance.md).
+#: workers hold stay near the CPU's caches and memory stays bounded. Chosen by the sweep of
+#: `benchmarks/merge_stages.py` (figures in docs/performance.md).
 BLOCK_ELEMENTS = 1 << 19
 
 #: One unit of streamed work: (tensor, row block or None for all of it, last unit of the tensor).

@@ -207,10 +207,6 @@ class Checkpoint(ABC):
         except KeyError:
             raise InputError(f"{self.path}: no tensor named {name!r}") from None
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(m.nbytes for m in self._metas.values())
-
     @abstractmethod
     def get(self, name: str) -> torch.Tensor:
         """The tensor, in its stored dtype, owning its memory."""
@@ -645,7 +641,6 @@ class DictCheckpoint(Checkpoint):
         self._tensors = tensors
         for name, t in tensors.items():
             self._metas[name] = TensorMeta(name, tuple(t.shape), t.dtype, Path(label))
-        self.metadata: dict[str, str] = {}
 
     def get(self, name: str) -> torch.Tensor:
         self.meta(name)

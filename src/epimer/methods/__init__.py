@@ -1,4 +1,3 @@
 """Merge methods. Importing this package registers every built-in method."""
 
-from epimer.methods import flat  # noqa: F401  (registers the docs/method.md §2 baselines)
-from epimer.methods import fisher_average, subspace  # noqa: F401  (docs/method.md §2 Fisher average, docs/method.md §3)
+from epimer.methods import dare, fisher_average, flat, subspace, ties  # noqa: F401  (each registers its methods)

@@ -259,6 +259,12 @@ def task_factors(x: TensorInputs) -> torch.Tensor:
     return sum_factors(x.weights)
 
 
+def scale_in_place(x: TensorInputs, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
+    """T·w_t y_t for tensors y_t the caller just made from ``x`` (never its inputs): scaled
+    in place, sparing T copies (the pull of the summing methods, docs/method.md §1)."""
+    return [t if f == 1.0 else t.mul_(f) for t, f in zip(fresh, task_factors(x).tolist())]
+
+
 def task_sum(x: TensorInputs, deltas: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Σ_t T·w_t τ_t: the task-arithmetic sum Σ_t τ_t for equal weights. ``deltas`` replaces
     ``x.deltas`` (e.g. DARE's)."""

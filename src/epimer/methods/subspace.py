@@ -2,7 +2,7 @@
 
 Matrix tensors are merged in a low-rank subspace; vector tensors (biases, norms, small or
 non-2-D tensors) use the weighted mean ``Δ = Σ_t w_t τ_t`` (EpiMer may use the diagonal Fisher
-average instead). TSV-M and EpiMer share the tagged basis of :mod:`epimer.subspace` and the
+average instead). TSV-M and EpiMer share the tagged basis of :mod:`epimer.basis` and the
 Fréchet solve of :mod:`epimer.frechet`: TSV-M is EpiMer with the identity metric and singular
 coordinates (Proposition 2), and the code says so by calling the same solve.
 """
@@ -31,7 +31,7 @@ from epimer.methods.base import (
 )
 from epimer.methods.curvature import fisher_weighted_average, require_fishers, task_fisher_norms
 from epimer.registry import register
-from epimer.subspace import (
+from epimer.basis import (
     TaggedBasis,
     compute_dtype,
     lift,
@@ -174,12 +174,10 @@ class IsoCts(SubspaceMethod):
 
 # -------------------------------------------------------------------------------- EpiMer
 
-# Default s of the factored metric. The exact metric costs m·n·r²/2 multiply-adds per task and
-# tensor: 1.7·10¹¹ for a 768 × 768 layer at r = 768, 5-18 s on two (shared) CPU cores against
-# 0.05-0.9 s for rank 4 (benchmarks/subspace_speed.py), so a BERT-base merge of 8 tasks takes
-# CPU-hours exact and minutes at rank 4. A linear layer's Fisher is close to rank 1 (K-FAC);
-# rank 4 leaves room for the correlations that picture misses, and the error of the
-# approximation of every F_t is reported per tensor.
+# Default s of the factored metric: the exact metric costs m·n·r²/2 multiply-adds per task and
+# tensor, the factored one O(s·(m + n)·r²). A linear layer's Fisher is close to rank 1 (K-FAC);
+# rank 4 leaves room for the correlations that picture misses, and the error of each F_t's
+# approximation is reported per tensor. Timings and errors on real Fishers: docs/performance.md.
 _DEFAULT_FISHER_RANK = 4
 
 
@@ -210,10 +208,10 @@ class EpimerParams(ScaledParams):
     fisher_rank: Union[Literal["exact"], Annotated[int, Field(ge=1)]] = Field(
         _DEFAULT_FISHER_RANK,
         description="'exact' computes H_t = Bᵀdiag(F_t)B in O(m·n·r²) per task; an integer s "
-        "uses the rank-s SVD of F_t, O(s·(m+n)·r²). Default 4: measured 20-100× faster than "
-        "exact on a 768 × 768 layer (a BERT-base merge: CPU-hours exact, minutes at rank 4), "
-        "and a linear layer's Fisher is close to rank 1 (K-FAC); the relative error of each "
-        "F_t's approximation is reported per tensor (fisher_rel_err).",
+        "uses each F_t's rank-s SVD, O(s·(m+n)·r²), for every H_t the merge and diagnose use. "
+        "Default 4: 20-100× faster than exact on a 768 × 768 layer (docs/performance.md), and a "
+        "linear layer's Fisher is close to rank 1 (K-FAC); the largest relative error of the "
+        "F_t approximations is reported per tensor (fisher_rel_err).",
     )
     fisher_norm: Literal["none", "global", "tensor"] = Field(
         "none",

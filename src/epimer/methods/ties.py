@@ -27,11 +27,26 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 
-from epimer.methods.base import Reducer, ShardedStream, Stream, TensorInputs, reducer_of
+from pydantic import Field
+
+from epimer.methods.base import (
+    MergeMethod,
+    MethodParams,
+    Reducer,
+    Scale,
+    ScaledParams,
+    ShardedStream,
+    Stream,
+    TensorInputs,
+    TensorResult,
+    reducer_of,
+    scale_in_place,
+)
+from epimer.registry import register
 
 SignRule = Literal["mass", "frequency"]
 Scope = Literal["global", "tensor"]
@@ -95,22 +110,12 @@ def trim(x: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     return x.masked_fill(~(x.abs() >= threshold), 0.0)
 
 
-def trim_to_density(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``floor(density · x.numel())`` largest magnitudes of ``x`` (plus ties)."""
-    return trim(x, kth_largest_magnitude(x, keep_count(density, x.numel())))
-
-
 def _vote(trimmed: Sequence[torch.Tensor], rule: SignRule) -> torch.Tensor:
     """Σ_t τ̂_t (``mass``) or Σ_t sign(τ̂_t) (``frequency``), a new tensor."""
     total = trimmed[0].clone() if rule == "mass" else torch.sign(trimmed[0])
     for t in trimmed[1:]:
         total.add_(t if rule == "mass" else torch.sign(t))
     return total
-
-
-def elect_sign(trimmed: Sequence[torch.Tensor], rule: SignRule = "mass") -> torch.Tensor:
-    """γ = sign(Σ_t τ̂_t) (``mass``) or sign(Σ_t sign(τ̂_t)) (``frequency``); 0 where tied."""
-    return _vote(trimmed, rule).sign_()
 
 
 def disjoint_mean(trimmed: Sequence[torch.Tensor], gamma: torch.Tensor, finite: bool | None = None) -> torch.Tensor:
@@ -355,3 +360,73 @@ def _guess_windows(stream: ShardedStream, density: float, num_tasks: int,
             high = low + WINDOW_BINS - 1
         windows.append((low, high - low + 1))
     return windows
+
+
+# ------------------------------------------------------------------------------ the method
+
+SIGN_DOC = (
+    "sign election: 'mass' takes the sign of Σ_t τ̂_t, 'frequency' the sign held by more tasks"
+)
+_SCOPE_DOC = (
+    "'global': each task keeps its largest magnitudes over all tensors of the model; "
+    "'tensor': within each tensor separately"
+)
+
+
+
+class TiesParams(ScaledParams):
+    density: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="fraction of each task vector's entries kept, by magnitude (ties included)",
+    )
+    scale: Scale = Field(1.0, description="λ in θ = θ0 + λ Δ, or 'auto'")
+    sign: SignRule = Field("mass", description=SIGN_DOC)
+    scope: Scope = Field("global", description=_SCOPE_DOC)
+
+
+@register
+class Ties(MergeMethod):
+    """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean (docs/method.md §2).
+
+    Each τ_t keeps its ``floor(density · D)`` largest magnitudes, D the entries in scope, plus
+    every entry whose magnitude equals the last kept one: the kept count exceeds
+    ``floor(density · D)`` only by ties at the threshold, and nothing is kept when
+    ``floor(density · D) == 0``. The trimmed vectors are multiplied by ``T · w_t`` before the
+    sign election. ``scope: global`` finds each task's exact threshold over the whole model in
+    :meth:`prepare`: one look at every 16th row block, then one full pass over the
+    checkpoints, or two when that look misjudged where the threshold lies.
+    """
+
+    name = "ties"
+    description = "TIES: trim task vectors by magnitude, elect signs, average agreeing entries."
+    Params = TiesParams
+
+    def elementwise(self, params: MethodParams) -> bool:
+        # Global thresholds come from prepare(); per-tensor ones need the whole tensor.
+        return cast(TiesParams, params).scope == "global"
+
+    def prepare(self, params: MethodParams, stream: Stream) -> tuple[Threshold, ...] | None:
+        p = cast(TiesParams, params)
+        if p.scope != "global":
+            return None
+        return global_thresholds(stream, p.density)
+
+    def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> TensorResult:
+        p = cast(TiesParams, params)
+        if p.scope == "global":
+            if state is None:
+                raise RuntimeError("ties with scope 'global' needs the state returned by prepare()")
+            thresholds = state
+        else:
+            k = keep_count(p.density, x.base.numel())
+            thresholds = tuple(kth_largest_magnitude(d, k) for d in x.deltas)
+        trimmed = [trim(d, thr) for d, thr in zip(x.deltas, thresholds)]
+        # with global scope the share kept varies per tensor: worth reporting
+        entries = max(1, x.base.numel() * x.num_tasks)
+        kept = sum(count_kept(t) for t in trimmed) / entries
+        delta = sign_consensus_merge(scale_in_place(x, trimmed), p.sign)
+        return TensorResult(delta, {"kept_fraction": kept})
+
+

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epimer.subspace import (
+from epimer.basis import (
     compute_dtype,
     lift,
     per_task_rank,
