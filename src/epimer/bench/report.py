@@ -339,12 +339,18 @@ def plot_scale_sweep(results: dict[str, Any], path: Path) -> None:
     _save(plt, fig, path)
 
 
+def _study_figure(results: dict[str, Any], study: str, key: str
+                  ) -> tuple[Any, dict[Any, list[Any]], list[Any], Any, Any]:
+    """pyplot, a study's entries grouped by ``key``, the key's values, a figure and axes."""
+    plt = _pyplot()
+    groups = _by(_study_runs(results), study, key)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    return plt, groups, list(groups), fig, ax
+
+
 def plot_rank_sweep(results: dict[str, Any], path: Path) -> None:
     """Average test accuracy of TSV-M and EpiMer against the matched rank_fraction."""
-    plt = _pyplot()
-    groups = _by(_study_runs(results), "rank", "rank_fraction")
-    xs = list(groups)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plt, groups, xs, fig, ax = _study_figure(results, "rank", "rank_fraction")
     for method in ("tsv_m", "epimer"):
         for stat, style in (("avg", "-"), ("worst", ":")):
             ys = [mean_std([e[method][stat] for e in groups[x]])[0] for x in xs]
@@ -359,10 +365,7 @@ def plot_rank_sweep(results: dict[str, Any], path: Path) -> None:
 
 def plot_kappa_gain(results: dict[str, Any], path: Path) -> None:
     """kappa_rel (the surrogate's predicted gain) and the observed EpiMer − TSV-M gain, by rank."""
-    plt = _pyplot()
-    groups = _by(_study_runs(results), "rank", "rank_fraction")
-    xs = list(groups)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plt, groups, xs, fig, ax = _study_figure(results, "rank", "rank_fraction")
     ax.plot(xs, [mean_std([e["diagnostics"]["kappa_rel"] for e in groups[x]])[0] for x in xs], "o-", color="C0")
     ax.set_xscale("log")
     ax.set_xlabel("rank_fraction")
@@ -377,10 +380,7 @@ def plot_kappa_gain(results: dict[str, Any], path: Path) -> None:
 
 def plot_fisher_fraction(results: dict[str, Any], path: Path) -> None:
     """EpiMer's average and worst-task test accuracy against the Fisher's share of training texts."""
-    plt = _pyplot()
-    groups = _by(_study_runs(results), "fisher_fraction", "fraction")
-    xs = list(groups)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plt, groups, xs, fig, ax = _study_figure(results, "fisher_fraction", "fraction")
     for stat, label in (("avg", "average"), ("worst", "worst task")):
         ax.plot(xs, [mean_std([e["epimer"][stat] for e in groups[x]])[0] for x in xs], "o-", label=f"EpiMer {label}")
     ax.set_xscale("log")

@@ -5,12 +5,12 @@ tensors. TIES is in :mod:`epimer.methods.ties`, DARE in :mod:`epimer.methods.dar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from epimer.frechet import IDENTITY, Geometry, pull_weights
+from epimer.frechet import IDENTITY, Aggregator, Geometry, pull_weights
 from epimer.methods.base import (
     ScaledParams,
     MergeMethod,
@@ -20,27 +20,35 @@ from epimer.methods.base import (
 )
 from epimer.registry import register
 
-class WeightAverageParams(MethodParams):
-    """No options: the models' ``weight`` entries are the whole method."""
+class IdentityGeometryMethod(MergeMethod):
+    """A method that is the identity geometry of the Fréchet core (B = I, c_t = τ_t,
+    H_t = I) with its ``aggregator``: Δ = Σ_t a_t τ_t, merged straight from the stored
+    tensors by the engine's linear fast path (Proposition 2 case 1)."""
 
-
-@register
-class WeightAverage(MergeMethod):
-    """θ = Σ_t w_t θ_t, i.e. Δ = Σ_t w_t τ_t with scale 1 (docs/method.md §2)."""
-
-    name = "weight_average"
-    description = "Weighted average of the fine-tuned models: θ = Σ w_t θ_t."
-    Params = WeightAverageParams
+    aggregator: ClassVar[Aggregator]
 
     def elementwise(self, params: MethodParams) -> bool:
         return True
 
     def linear_coefficients(self, params: MethodParams, weights: torch.Tensor) -> tuple[float, ...]:
-        return tuple(pull_weights(weights, "frechet_mean"))  # the identity geometry's pull
+        return tuple(pull_weights(weights, self.aggregator))
 
     def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
-        # Proposition 2: B = I, c_t = τ_t, H_t = I, frechet_mean
-        return Geometry(list(x.deltas), IDENTITY).merge(x.weights, "frechet_mean")
+        return Geometry(list(x.deltas), IDENTITY).merge(x.weights, self.aggregator)
+
+
+class WeightAverageParams(MethodParams):
+    """No options: the models' ``weight`` entries are the whole method."""
+
+
+@register
+class WeightAverage(IdentityGeometryMethod):
+    """θ = Σ_t w_t θ_t, i.e. Δ = Σ_t w_t τ_t with scale 1 (docs/method.md §2): frechet_mean."""
+
+    name = "weight_average"
+    description = "Weighted average of the fine-tuned models: θ = Σ w_t θ_t."
+    Params = WeightAverageParams
+    aggregator = "frechet_mean"
 
 
 class TaskArithmeticParams(ScaledParams):
@@ -51,21 +59,11 @@ class TaskArithmeticParams(ScaledParams):
 
 
 @register
-class TaskArithmetic(MergeMethod):
-    """Δ = Σ_t T·w_t τ_t (= Σ_t τ_t for equal weights), θ = θ0 + scale·Δ (Ilharco et al. 2023)."""
+class TaskArithmetic(IdentityGeometryMethod):
+    """Δ = Σ_t T·w_t τ_t (= Σ_t τ_t for equal weights), θ = θ0 + scale·Δ (Ilharco et al. 2023):
+    frechet_sum."""
 
     name = "task_arithmetic"
     description = "Task arithmetic: θ = θ0 + scale · Σ τ_t."
     Params = TaskArithmeticParams
-
-    def elementwise(self, params: MethodParams) -> bool:
-        return True
-
-    def linear_coefficients(self, params: MethodParams, weights: torch.Tensor) -> tuple[float, ...]:
-        return tuple(pull_weights(weights, "frechet_sum"))  # the identity geometry's pull
-
-    def merge(self, x: TensorInputs, params: MethodParams, state: Any) -> torch.Tensor:
-        # Proposition 2 case 1: B = I, c_t = τ_t, H_t = I, frechet_sum
-        return Geometry(list(x.deltas), IDENTITY).merge(x.weights, "frechet_sum")
-
-
+    aggregator = "frechet_sum"

@@ -114,6 +114,11 @@ def _isotropic(us: list[torch.Tensor], vs: list[torch.Tensor], ss: list[torch.Te
     return torch.cat(ss).mean() * (u @ v.T)
 
 
+def _sum_svd(x: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of M = Σ_t T·w_t τ_t (= Σ_t τ_t for equal weights), in float32 or float64."""
+    return torch.linalg.svd(task_sum(x).to(compute_dtype(x.deltas[0])), full_matrices=False)
+
+
 class IsoCParams(ScaledParams):
     scale: Scale = _scale_field(1.0, "1.0 is the paper's form; Marczak et al. tune it on validation.")
 
@@ -125,8 +130,7 @@ class IsoC(SubspaceMethod):
     Params = IsoCParams
 
     def merge_matrix(self, x: TensorInputs, params: IsoCParams, state: None) -> torch.Tensor:
-        total = task_sum(x).to(compute_dtype(x.deltas[0]))  # M = Σ_t τ_t
-        p, sigma, qh = torch.linalg.svd(total, full_matrices=False)
+        p, sigma, qh = _sum_svd(x)
         return (sigma.mean() * (p @ qh)).to(x.deltas[0].dtype)
 
 
@@ -159,8 +163,7 @@ class IsoCts(SubspaceMethod):
     def merge_matrix(self, x: TensorInputs, params: IsoCtsParams, state: None) -> torch.Tensor:
         dtype = compute_dtype(x.deltas[0])
         k_c, n_t = iso_cts_dims(min(x.base.shape), x.num_tasks, params.common_fraction)
-        total = task_sum(x).to(compute_dtype(x.deltas[0]))  # Σ_t τ_t
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = _sum_svd(x)
         u_c = u[:, :k_c]  # (m, k_c)
         us, vs, ss = [u_c], [vh[:k_c].T], [s[:k_c]]
         for tau in x.deltas:
