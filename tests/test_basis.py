@@ -17,7 +17,7 @@ from epimer.basis import (
     singular_coords,
     tagged_basis,
 )
-from tests.subspace_reference import materialise_b, np64, random_case, ref_basis, rel_err
+from tests.reference import materialise_b, np64, random_case, ref_basis, rel_err
 
 SETTINGS = settings(max_examples=15, deadline=None, database=None)
 

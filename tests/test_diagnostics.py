@@ -12,7 +12,7 @@ from epimer import get_method
 from epimer.curvature.metric import projected_metric
 from epimer.diagnostics import auto_scale_terms, error_bound, heterogeneity, objective
 from epimer.basis import project, tagged_basis
-from tests.subspace_reference import make_inputs, np64, random_case, ref_epimer, run
+from tests.reference import make_inputs, np64, random_case, ref_epimer, run
 
 SETTINGS = settings(max_examples=12, deadline=None, database=None)
 UNEVEN = [0.5, 0.3, 0.2]
@@ -203,7 +203,7 @@ def test_diagnose_describes_the_merge_that_was_made(fisher_rank, aggregator: str
     independently in float64 numpy (basis, rank-s or exact metrics, c*): the merged update and
     V, R, bound and kappa all agree, with uneven weights."""
     from epimer.engine import diagnose_state_dicts, merge_state_dicts
-    from tests.subspace_reference import materialise_b, ref_basis
+    from tests.reference import materialise_b, ref_basis
 
     g = torch.Generator().manual_seed(5)
     shape = (20, 16)

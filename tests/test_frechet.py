@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from epimer.frechet import IDENTITY, Dense, Diagonal, frechet_merge, pull_weights, spd_solve
-from tests.subspace_reference import (
+from tests.reference import (
     make_inputs,
     materialise_b,
     np64,

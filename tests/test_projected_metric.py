@@ -15,7 +15,7 @@ from epimer.curvature.metric import (
     top_singular,
 )
 from epimer.basis import tagged_basis
-from tests.subspace_reference import materialise_b, np64, random_case, ref_metric, rel_err
+from tests.reference import materialise_b, np64, random_case, ref_metric, rel_err
 
 
 def _basis(seed: int = 0, shape: tuple[int, int] = (12, 9), tasks: int = 3, dtype: torch.dtype = torch.float64):

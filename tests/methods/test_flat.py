@@ -26,7 +26,6 @@ from epimer.methods.base import (
     ShardedStream,
     Stream,
     TensorInputs,
-    TensorResult,
     Visitor,
 )
 from epimer.methods.ties import (
@@ -34,6 +33,8 @@ from epimer.methods.ties import (
     global_thresholds,
     kth_largest_magnitude,
 )
+from tests.reference import make_inputs
+from tests.reference import run as run_method
 
 Model = dict[str, torch.Tensor]
 Arrays = dict[str, np.ndarray]
@@ -48,24 +49,33 @@ SHAPES: dict[str, tuple[int, ...]] = {"w1": (6, 5), "b1": (5,), "w2": (3, 7), "g
 # --------------------------------------------------------------------------- harness
 
 
-def inputs_of(
-    base: Model, deltas: Sequence[Model], weights: Sequence[float] | None = None
-) -> list[TensorInputs]:
-    """One TensorInputs per tensor, as the engine builds them (weights normalised, float64)."""
-    num_tasks = len(deltas)
-    w = torch.tensor(weights if weights is not None else [1.0] * num_tasks, dtype=torch.float64)
-    w = w / w.sum()
-    return [
-        TensorInputs(
-            name=name,
-            base=b,
-            deltas=tuple(d[name] for d in deltas),
-            weights=w,
-            fishers=None,
-            kind="matrix" if b.ndim == 2 and min(b.shape) >= num_tasks else "vector",
-        )
-        for name, b in base.items()
-    ]
+def run(
+    method_name: str,
+    raw: dict[str, Any] | None,
+    base: Model,
+    deltas: Sequence[Model],
+    weights: Sequence[float] | None = None,
+    order: Sequence[str] | None = None,
+) -> Arrays:
+    """θ = θ0 + scale·Δ in float64 for every tensor, driving prepare() and merge() like the
+    engine through the one test harness (`tests.reference`). ``order`` streams the tensors
+    in another order (the result must not depend on it)."""
+    inputs = inputs_of(base, deltas, weights)
+    if order is not None:
+        by_name = {x.name: x for x in inputs}
+        inputs = [by_name[n] for n in order]
+    scale = get_method(method_name).scale(get_method(method_name).parse_params(raw))
+    out = {}
+    for x, result in zip(inputs, run_method(method_name, raw, inputs)):
+        delta = result.delta
+        assert delta.dtype == torch.float32 and delta.shape == x.base.shape
+        out[x.name] = x.base.double().numpy() + scale * delta.double().numpy()
+    return out
+
+
+def inputs_of(base: Model, deltas: Sequence[Model], weights: Sequence[float] | None = None) -> list[TensorInputs]:
+    """One TensorInputs per tensor, as the engine builds them (`tests.reference.make_inputs`)."""
+    return [make_inputs(name, [d[name] for d in deltas], None, weights, base=b) for name, b in base.items()]
 
 
 def stream_of(inputs: Sequence[TensorInputs]) -> Stream:
@@ -76,35 +86,6 @@ def stream_of(inputs: Sequence[TensorInputs]) -> Stream:
             visit(x)
 
     return stream
-
-
-def run(
-    method_name: str,
-    raw: dict[str, Any] | None,
-    base: Model,
-    deltas: Sequence[Model],
-    weights: Sequence[float] | None = None,
-    order: Sequence[str] | None = None,
-) -> Arrays:
-    """θ = θ0 + scale·Δ in float64 for every tensor, driving prepare() and merge() like the engine.
-
-    ``order`` streams the tensors in another order (the result must not depend on it).
-    """
-    method = get_method(method_name)
-    params = method.parse_params(raw)
-    inputs = inputs_of(base, deltas, weights)
-    if order is not None:
-        by_name = {x.name: x for x in inputs}
-        inputs = [by_name[n] for n in order]
-    state = method.prepare(params, stream_of(inputs))
-    scale = method.scale(params)
-    out = {}
-    for x in inputs:
-        result = method.merge(x, params, state)
-        delta = result.delta if isinstance(result, TensorResult) else result
-        assert delta.dtype == torch.float32 and delta.shape == x.base.shape
-        out[x.name] = x.base.double().numpy() + scale * delta.double().numpy()
-    return out
 
 
 def random_model(seed: int, shapes: dict[str, tuple[int, ...]]) -> tuple[Model, list[Model]]:

@@ -1,5 +1,5 @@
 """tsv_m, iso_c, iso_cts, fisher_average and epimer against the float64 references of
-tests/subspace_reference.py (B materialised, dense metrics, numpy solves), driven through
+tests/reference.py (B materialised, dense metrics, numpy solves), driven through
 prepare/merge as the engine drives them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from epimer import InputError, get_method
 from epimer.methods.base import TensorResult
 from epimer.basis import lift
-from tests.subspace_reference import (
+from tests.reference import (
     make_inputs,
     np64,
     random_case,

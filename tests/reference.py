@@ -31,8 +31,10 @@ def make_inputs(
     fishers: Sequence[torch.Tensor] | None = None,
     weights: Sequence[float] | None = None,
     kind: str | None = None,
+    base: torch.Tensor | None = None,
 ) -> TensorInputs:
-    """A TensorInputs as the engine builds it (base zero, weights normalised to sum to 1)."""
+    """A TensorInputs as the engine builds it (base zero unless given, weights normalised to
+    sum to 1)."""
     num_tasks = len(deltas)
     w = torch.tensor(weights if weights is not None else [1.0] * num_tasks, dtype=torch.float64)
     shape = deltas[0].shape
@@ -40,7 +42,7 @@ def make_inputs(
         kind = "matrix" if len(shape) == 2 and min(shape) >= num_tasks else "vector"
     return TensorInputs(
         name=name,
-        base=torch.zeros(shape, dtype=deltas[0].dtype),
+        base=torch.zeros(shape, dtype=deltas[0].dtype) if base is None else base,
         deltas=tuple(deltas),
         weights=w / w.sum(),
         fishers=tuple(fishers) if fishers is not None else None,
