@@ -36,6 +36,7 @@ from epimer.curvature.fisher import (
 )
 from epimer.io.fisher import save_fisher, tensor_fingerprints
 from epimer.cli_options import require_packages, set_threads
+from epimer.distributed import init_from_env, shutdown
 from epimer.errors import InputError
 from epimer.progress import sample_bar
 from epimer.io.outdir import ensure_writable_folder
@@ -161,41 +162,6 @@ def _batches(
         yield batch
 
 
-@dataclass(frozen=True)
-class _Dist:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def _barrier(dist_info: _Dist) -> None:
-    """All ranks meet before the group is torn down: a gloo rank that destroys its group
-    while a peer is still working can abort at exit."""
-    if dist_info.active:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _init_distributed() -> _Dist:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world_size <= 1:
-        return _Dist(0, 1, torch.device("cuda" if cuda else "cpu"))
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    return _Dist(dist.get_rank(), dist.get_world_size(), device)
-
-
 def _load_config(model_dir: Path) -> Any:
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: model folder not found")
@@ -314,7 +280,7 @@ def run_fisher(
     ensure_writable_folder(out_file.absolute().parent, "Fisher file")
     set_threads(threads)
 
-    dist_info = _init_distributed()
+    dist_info = init_from_env(cuda=True)
     try:
         model, tokenizer = _load_model(model_dir, config, dist_info.device)
         names = [n for n, p in model.named_parameters() if p.requires_grad and (pattern is None or pattern.search(n))]
@@ -340,9 +306,9 @@ def run_fisher(
                 chunk_size=chunk_size,
                 progress=lambda n: bar.advance(task, n),
             )
-        total = all_reduce_sums(local) if dist_info.active else local
+        total = all_reduce_sums(local, dist_info) if dist_info.active else local
         if dist_info.rank != 0:
-            _barrier(dist_info)  # wait for rank 0's file, so no rank leaves the group early
+            dist_info.barrier()  # wait for rank 0's file, so no rank leaves the group early
             return None
         state = model.state_dict()
         save_fisher(
@@ -361,13 +327,10 @@ def run_fisher(
                 f"wrote {out_file}: Fisher of {len(names)} tensor(s) over {total.count} sample(s) ({estimator})",
                 err=True,
             )
-        _barrier(dist_info)
+        dist_info.barrier()
         return total
     finally:
-        if dist_info.active:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown(dist_info)
 
 
 @click.command("fisher", context_settings={"help_option_names": ["-h", "--help"]})

@@ -23,10 +23,13 @@ import torch
 
 @dataclass(frozen=True)
 class Group:
-    """This process's place among the merge processes (one process: rank 0 of 1)."""
+    """This process's place among the processes torchrun started (one process: rank 0 of 1),
+    and the device its collectives run on (``cuda:LOCAL_RANK`` with NCCL, else the CPU with
+    gloo)."""
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def active(self) -> bool:
@@ -38,9 +41,9 @@ class Group:
             return t
         import torch.distributed as dist
 
-        out = t.clone()
+        out = t.to(self.device, copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return out.to(t.device)
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every process's ``obj`` (picklable), in rank order."""
@@ -92,20 +95,28 @@ def partition(sizes: Sequence[int], world_size: int) -> list[int]:
     return owner
 
 
-def init_from_env() -> Group:
+def init_from_env(cuda: bool = False) -> Group:
     """The process group torchrun describes in the environment (``WORLD_SIZE`` > 1), or
-    `SINGLE`. Merging is CPU work: the gloo backend is used even where CUDA exists."""
+    `SINGLE`. Merging is CPU work and uses gloo; ``cuda`` (Fisher estimation on GPUs) puts
+    each process on ``cuda:LOCAL_RANK`` with NCCL when CUDA is available."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = cuda and torch.cuda.is_available()
     if world_size <= 1:
-        return SINGLE
+        return Group(device=torch.device("cuda" if use_cuda else "cpu"))
     import torch.distributed as dist
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return Group(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return Group(dist.get_rank(), dist.get_world_size(), device)
 
 
 def shutdown(group: Group) -> None:
+    """Leave the process group (callers meet at `Group.barrier` first on success: a gloo rank
+    that destroys its group while a peer still works can abort at exit)."""
     if group.active:
         import torch.distributed as dist
 

@@ -452,16 +452,8 @@ def estimate_fisher(
     ).mean()
 
 
-def all_reduce_sums(local: FisherSums) -> FisherSums:
-    """Add the sums and counts of every process of the default ``torch.distributed`` group."""
-    import torch.distributed as dist
-
-    sums = {}
-    for name in sorted(local.sums):  # the same order on every rank
-        s = local.sums[name].clone()
-        dist.all_reduce(s, op=dist.ReduceOp.SUM)
-        sums[name] = s
-    device = next(iter(local.sums.values())).device
-    count = torch.tensor([local.count], dtype=torch.int64, device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+def all_reduce_sums(local: FisherSums, group: Any) -> FisherSums:
+    """Add the sums and counts of every process of ``group`` (`epimer.distributed.Group`)."""
+    sums = {name: group.all_sum(local.sums[name]) for name in sorted(local.sums)}  # one order on every rank
+    count = group.all_sum(torch.tensor([local.count], dtype=torch.int64))
     return FisherSums(sums, int(count.item()))
