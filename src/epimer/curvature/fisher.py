@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,8 @@ Forward = Callable[..., Any]
 PerSampleLoss = Callable[[Forward, Batch], torch.Tensor]
 #: Called after each batch with the number of samples it held.
 ProgressFn = Callable[[int], None]
+#: name -> (U⊥ (m, r), V⊥ (n, r)): the tagged basis of a matrix parameter.
+Bases = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 ESTIMATORS = ("empirical", "true")
 _ACCUMULATE_DTYPES = (torch.float32, torch.float64)
@@ -126,16 +128,25 @@ sequence_classification_loss = CrossEntropyLoss(logits_of=_hf_logits, additive_p
 
 @dataclass(frozen=True)
 class FisherSums:
-    """Σ_n g_n² per parameter over ``count`` samples; what ranks add up before dividing."""
+    """Σ_n g_n² per parameter over ``count`` samples, and Σ_n p_n p_nᵀ (r, r) for each
+    parameter given a basis (the projected metric's numerator); what ranks add up before
+    dividing."""
 
     sums: dict[str, torch.Tensor]
     count: int
+    projected: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def mean(self) -> dict[str, torch.Tensor]:
         """F = sums / count (eq. 9)."""
         if self.count < 1:
             raise InputError("no samples: the Fisher needs at least one sample")
         return {name: s / self.count for name, s in self.sums.items()}
+
+    def projected_mean(self) -> dict[str, torch.Tensor]:
+        """Bᵀ F_full B = (1/N) Σ_n p_n p_nᵀ per parameter with a basis (docs/method.md §3.4)."""
+        if self.count < 1:
+            raise InputError("no samples: the projected metric needs at least one sample")
+        return {name: s / self.count for name, s in self.projected.items()}
 
 
 def select_fraction(num_samples: int, fraction: float, seed: int) -> list[int]:
@@ -289,9 +300,12 @@ class _EmbeddingRows:
             self._mode, self._probes = None, {}
 
     def accumulate(
-        self, sums: dict[str, torch.Tensor], row_grads: dict[str, torch.Tensor], ids: dict[str, torch.Tensor]
+        self, sums: dict[str, torch.Tensor], row_grads: dict[str, torch.Tensor], ids: dict[str, torch.Tensor],
+        bases: Bases | None = None, projected: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """sums[v] += Σ_n (Σ_{t: ids_n[t] = v} ∂ℓ_n/∂e_n[t])² for each active embedding."""
+        """sums[v] += Σ_n (Σ_{t: ids_n[t] = v} ∂ℓ_n/∂e_n[t])² for each active embedding; with a
+        basis (U, V) for it, also projected += Σ_n p_n p_nᵀ, p_n[a] = Σ_v U[v, a] (G_n[v] · V[:, a])
+        over the rows v sample n touched (its gradient is zero elsewhere)."""
         for name, grads in row_grads.items():
             m = self.modules[name]
             acc = sums[name]
@@ -308,6 +322,13 @@ class _EmbeddingRows:
             per_sample = torch.zeros(len(uniq), dim, dtype=acc.dtype, device=acc.device)
             per_sample.index_add_(0, inverse, flat.to(acc.dtype))  # (sample, token) rows
             acc.index_add_(0, uniq % m.num_embeddings, per_sample.square())
+            if bases is not None and projected is not None and name in bases:
+                u, v = bases[name]
+                token = uniq % m.num_embeddings
+                contrib = u[token].to(acc.dtype) * (per_sample @ v.to(acc.dtype))  # (rows, r)
+                p = torch.zeros(c, u.shape[1], dtype=acc.dtype, device=acc.device)
+                p.index_add_(0, torch.div(uniq, m.num_embeddings, rounding_mode="floor"), contrib)  # (c, r)
+                projected[name] += p.T @ p
 
 
 def fisher_sums(
@@ -323,8 +344,11 @@ def fisher_sums(
     dtype: torch.dtype = torch.float32,
     sparse_embeddings: bool = True,
     progress: ProgressFn | None = None,
+    bases: Bases | None = None,
 ) -> FisherSums:
-    """Σ_n (∇_θ ℓ(x_n, y_n; θ))² over every sample of ``batches``, and the sample count.
+    """Σ_n (∇_θ ℓ(x_n, y_n; θ))² over every sample of ``batches``, and the sample count; with
+    ``bases``, also Σ_n p_n p_nᵀ with ``p_n[a] = u_aᵀ G_n v_a`` for each parameter given a
+    basis (G_n its per-sample gradient, from the same pass).
 
     See :func:`estimate_fisher`; this is its numerator, kept separate so that shards of one
     dataset (processes of a distributed run) can add their sums before dividing.
@@ -346,6 +370,15 @@ def fisher_sums(
 
     names = _chosen_parameters(model, params)
     named = dict(model.named_parameters())
+    bases = dict(bases or {})
+    for name, (u, v) in bases.items():
+        shape = tuple(named[name].shape) if name in named else None
+        if name not in names or shape is None or len(shape) != 2 or (u.shape[0], v.shape[0]) != shape \
+                or u.shape[1] != v.shape[1]:
+            raise InputError(
+                f"basis of {name!r}: U {list(u.shape)} and V {list(v.shape)} do not fit a chosen 2-D parameter "
+                f"of the model (its shape: {list(shape) if shape else 'not a chosen parameter'})"
+            )
     device = named[names[0]].device
     # Detached views: the differentiated parameters are vmap/grad inputs; the rest are constants
     # (no autograd graph is built for them).
@@ -365,6 +398,8 @@ def fisher_sums(
 
     per_sample_grads = vmap(grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, 0, None, 0))
     sums = {n: torch.zeros(p.shape, dtype=dtype, device=device) for n, p in diff.items()}
+    bases = {n: (u.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for n, (u, v) in bases.items()}
+    projected = {n: torch.zeros(u.shape[1], u.shape[1], dtype=dtype, device=device) for n, (u, _) in bases.items()}
     count = 0
     layout: tuple[Any, ...] | None = None
     was_training = model.training
@@ -395,14 +430,19 @@ def fisher_sums(
                     }
                     (grads, row_grads), ids = per_sample_grads(theta, probes, consts, chunk)
                     for n, g in grads.items():
-                        sums[n] += g.to(dtype).square().sum(dim=0)
-                    rows.accumulate(sums, row_grads, ids)
+                        g = g.to(dtype)
+                        sums[n] += g.square().sum(dim=0)
+                        if n in bases:  # p_n[a] = u_aᵀ G_n v_a: (c, m, n) -> (c, r)
+                            u, v = bases[n]
+                            p = ((g @ v) * u).sum(dim=1)  # (c, m, r) ⊙ (m, r), summed over m
+                            projected[n] += p.T @ p
+                    rows.accumulate(sums, row_grads, ids, bases, projected)
                 count += size
                 if progress is not None:
                     progress(size)
     finally:
         model.train(was_training)
-    return FisherSums(sums, count)
+    return FisherSums(sums, count, projected)
 
 
 def estimate_fisher(
@@ -455,5 +495,38 @@ def estimate_fisher(
 def all_reduce_sums(local: FisherSums, group: Any) -> FisherSums:
     """Add the sums and counts of every process of ``group`` (`epimer.distributed.Group`)."""
     sums = {name: group.all_sum(local.sums[name]) for name in sorted(local.sums)}  # one order on every rank
+    projected = {name: group.all_sum(local.projected[name]) for name in sorted(local.projected)}
     count = group.all_sum(torch.tensor([local.count], dtype=torch.int64))
-    return FisherSums(sums, int(count.item()))
+    return FisherSums(sums, int(count.item()), projected)
+
+
+def estimate_projected_metrics(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: PerSampleLoss,
+    bases: Bases,
+    *,
+    params: Iterable[str] | None = None,
+    estimator: str = "empirical",
+    seed: int = 0,
+    chunk_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """EpiMer's projected metrics (docs/method.md §3.4, ``metric: projected``) and the diagonal
+    Fisher, from one pass of per-sample gradients, for any module and per-sample loss.
+
+    For each parameter W (m, n) with a basis (U⊥ (m, r), V⊥ (n, r)) in ``bases``:
+    ``H = (1/N) Σ_n p_n p_nᵀ`` with ``p_n[a] = u_aᵀ G_n v_a``, G_n the sample's gradient; this
+    is ``Bᵀ F B`` for the full empirical Fisher ``F = (1/N) Σ_n vec(G_n) vec(G_n)ᵀ``, computed
+    without F. ``nn.Embedding`` weights use the rows each sample touches (exact).
+
+    Args: as :func:`estimate_fisher`, plus ``bases``; every parameter of ``bases`` must be
+        among ``params`` (default: every parameter that requires grad).
+    Returns:
+        (name -> (r, r) projected metric for each parameter of ``bases``, name -> diagonal F
+        of every chosen parameter), in ``dtype`` (no jitter: the merge adds it).
+    """
+    sums = fisher_sums(model, batches, loss_fn, params=params, estimator=estimator, seed=seed,
+                       chunk_size=chunk_size, dtype=dtype, progress=progress, bases=bases)
+    return sums.projected_mean(), sums.mean()
