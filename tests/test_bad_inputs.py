@@ -302,6 +302,13 @@ def _fisher_cmd(w: World, *extra: object, data: bytes | None = None) -> list[obj
     return ["fisher", "--model", model, "--data", f, "--out", w.out, "-q", *extra]
 
 
+def _basis_for(w: World) -> None:
+    """A valid basis file of the world's models, b.safetensors beside the config."""
+    cfg = w.config("epimer", {"metric": "projected"}, fisher=True, basis="b.safetensors", name="for_basis.yaml")
+    code, out = run_cli("basis", cfg, "-q")
+    assert code == 0, out
+
+
 def _missing_transformers(mp: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -450,6 +457,24 @@ CASES: list[Case] = [
          ("transformers", "pip install 'epimer[hf]'")),
     Case("fisher-threads-zero", lambda w, mp: _fisher_cmd(w, "--threads", "0"), ("--threads", "epimer fisher --help")),
     Case("merge-shard-size-word", lambda w, mp: merge_args(w, w.config(), "--shard-size", "lots"), ("lots", "2GB")),
+    # -------------------------------------------------------------- metric: projected and basis files
+    Case("config-basis-without-projected", lambda w, mp: merge_args(w, w.config("ties", basis="b.safetensors")),
+         ("c.yaml", "basis", "remove it")),
+    Case("config-projected-without-basis", lambda w, mp: merge_args(w, w.config("epimer", {"metric": "projected"},
+                                                                               fisher=True)),
+         ("c.yaml", "metric: projected needs `basis: PATH`")),
+    Case("basis-file-not-a-basis", lambda w, mp: merge_args(w, w.config("epimer", {"metric": "projected"}, fisher=True,
+                                                                       basis="task_0/model.safetensors")),
+         ("task_0/model.safetensors", "not an epimer basis file")),
+    Case("projected-metrics-missing", lambda w, mp: (_basis_for(w), merge_args(w, w.config(
+        "epimer", {"metric": "projected"}, fisher=True, basis="b.safetensors")))[1],
+        ("task_0.fisher.safetensors", "holds no projected metrics", "epimer fisher --basis")),
+    Case("basis-out-exists", lambda w, mp: ["basis", w.config("tsv_m"), "-o", w.fishers[0], "-q"],
+         ("task_0.fisher.safetensors", "already exists")),
+    Case("basis-out-is-an-input", lambda w, mp: ["basis", w.config("tsv_m"), "-o", w.base / "b.safetensors", "-q"],
+         ("lies inside the base model",)),
+    Case("fisher-basis-not-a-basis", lambda w, mp: _fisher_cmd(w, "--basis", w.fishers[0]),
+         ("task_0.fisher.safetensors", "not an epimer basis file")),
     # -------------------------------------------------------------- diagnose
     Case("diagnose-unknown-method", lambda w, mp: ["diagnose", w.config("tiess", fisher=True), "-q"], ("c.yaml", "tiess")),
     Case("diagnose-bad-parameter", lambda w, mp: ["diagnose", w.config("epimer", {"rank_fraction": 7}, fisher=True), "-q"],

@@ -131,6 +131,45 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
 
 
 @main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Basis file to write (default: the config's `basis:` path).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing basis file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@threads_option
+def basis(config: Path, out: Path | None, overwrite: bool, quiet: bool, threads: int | None) -> None:
+    """Compute the tagged bases of CONFIG's matrix tensors (docs/method.md §3.1) and write them.
+
+    The first step of EpiMer with `metric: projected`: then estimate each task's projected
+    metrics on these bases (`epimer fisher --basis FILE`) and merge. The file records the
+    models it was built from and their rank_fraction; a merge with other models refuses it.
+    """
+    from epimer.config import load_config
+    from epimer.engine import compute_bases
+    from epimer.io.bases import save_bases
+    from epimer.io.outdir import check_not_over_inputs
+    from epimer.progress import RichProgress
+
+    set_threads(threads)
+    cfg = load_config(config, before_curvature=True)
+    path = out or cfg.basis
+    if path is None:
+        raise InputError(f"{config}: give -o FILE, or a `basis:` path in the config")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name such as bases.safetensors")
+    check_not_over_inputs(path, [i for i in cfg.input_paths() if i[0] != "basis file"], "basis file")
+    with RichProgress(enabled=not quiet) as progress:
+        bases, models, rank_fraction = compute_bases(cfg, progress=progress)
+    if not bases:
+        raise InputError(f"{config}: no matrix tensor to build a basis for (every tensor is a vector tensor or excluded)")
+    save_bases(path, bases, rank_fraction=rank_fraction, models=models)
+    if not quiet:
+        click.echo(f"wrote {path}: bases of {len(bases)} matrix tensor(s) at rank_fraction {rank_fraction}", err=True)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def methods(as_json: bool) -> None:
     """List every merge method with its parameters and defaults (the maths: docs/method.md)."""

@@ -247,12 +247,15 @@ def run_fisher(
     quiet: bool = False,
     overwrite: bool = False,
     threads: int | None = None,
+    basis_file: Path | None = None,
 ) -> FisherSums | None:
     """Estimate and write the Fisher file; returns the summed result on rank 0 (None elsewhere).
 
     ``out_file`` is checked before the model is loaded: an existing file is refused unless
     ``overwrite``, its folder is created and proven writable. ``threads`` sets torch's CPU
-    threads (`set_threads`).
+    threads (`set_threads`). ``basis_file`` (`epimer basis`): also estimate the projected
+    metric of each matrix tensor of that file on its basis (``metric: projected``), stored in
+    the same file with the basis' digest.
     """
     if batch_size < 1 or max_length < 1:
         raise InputError(f"--batch-size and --max-length must be positive; got {batch_size=}, {max_length=}")
@@ -261,6 +264,11 @@ def run_fisher(
     if not 1 <= len(text_fields) <= 2:
         raise InputError(f"give one --text-field, or two for sentence pairs; got {len(text_fields)}")
     _check_out_file(out_file, overwrite, model_dir, data_file)
+    bases_file = None
+    if basis_file is not None:
+        from epimer.io.bases import open_bases
+
+        bases_file = open_bases(basis_file)
     pattern = None
     if params_regex is not None:
         try:
@@ -295,6 +303,13 @@ def run_fisher(
         with sample_bar(show) as bar:
             what = "Fisher" if not dist_info.active else f"Fisher (rank 0 of {dist_info.world_size})"
             task = bar.add_task(what, total=len(mine))
+            bases = None
+            if bases_file is not None:
+                absent = [n for n in bases_file.names if n not in names]
+                if absent:
+                    raise InputError(f"{basis_file}: basis of {absent[0]!r}, which is not among the parameters "
+                                     f"estimated from {model_dir} ({len(absent)} such); widen --params")
+                bases = {n: (b.u, b.v) for n in bases_file.names for b in [bases_file.get(n)]}
             local = fisher_sums(
                 model,
                 _batches(mine, my_labels, tokenizer, batch_size, max_length),
@@ -305,6 +320,7 @@ def run_fisher(
                 first_index=start,
                 chunk_size=chunk_size,
                 progress=lambda n: bar.advance(task, n),
+                bases=bases,
             )
         total = all_reduce_sums(local, dist_info) if dist_info.active else local
         if dist_info.rank != 0:
@@ -321,6 +337,8 @@ def run_fisher(
             model_fingerprint=combine(per_tensor := tensor_fingerprints(
                 names, lambda n: tuple(state[n].shape), tensor_blocks(state))),
             tensor_fingerprints=per_tensor,
+            projected=total.projected_mean() if bases_file is not None else None,
+            basis_digest=bases_file.digest if bases_file is not None else None,
         )
         if not quiet:
             click.echo(
@@ -354,6 +372,9 @@ def run_fisher(
               help="empirical: the data's labels (eq. 9); true: labels drawn from the model.")
 @click.option("--params", "params_regex", default=None,
               help="Only parameters whose name matches this regular expression (default: all).")
+@click.option("--basis", "basis_file", type=click.Path(path_type=Path), default=None,
+              help="Basis file of the merge (`epimer basis`): also estimate the projected metric of each of "
+                   "its matrix tensors (EpiMer's metric: projected).")
 @click.option("--chunk-size", default=8, show_default=True, type=int,
               help="Samples per vectorised gradient call; smaller uses less memory (fastest on CPU: 8-16).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -16,7 +16,16 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from epimer.errors import InputError
 
@@ -60,6 +69,8 @@ class MergeConfig(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     exclude: list[str] = Field(default_factory=list)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    basis: Path | None = Field(None, description="basis file of the matrix tensors (`epimer basis`), for "
+                               "epimer's metric: projected")
 
     @field_validator("exclude")
     @classmethod
@@ -77,14 +88,24 @@ class MergeConfig(BaseModel):
         return {} if v is None else v
 
     @model_validator(mode="after")
-    def _method_and_fishers(self) -> "MergeConfig":
+    def _method_and_fishers(self, info: ValidationInfo) -> "MergeConfig":
         """The method exists, its parameters are valid, and a run that needs Fisher files
-        (the method, or ``scale: auto``) has one for every model: checked once, here."""
+        (the method, or ``scale: auto``) has one for every model: checked once, here. With
+        the context ``{"before_curvature": True}`` (``epimer basis``, which runs before any
+        Fisher exists) the Fisher and basis requirements are not checked."""
         try:
             method = self.method_impl
             params = method.parse_params(self.parameters)
         except InputError as err:
             raise ValueError(str(err)) from None
+        if (info.context or {}).get("before_curvature"):
+            return self
+        projected = getattr(params, "metric", None) == "projected"
+        if projected and self.basis is None:
+            raise ValueError("metric: projected needs `basis: PATH`, the basis file of these models (make it with "
+                             "`epimer basis CONFIG -o PATH`, then each task's metrics with `epimer fisher --basis PATH`)")
+        if self.basis is not None and not projected:
+            raise ValueError("`basis:` is read only by method epimer with metric: projected; remove it")
         if method.requires_fisher(params):
             missing = next((m for m in self.models if m.fisher is None), None)
             if missing is not None:
@@ -131,6 +152,8 @@ class MergeConfig(BaseModel):
             items.append((f"model {i + 1}", m.model))
             if m.fisher is not None:
                 items.append((f"Fisher file of model {i + 1}", m.fisher))
+        if self.basis is not None:
+            items.append(("basis file", self.basis))
         if self._source is not None:
             items.append(("config file", self._source))
         return items
@@ -148,6 +171,7 @@ class MergeConfig(BaseModel):
 
         out = self.model_copy(
             update={
+                "basis": fix(self.basis),
                 "base_model": fix(self.base_model),
                 "models": [
                     m.model_copy(update={"model": fix(m.model), "fisher": fix(m.fisher)}) for m in self.models
@@ -186,12 +210,14 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def parse_config(data: Any, source: str = "config", root: Path | None = None) -> MergeConfig:
-    """Validate plain data (as loaded from YAML) into a MergeConfig; paths resolved against root."""
+def parse_config(data: Any, source: str = "config", root: Path | None = None,
+                 before_curvature: bool = False) -> MergeConfig:
+    """Validate plain data (as loaded from YAML) into a MergeConfig; paths resolved against root.
+    ``before_curvature``: do not ask for Fisher or basis files yet (``epimer basis``)."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping with base_model, models and method at the top level")
     try:
-        cfg = MergeConfig.model_validate(data)
+        cfg = MergeConfig.model_validate(data, context={"before_curvature": before_curvature})
     except ValidationError as err:
         raise InputError(_format_validation_error(source, err)) from None
     return cfg.resolved(root or Path.cwd())
@@ -217,8 +243,9 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a YAML merge config; any problem is an InputError naming the file."""
+def load_config(path: str | Path, *, before_curvature: bool = False) -> MergeConfig:
+    """Read and validate a YAML merge config; any problem is an InputError naming the file.
+    ``before_curvature``: see :func:`parse_config`."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -235,6 +262,6 @@ def load_config(path: str | Path) -> MergeConfig:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise InputError(f"{p}:{where}: YAML syntax error: {problem}") from None
-    cfg = parse_config(data, source=str(p), root=Path(os.path.abspath(p.parent)))
+    cfg = parse_config(data, source=str(p), root=Path(os.path.abspath(p.parent)), before_curvature=before_curvature)
     cfg._source = Path(os.path.abspath(p))
     return cfg

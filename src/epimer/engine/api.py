@@ -200,3 +200,30 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
         "tensors": {n: {"shape": shapes[n], **d} for n, d in per.items()},
         "total": total,
     }
+
+
+def compute_bases(config: MergeConfig, *, progress: ProgressSink | None = None,
+                  allow_nonfinite: bool = False) -> tuple[dict[str, Any], str, float]:
+    """The tagged bases of every merged matrix tensor of ``config`` (docs/method.md §3.1), at
+    the config's ``rank_fraction``, and the fingerprint of the models they were built from:
+    what ``epimer basis`` writes for ``metric: projected``. Returns (name -> TaggedBasis,
+    models fingerprint, rank_fraction)."""
+    from epimer.basis import tagged_basis
+    from epimer.engine.plan import matrix_names, models_fingerprint
+
+    rank_fraction = float(config.parameters.get("rank_fraction", 1.0))
+    plain = config.model_copy(update={"method": "tsv_m", "parameters": {"rank_fraction": rank_fraction},
+                                      "basis": None, "models": [m.model_copy(update={"fisher": None})
+                                                                for m in config.models]})
+    run = MergeRun(plain, allow_nonfinite=allow_nonfinite, progress=progress)
+    bases: dict[str, Any] = {}
+    try:
+        def visit(x: TensorInputs) -> None:
+            if x.kind == "matrix":
+                bases[x.name] = tagged_basis(x.deltas, rank_fraction)
+
+        run.stream(visit, "bases")
+        models = models_fingerprint(run.base, run.tasks, matrix_names(run.plan))
+    finally:
+        run.close()
+    return bases, models, rank_fraction

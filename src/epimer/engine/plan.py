@@ -171,3 +171,62 @@ def check_fishers(config: MergeConfig, plan: Sequence[TensorPlan], tasks: Sequen
 
             check_fisher(fisher.path, task.names(), lambda n, t=task: t.meta(n).shape, checkpoint_blocks(task))
 
+
+
+def models_fingerprint(base: Checkpoint, tasks: Sequence[Checkpoint], names: Sequence[str]) -> str:
+    """sha256 over every value of ``names`` in the base and each task model, in order: what a
+    basis file records, so it is used only with the models it was built from."""
+    from epimer.fingerprint import checkpoint_blocks, combine, tensor_fingerprints
+
+    per: dict[str, str] = {}
+    for i, ckpt in enumerate([base, *tasks]):
+        fps = tensor_fingerprints(names, lambda n, c=ckpt: c.meta(n).shape, checkpoint_blocks(ckpt))
+        per.update({f"{i}:{n}": fp for n, fp in fps.items()})
+    return combine(per)
+
+
+def matrix_names(plan: Sequence[TensorPlan]) -> list[str]:
+    """The merged matrix tensors of a plan: those that have a tagged basis."""
+    return [p.name for p in plan if p.action == "merge" and p.kind == "matrix"]
+
+
+def open_checked_bases(config: MergeConfig, plan: Sequence[TensorPlan], base: Checkpoint,
+                       tasks: Sequence[Checkpoint]) -> Any:
+    """The config's basis file, refused (InputError) unless it was built from these very
+    models (every value), at this rank_fraction, for every merged matrix tensor."""
+    from epimer.io.bases import open_bases
+
+    assert config.basis is not None
+    bases = open_bases(config.basis)
+    names = matrix_names(plan)
+    rank_fraction = getattr(config.params, "rank_fraction", None)
+    if rank_fraction is not None and bases.rank_fraction != rank_fraction:
+        raise InputError(f"{config.basis}: bases built with rank_fraction {bases.rank_fraction}, the config asks "
+                         f"for {rank_fraction}; make the basis file again with `epimer basis`")
+    missing = [n for n in names if n not in bases.names]
+    if missing:
+        raise InputError(f"{config.basis}: no basis for {len(missing)} matrix tensor(s), e.g. {missing[0]!r}; "
+                         "make the basis file for this config with `epimer basis`")
+    if models_fingerprint(base, tasks, names) != bases.models:
+        raise InputError(f"{config.basis}: built from other models than this config's (base and task models, in "
+                         "order); make the basis file again with `epimer basis`")
+    return bases
+
+
+def check_projected(config: MergeConfig, plan: Sequence[TensorPlan], bases: Any) -> None:
+    """Every model's Fisher file holds projected metrics of every merged matrix tensor,
+    computed on this very basis file (its digest), of the basis' rank."""
+    from epimer.io.fisher import PROJECTED, projected_names
+
+    names = matrix_names(plan)
+    for spec in config.models:
+        assert spec.fisher is not None
+        digest, have = projected_names(spec.fisher)
+        if digest != bases.digest:
+            what = "holds no projected metrics" if digest is None else "holds projected metrics of another basis"
+            raise InputError(f"{spec.fisher}: {what} (the config's basis file is {config.basis}); estimate them "
+                             f"with `epimer fisher --basis {config.basis}`")
+        absent = [n for n in names if n not in have]
+        if absent:
+            raise InputError(f"{spec.fisher}: no projected metric for {len(absent)} matrix tensor(s), e.g. "
+                             f"{absent[0]!r}{PROJECTED}; estimate them with `epimer fisher --basis {config.basis}`")

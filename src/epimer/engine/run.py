@@ -13,6 +13,8 @@ from epimer._allocator import tune_allocator
 from epimer.config import MergeConfig
 from epimer.distributed import SINGLE, Group, exact_sum, partition
 from epimer.engine.plan import (
+    check_projected,
+    open_checked_bases,
     MergeReport,
     ProgressSink,
     TensorPlan,
@@ -22,7 +24,7 @@ from epimer.engine.plan import (
 )
 from epimer.engine.stream import Unit, _scratch, _scratch_float, _unit_bytes, pipeline, units
 from epimer.errors import InputError
-from epimer.io.fisher import check_fisher_values
+from epimer.io.fisher import PROJECTED, check_fisher_values
 from epimer.io.reader import Checkpoint, open_checkpoint
 from epimer.io.writer import CheckpointWriter, PlannedTensor
 from epimer.methods.base import MergeMethod, MethodParams, ShardedStream, TensorInputs, TensorResult, linear_theta
@@ -83,8 +85,10 @@ class MergeRun:
         self.workers = max(1, torch.get_num_threads())
         if self.fishers is not None:
             check_fishers(config, self.plan, self.tasks, self.fishers, verify_fishers)
-
-    # ------------------------------------------------------------------ opening and checks
+        #: The basis file of ``metric: projected``, checked against these models and Fishers.
+        self.bases = open_checked_bases(config, self.plan, self.base, self.tasks) if config.basis else None
+        if self.bases is not None and self.fishers is not None:
+            check_projected(config, self.plan, self.bases)
 
     # ------------------------------------------------------------------ streaming
 
@@ -123,7 +127,12 @@ class MergeRun:
         fishers = None
         if self.fishers is not None:
             fishers = tuple(self._load_float(f, p.name, "Fisher", rows) for f in self.fishers)
-        return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind)
+        basis = metrics = None
+        if self.bases is not None and p.kind == "matrix":
+            basis = self.bases.get(p.name)
+            metrics = tuple(self._load_float(f, p.name + PROJECTED, "projected metric", None)
+                            for f in self.fishers or ())
+        return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind, basis, metrics)
 
     def prepare_stream(self) -> ShardedStream:
         """The stream a method's :meth:`~MergeMethod.prepare` gets (this process's share)."""
@@ -306,5 +315,7 @@ class MergeRun:
     def close(self) -> None:
         for c in [self.base, *self.tasks, *(self.fishers or [])]:
             c.close()
+        if self.bases is not None:
+            self.bases.close()
 
 

@@ -41,6 +41,8 @@ from epimer.fingerprint import tensor_fingerprints as _tensor_fingerprints
 FORMAT = "epimer-fisher"
 #: 2: the fingerprints cover every value (version 1 covered each tensor's first 1024 values).
 FORMAT_VERSION = "2"
+#: Key suffix of a projected metric (r, r) in a Fisher file.
+PROJECTED = "::projected"
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -73,11 +75,16 @@ def save_fisher(
     fraction: float,
     model_fingerprint: str,
     tensor_fingerprints: Mapping[str, str] | None = None,
+    projected: Mapping[str, torch.Tensor] | None = None,
+    basis_digest: str | None = None,
 ) -> None:
     """Write a Fisher file (float32) atomically: a temporary file beside ``path``, then a rename.
 
     ``model_fingerprint`` is ``fingerprint_tensors(model.state_dict(), names=fisher.keys())``
     of the model the Fisher was computed on; the names must be the checkpoint's names.
+    ``projected``: the (r, r) projected metrics of the matrix tensors (``metric: projected``),
+    stored as ``NAME::projected`` with the ``basis_digest`` of the basis file they were
+    computed on (metadata ``basis``).
     """
     path = Path(path)
     if not fisher:
@@ -107,22 +114,36 @@ def save_fisher(
             raise InputError(f"{path}: tensor_fingerprints lacks {len(missing)} Fisher tensor(s), e.g. {missing[0]!r}")
         metadata["tensor_fingerprints"] = json.dumps({n: tensor_fingerprints[n] for n in sorted(tensors)})
 
-    ensure_writable_folder(path.absolute().parent, "Fisher file")
+    if projected:
+        if basis_digest is None:
+            raise InputError(f"{path}: projected metrics need the digest of the basis file they were computed on")
+        for name, h in sorted(projected.items()):
+            if h.dim() != 2 or h.shape[0] != h.shape[1]:
+                raise InputError(f"{path}: projected metric of {name!r} has shape {list(h.shape)}, not (r, r)")
+            tensors[name + PROJECTED] = h.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        metadata["basis"] = basis_digest
+    write_safetensors(path, tensors, metadata, "Fisher file")
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], what: str) -> None:
+    """A safetensors file written atomically (temporary file beside it, fsync, rename), its
+    header keys in the given order (the same content gives the same bytes), with the mode the
+    umask gives a new file."""
+    ensure_writable_folder(path.absolute().parent, what)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.absolute().parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header_bytes([PlannedTensor(n, tuple(t.shape), torch.float32) for n, t in tensors.items()],
-                                 metadata))
+            f.write(header_bytes([PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], dict(metadata)))
             for t in tensors.values():
                 if t.numel():
-                    f.write(memoryview(t.reshape(-1).numpy()).cast("B"))
+                    f.write(memoryview(t.contiguous().reshape(-1).numpy()).cast("B"))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, default_mode(folder=False))
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        raise InputError(os_error_message(err, path, "Fisher file")) from None
+        raise InputError(os_error_message(err, path, what)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -197,7 +218,15 @@ def fisher_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor of a Fisher file, read from its header only."""
     path = Path(path)
     with _open(path) as f:
-        return {n: tuple(f.meta(n).shape) for n in f.names()}
+        return {n: tuple(f.meta(n).shape) for n in f.names() if not n.endswith(PROJECTED)}
+
+
+def projected_names(path: str | os.PathLike[str]) -> tuple[str | None, list[str]]:
+    """(the basis digest the file's projected metrics were computed on, or None; the tensor
+    names that have one)."""
+    path = Path(path)
+    with _open(path) as f:
+        return f.metadata.get("basis"), [n[: -len(PROJECTED)] for n in f.names() if n.endswith(PROJECTED)]
 
 
 def load_fisher_tensor(path: str | os.PathLike[str], name: str) -> torch.Tensor:

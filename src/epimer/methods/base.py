@@ -51,6 +51,10 @@ class TensorInputs:
         weights: (T,) float64 task weights summing to 1.
         fishers: F_t, float32, shape S each, or None when the config gives no Fisher files.
         kind: "matrix" (2-D, min(m, n) >= T, not excluded) or "vector" (docs/method.md §1).
+        basis: the tagged basis read from the config's basis file (matrix tensors, when the
+            config names one), else None.
+        metrics: each task's projected metric (r, r) on that basis, from its Fisher file
+            (``metric: projected``), else None.
     """
 
     name: str
@@ -59,6 +63,8 @@ class TensorInputs:
     weights: torch.Tensor
     fishers: tuple[torch.Tensor, ...] | None
     kind: TensorKind
+    basis: Any = None
+    metrics: tuple[torch.Tensor, ...] | None = None
 
     @property
     def num_tasks(self) -> int:

@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal, Union
 import torch
 from pydantic import Field
 
-from epimer.curvature.metric import ProjectedFisher
+from epimer.curvature.metric import ProjectedFisher, projected_full_metric
 from epimer.diagnostics import tensor_diagnostics
-from epimer.frechet import IDENTITY, Geometry
+from epimer.errors import InputError
+from epimer.frechet import IDENTITY, Dense, Geometry, Metric
 from epimer.methods.base import (
     ScaledParams,
     MergeMethod,
@@ -222,6 +223,12 @@ class EpimerParams(ScaledParams):
         "the tensor (tensor), so tasks weigh by curvature shape rather than loss scale; none "
         "is the paper.",
     )
+    metric: Literal["diagonal", "projected"] = Field(
+        "diagonal",
+        description="diagonal: H_t = Bᵀ diag(F_t) B from the diagonal Fisher (paper eq. 12); projected: "
+        "H_t = Bᵀ F_t B for the full empirical Fisher, (1/N) Σ_n p_n p_nᵀ with p_n[a] = u_aᵀ G_n v_a, "
+        "estimated per task on the config's basis file (`epimer basis`, `epimer fisher --basis`).",
+    )
     vector_rule: Literal["mean", "fisher"] = Field(
         "mean",
         description="Vector tensors: weighted mean Σ w_t τ_t (as TSV-M), or the diagonal "
@@ -255,18 +262,30 @@ class Epimer(SubspaceMethod):
         return (1.0,) * len(fishers)
 
     def geometry(self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
-                 ) -> tuple[Geometry, TaggedBasis, ProjectedFisher]:
+                 ) -> tuple[Geometry, TaggedBasis, Metric]:
         """The geometry merge and diagnose both solve with: tagged basis, coordinates (float64)
-        and the projected Fisher metric of each task's clamped, normalised F_t."""
+        and the metric of each task's normalised curvature (projected diagonal Fisher, or the
+        projected full Fisher estimated on the basis file's basis)."""
         fishers = require_fishers(self.name, x)
         divisors = self._divisors(fishers, params, state)
-        basis = tagged_basis(x.deltas, params.rank_fraction)
+        if params.metric == "projected":
+            if x.basis is None or x.metrics is None:
+                raise InputError(f"tensor {x.name!r}: metric: projected needs the config's basis file and each "
+                                 "model's projected metrics (`epimer fisher --basis`)")
+            basis = x.basis
+        else:
+            basis = tagged_basis(x.deltas, params.rank_fraction)
         if params.coords == "projected":
             coords = [project(basis.u, basis.v, tau) for tau in x.deltas]
         else:
             coords = [singular_coords(basis, t) for t in range(x.num_tasks)]
-        metric = ProjectedFisher(lambda t: fishers[t].clamp(min=0).div_(divisors[t]), x.num_tasks,
-                                 basis.u, basis.v, params.eps, params.fisher_rank)
+        metric: Metric
+        if params.metric == "projected":
+            assert x.metrics is not None
+            metric = Dense([projected_full_metric(h, d, params.eps) for h, d in zip(x.metrics, divisors)])
+        else:
+            metric = ProjectedFisher(lambda t: fishers[t].clamp(min=0).div_(divisors[t]), x.num_tasks,
+                                     basis.u, basis.v, params.eps, params.fisher_rank)
         geo = Geometry([c.to(torch.float64) for c in coords], metric,
                        lambda c: lift(basis.u, basis.v, c))  # U⊥ diag(c) V⊥ᵀ
         return geo, basis, metric
@@ -283,8 +302,8 @@ class Epimer(SubspaceMethod):
         geo, basis, metric = self.geometry(x, params, state)
         delta = geo.merge(x.weights, params.aggregator).to(x.deltas[0].dtype)
         info = _basis_info(basis)
-        if params.fisher_rank != "exact":
-            info["fisher_rel_err"] = metric.fisher_rel_err
+        if params.metric == "diagonal" and params.fisher_rank != "exact":
+            info["fisher_rel_err"] = metric.fisher_rel_err  # type: ignore[attr-defined]
         return TensorResult(delta, info)
 
     def diagnose(
@@ -298,5 +317,8 @@ class Epimer(SubspaceMethod):
             return {}
         geo, basis, metric = self.geometry(x, params, state)
         c = geo.solve(x.weights, params.aggregator)  # the coordinates merge() lifts
-        return {**tensor_diagnostics(geo, c, x.deltas, [metric.fisher(t) for t in range(x.num_tasks)],
-                                     basis.u, basis.v, x.weights), **_basis_info(basis)}
+        fishers = require_fishers(self.name, x)
+        divisors = self._divisors(fishers, params, state)
+        normalised = [f.clamp(min=0).div_(d) for f, d in zip(fishers, divisors)]
+        return {**tensor_diagnostics(geo, c, x.deltas, normalised, basis.u, basis.v, x.weights),
+                **_basis_info(basis)}
