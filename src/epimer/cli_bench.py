@@ -158,18 +158,25 @@ def bench() -> None:
               help="Share of each training split the Fisher uses.")
 @click.option("--rank-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="rank_fraction of TSV-M and EpiMer (matched).")
+@click.option("--epimer-metric", "epimer_metrics", multiple=True, type=click.Choice(["diagonal", "projected"]),
+              help="EpiMer metric(s) to run, repeated (default: diagonal): projected adds the projected "
+                   "full-Fisher rows.")
+@click.option("--fisher-norm", "fisher_norms", multiple=True, type=click.Choice(["none", "global", "tensor"]),
+              help="EpiMer fisher_norm(s) to run, repeated (default: all three).")
 @_threads
 @click.option("--no-plots", is_flag=True, help="Tables only.")
 @_quiet
 def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: float | None,
           max_train: int | None, fisher_fraction: float | None, rank_fraction: float | None,
+          epimer_metrics: tuple[str, ...], fisher_norms: tuple[str, ...],
           threads: int | None, no_plots: bool, quiet: bool) -> None:
     """The paper's protocol on a pretrained MiniLM and eight text tasks (writes OUT/results.md)."""
     _require("epimer bench text8", not no_plots)
     from epimer.bench.pipeline import TEXT8, config_with
 
     config = config_with(TEXT8, tasks=_tasks(tasks), seeds=tuple(range(seeds)), steps=steps, lr=lr,
-                         max_train=max_train, fisher_fraction=fisher_fraction, rank_fraction=rank_fraction)
+                         max_train=max_train, fisher_fraction=fisher_fraction, rank_fraction=rank_fraction,
+                         epimer_metrics=epimer_metrics or None, epimer_fisher_norms=fisher_norms or None)
     _run(config, out, threads, quiet, not no_plots)
 
 

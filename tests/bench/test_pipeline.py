@@ -195,6 +195,7 @@ def test_pipeline_end_to_end(tiny_model: Path, tasks: dict[str, TaskData], tmp_p
     config = BenchConfig(tasks=tuple(tasks), seeds=(0,), finetune=SETTINGS,
                          fisher=FisherSettings(fraction=0.5, batch_size=8, chunk_size=8),
                          max_val=None, max_test=None, scale_grid=(0.5, 1.5), epimer_fisher_norms=("none", "global"),
+                         epimer_metrics=("diagonal", "projected"),
                          rank_fractions=(0.25, 1.0), fisher_fractions=(0.2, 0.5), study_grid=(1.5,),
                          auto_scale=True)
     out = tmp_path / "report"
@@ -220,6 +221,7 @@ def test_pipeline_end_to_end(tiny_model: Path, tasks: dict[str, TaskData], tmp_p
 
     labels = [m["label"] for m in run["methods"]]
     assert set(available_methods()) <= set(labels) and "epimer (fisher_norm=global)" in labels
+    assert {"epimer (metric=projected)", "epimer (metric=projected, fisher_norm=global)"} <= set(labels)
     for m in run["methods"]:
         assert set(m["test"]) == set(tasks)
         assert all(0.0 <= a <= 1.0 for a in m["test"].values())

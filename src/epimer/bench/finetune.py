@@ -535,3 +535,49 @@ def task_fisher(
     save_fisher(path, fisher, num_samples=len(data), estimator=fs.estimator, seed=fs.seed, fraction=fs.fraction,
                 model_fingerprint=fingerprint_tensors(task.encoder, names=fisher.keys()))
     return fisher
+
+
+def task_projected_metrics(
+    task: TaskModel,
+    model_path: Path,
+    train: TaskData,
+    fs: FisherSettings,
+    settings: FinetuneSettings,
+    bases: Any,
+    *,
+    tokenizer: Any,
+    advance: Advance = _no_progress,
+) -> dict[str, torch.Tensor]:
+    """EpiMer's projected full-Fisher metrics (docs/method.md §3.4, ``metric: projected``) of a
+    fine-tuned encoder on ``bases`` (`epimer.engine.MemoryBases`, keys the encoder checkpoint's),
+    from the same samples and loss as :func:`task_fisher`; cached per basis digest."""
+    from epimer.curvature.fisher import estimate_projected_metrics, select_fraction
+    from epimer.io.reader import open_checkpoint
+
+    path = task.folder / f"projected-{cache_key(fs.key())}-{bases.digest[:16]}.safetensors"
+    if path.is_file():
+        with open_checkpoint(path) as ck:
+            metrics = {n: ck.get(n) for n in ck.names()}
+        advance(max(1, round(fs.fraction * len(train))))
+        return metrics
+    chosen = select_fraction(len(train), fs.fraction, fs.seed)
+    data = encode(tokenizer, train.subset(chosen), settings.max_length)
+    encoder = load_encoder(model_path, eager=True)
+    encoder.load_state_dict(task.encoder, strict=True)
+    model = PooledClassifier(encoder, task.head)
+    names = [n for n, _ in _trainable(encoder, settings)]
+
+    def batches() -> Any:
+        for idx in data.by_length(fs.batch_size):
+            yield {**data.batch(idx), "labels": data.labels[idx]}
+
+    wanted = {f"encoder.{n}": (b.u, b.v) for n in bases.names for b in [bases.get(n)] if n in names}
+    projected, _ = estimate_projected_metrics(model, batches(), _pooled_head_loss(), wanted,
+                                              params=[f"encoder.{n}" for n in names], estimator=fs.estimator,
+                                              seed=fs.seed, chunk_size=fs.chunk_size, progress=advance)
+    metrics = {n[len("encoder."):]: h for n, h in projected.items()}
+    from epimer.io.fisher import write_safetensors
+
+    write_safetensors(path, {n: metrics[n].float().contiguous() for n in sorted(metrics)},
+                      {"format": "epimer-projected-cache", "basis": bases.digest}, "projected metric cache")
+    return metrics

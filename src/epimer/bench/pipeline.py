@@ -52,9 +52,11 @@ from epimer.bench.finetune import (
     load_encoder,
     load_tokenizer,
     task_fisher,
+    task_projected_metrics,
     task_model,
 )
-from epimer.engine import merge_updates
+from epimer.engine import bases_of_state_dicts, merge_updates
+from epimer.io.fisher import PROJECTED
 from epimer.engine.run import scaled_update
 from epimer.errors import InputError
 from epimer.methods.base import ScaledParams
@@ -86,6 +88,8 @@ class BenchConfig:
             EpiMer compared at matched rank).
         methods: method names to run (None: every registered method).
         epimer_fisher_norms: EpiMer is run once per ``fisher_norm`` in this list.
+        epimer_metrics: ... and per ``metric`` in this list (``diagonal``: eq. 12; ``projected``:
+            the projected full Fisher, estimated per task on the merge's tagged bases).
         auto_scale: also score ``scale: auto`` (docs/method.md §6) on validation and test; its value is
             reported for every method with a scale either way. Off by default: scoring costs
             two more evaluation passes per method.
@@ -111,6 +115,7 @@ class BenchConfig:
     rank_fraction: float = 1.0
     methods: tuple[str, ...] | None = None
     epimer_fisher_norms: tuple[str, ...] = FISHER_NORMS
+    epimer_metrics: tuple[str, ...] = ("diagonal",)
     auto_scale: bool = False
     eval_batch_size: int = 64
     study_seeds: int = 1
@@ -133,6 +138,9 @@ class BenchConfig:
         bad = [n for n in self.epimer_fisher_norms if n not in FISHER_NORMS]
         if bad:
             raise InputError(f"unknown fisher_norm {bad}; valid: {', '.join(FISHER_NORMS)}")
+        bad = [m for m in self.epimer_metrics if m not in ("diagonal", "projected")]
+        if bad or not self.epimer_metrics:
+            raise InputError(f"epimer_metrics must hold 'diagonal' and/or 'projected'; got {list(self.epimer_metrics)}")
 
     @property
     def grid(self) -> list[float]:
@@ -193,8 +201,14 @@ def method_specs(config: BenchConfig) -> list[MethodSpec]:
             params["rank_fraction"] = config.rank_fraction
         variants: list[tuple[str, dict[str, Any]]] = [(name, params)]
         if "fisher_norm" in fields:
-            variants = [(name if norm == "none" else f"{name} (fisher_norm={norm})", {**params, "fisher_norm": norm})
-                        for norm in config.epimer_fisher_norms]
+            variants = []
+            for metric in config.epimer_metrics:
+                for norm in config.epimer_fisher_norms:
+                    tags = [f"metric={metric}"] if metric != "diagonal" else []
+                    tags += [f"fisher_norm={norm}"] if norm != "none" else []
+                    label = f"{name} ({', '.join(tags)})" if tags else name
+                    variants.append((label, {**params, "fisher_norm": norm,
+                                             **({"metric": metric} if metric != "diagonal" else {})}))
         for label, p in variants:
             needs = method.requires_fisher(method.parse_params(p))
             specs.append(MethodSpec(label, name, p, issubclass(method.Params, ScaledParams), needs))
@@ -279,6 +293,9 @@ class _SeedContext:
     splits: dict[str, Splits]
     model_path: Path
     tokenizer: Any
+    seed: int = 0
+    #: metric: projected: the merge's tagged bases and each task's metrics on them (made once)
+    projected: dict[str, Any] = field(default_factory=dict)
 
 
 def _prepare_seed(
@@ -324,7 +341,7 @@ def _prepare_seed(
     }
     evaluator = Evaluator(load_encoder(model_path), batch_size=config.eval_batch_size)
     heads = {m.task: m.head for m in models}
-    return _SeedContext(base, models, fishers, heads, val, test, evaluator, splits, model_path, tokenizer), info
+    return _SeedContext(base, models, fishers, heads, val, test, evaluator, splits, model_path, tokenizer, seed), info
 
 
 def _fishers(
@@ -338,6 +355,27 @@ def _fishers(
             fishers.append(task_fisher(m, model_path, splits[m.task].train, fs, ft, tokenizer=tokenizer,
                                        advance=advance))
     return fishers
+
+
+def _projected(ctx: _SeedContext, config: BenchConfig, exclude: list[str], progress: Progress
+               ) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+    """The merge's tagged bases (at the config's rank_fraction) and each task's projected
+    full-Fisher metrics on them (docs/method.md §3.4), computed once per seed."""
+    key = f"rank {config.rank_fraction}, fisher {cache_key(config.fisher.key())}"
+    if key not in ctx.projected:
+        models = [m.encoder for m in ctx.models]
+        bases = bases_of_state_dicts(ctx.base, models, config.rank_fraction, exclude=exclude)
+        total = sum(max(1, round(config.fisher.fraction * len(ctx.splits[m.task].train))) for m in ctx.models)
+        metrics = []
+        label = f"seed {ctx.seed}: Fisher, projected on the merge's bases ({config.fisher.fraction:g} of the training texts)"
+        with progress.stage(label, total) as advance:
+            for i, m in enumerate(ctx.models, start=1):
+                with progress.task(m.task, i, len(ctx.models)):
+                    metrics.append(task_projected_metrics(m, ctx.model_path, ctx.splits[m.task].train, config.fisher,
+                                                          config.finetune, bases, tokenizer=ctx.tokenizer,
+                                                          advance=advance))
+        ctx.projected[key] = (bases, metrics)
+    return ctx.projected[key]
 
 
 def _score(ctx: _SeedContext, state: StateDict, split: str) -> dict[str, float]:
@@ -362,7 +400,12 @@ def _run_method(
     params = {**spec.params, **({"scale": 1.0} if spec.has_scale else {})}
     start = time.perf_counter()
     # Δ and the data-free scale from the engine itself: θ0 + s·Δ is the merge at scale s
-    delta, s_auto = merge_updates(ctx.base, models, spec.method, params, fishers=ctx.fishers, exclude=exclude)
+    fishers, bases = ctx.fishers, None
+    if spec.params.get("metric") == "projected":
+        bases, metrics = _projected(ctx, config, exclude, progress)
+        fishers = [{**f, **{n + PROJECTED: h for n, h in m.items()}} for f, m in zip(ctx.fishers, metrics)]
+    delta, s_auto = merge_updates(ctx.base, models, spec.method, params, fishers=fishers, exclude=exclude,
+                                  bases=bases)
     merge_seconds = time.perf_counter() - start
     wrong = [k for k, v in delta.items() if v.shape != ctx.base[k].shape]
     if wrong:

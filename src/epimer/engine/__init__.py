@@ -11,12 +11,14 @@ memory does not grow with the model at all.
 
 from __future__ import annotations
 
-from epimer.engine.api import compute_bases, diagnose, diagnose_state_dicts, merge_state_dicts, merge_to_folder, merge_updates
+from epimer.engine.api import MemoryBases, bases_of_state_dicts, compute_bases, diagnose, diagnose_state_dicts, merge_state_dicts, merge_to_folder, merge_updates
 from epimer.engine.output import check_output, model_card, write_merge
 from epimer.engine.plan import MergeReport, ProgressSink, TensorPlan
 from epimer.engine.run import MergeRun
 
 __all__ = [
+    "MemoryBases",
+    "bases_of_state_dicts",
     "MergeReport",
     "MergeRun",
     "ProgressSink",

@@ -44,6 +44,26 @@ def merge_to_folder(
         run.close()
 
 
+class MemoryBases:
+    """Tagged bases held in memory (name -> `epimer.basis.TaggedBasis`), for the Python API of
+    ``metric: projected``: what a basis file gives the engine."""
+
+    def __init__(self, bases: dict[str, Any]) -> None:
+        from epimer.io.bases import basis_digest
+
+        self._bases = dict(bases)
+        self.names = tuple(sorted(self._bases))
+        self.digest = basis_digest(self._bases)
+
+    def get(self, name: str) -> Any:
+        if name not in self._bases:
+            raise InputError(f"<bases>: no basis for tensor {name!r}")
+        return self._bases[name]
+
+    def close(self) -> None:
+        pass
+
+
 def _in_memory(
     base: dict[str, torch.Tensor],
     models: list[dict[str, torch.Tensor]],
@@ -54,6 +74,7 @@ def _in_memory(
     exclude: list[str] | None,
     dtype: str | None,
     source: str,
+    bases: MemoryBases | None = None,
 ) -> tuple[MergeConfig, tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None]]:
     """The config and checkpoints of a merge of in-memory state dicts."""
     specs = [
@@ -63,7 +84,7 @@ def _in_memory(
     ]
     cfg = parse_config(
         {"base_model": "<base>", "models": specs, "method": method, "parameters": parameters or {},
-         "exclude": exclude or [], "dtype": dtype},
+         "exclude": exclude or [], "dtype": dtype, **({"basis": "<bases>"} if bases is not None else {})},
         source=source,
     )
     cks = (
@@ -107,14 +128,16 @@ def merge_updates(
     weights: list[float] | None = None,
     fishers: list[dict[str, torch.Tensor]] | None = None,
     exclude: list[str] | None = None,
+    bases: MemoryBases | None = None,
 ) -> tuple[dict[str, torch.Tensor], float | None]:
     """The method's update Δ (float32, before the scale) of every merged tensor, and the
     data-free ``scale: auto`` when Fisher dicts are given (None otherwise, or where Δ has no
     curvature): the merge at any scale s is ``θ0 + s·Δ`` (`epimer.engine.run.scaled_update`),
     so a scale sweep needs one merge. The same engine, checks and maths as ``epimer merge``
-    (``parameters``' own ``scale`` is ignored here)."""
-    cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, None, "merge_updates")
-    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
+    (``parameters``' own ``scale`` is ignored here). ``bases``: the tagged bases of
+    ``metric: projected``, each Fisher dict then holding ``NAME::projected`` metrics on them."""
+    cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, None, "merge_updates", bases)
+    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False, bases=bases)
     if fishers and run.fishers is None:  # the method reads no Fisher: open them for the scale terms
         run.fishers = cks[2]
         check_fishers(cfg, run.plan, run.tasks, run.fishers, verify=False)
@@ -227,3 +250,30 @@ def compute_bases(config: MergeConfig, *, progress: ProgressSink | None = None,
     finally:
         run.close()
     return bases, models, rank_fraction
+
+
+def bases_of_state_dicts(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    rank_fraction: float = 1.0,
+    *,
+    exclude: list[str] | None = None,
+) -> MemoryBases:
+    """The tagged bases of every merged matrix tensor of in-memory state dicts (what
+    ``epimer basis`` computes from files)."""
+    from epimer.basis import tagged_basis
+
+    cfg, cks = _in_memory(base, models, "tsv_m", {"rank_fraction": rank_fraction}, None, None, exclude, None,
+                          "bases_of_state_dicts")
+    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
+    bases: dict[str, Any] = {}
+
+    def visit(x: TensorInputs) -> None:
+        if x.kind == "matrix":
+            bases[x.name] = tagged_basis(x.deltas, rank_fraction)
+
+    try:
+        run.stream(visit, "bases")
+    finally:
+        run.close()
+    return MemoryBases(bases)

@@ -49,6 +49,8 @@ class MergeRun:
             fingerprint). Only in-memory Fisher dicts, which carry no fingerprint, skip it.
         group: the merge processes (torchrun); this one streams and yields only the tensors
             it owns (`epimer.distributed.partition`, balanced by bytes read).
+        bases: in-memory tagged bases (`MemoryBases`) for ``metric: projected`` instead of the
+            config's basis file.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class MergeRun:
         checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
         verify_fishers: bool = True,
         group: Group = SINGLE,
+        bases: Any = None,
     ) -> None:
         tune_allocator()  # streaming reuses block buffers: keep freed memory for reuse
         self.config = config
@@ -86,9 +89,11 @@ class MergeRun:
         if self.fishers is not None:
             check_fishers(config, self.plan, self.tasks, self.fishers, verify_fishers)
         #: The basis file of ``metric: projected``, checked against these models and Fishers.
-        self.bases = open_checked_bases(config, self.plan, self.base, self.tasks) if config.basis else None
-        if self.bases is not None and self.fishers is not None:
-            check_projected(config, self.plan, self.bases)
+        self.bases = bases  # in-memory bases (Python API): the caller vouches for them
+        if self.bases is None and config.basis is not None:
+            self.bases = open_checked_bases(config, self.plan, self.base, self.tasks)
+            if self.fishers is not None:
+                check_projected(config, self.plan, self.bases)
 
     # ------------------------------------------------------------------ streaming
 
