@@ -442,7 +442,7 @@ def _run_method(
 
 # A method's row costs a merge and a scale sweep of forward passes, so rows are cached too: an
 # interrupted run resumes at the first method it had not finished.
-ROW_VERSION = 1
+ROW_VERSION = 2  # 2: epimer with an integer fisher_rank solves with per-task metrics; projected rows
 
 
 def _row_key(config: BenchConfig, seed: int, ctx: _SeedContext, spec: MethodSpec) -> str:
