@@ -489,6 +489,26 @@ def fisher_path(task: TaskModel, fs: FisherSettings) -> Path:
     return task.folder / f"fisher-{cache_key(fs.key())}.safetensors"
 
 
+def _curvature_setup(task: TaskModel, model_path: Path, train: TaskData, fs: FisherSettings,
+                     settings: FinetuneSettings, tokenizer: Any) -> tuple[Any, list[str], Any, int]:
+    """What a curvature pass over a fine-tuned encoder needs: the pooled classifier, the
+    encoder's trainable parameter names, a batch generator of the chosen training texts
+    (a seeded ``fs.fraction`` of them) and their count."""
+    from epimer.curvature.fisher import select_fraction
+
+    chosen = select_fraction(len(train), fs.fraction, fs.seed)
+    data = encode(tokenizer, train.subset(chosen), settings.max_length)
+    encoder = load_encoder(model_path, eager=True)
+    encoder.load_state_dict(task.encoder, strict=True)
+    names = [n for n, _ in _trainable(encoder, settings)]
+
+    def batches() -> Any:
+        for idx in data.by_length(fs.batch_size):
+            yield {**data.batch(idx), "labels": data.labels[idx]}
+
+    return PooledClassifier(encoder, task.head), names, batches, len(data)
+
+
 def task_fisher(
     task: TaskModel,
     model_path: Path,
@@ -510,7 +530,7 @@ def task_fisher(
     Args:
         advance: called with the number of texts of each batch done.
     """
-    from epimer.curvature.fisher import estimate_fisher, select_fraction
+    from epimer.curvature.fisher import estimate_fisher
     from epimer.io.fisher import load_fisher, save_fisher
 
     path = fisher_path(task, fs)
@@ -518,21 +538,12 @@ def task_fisher(
         fisher = load_fisher(path)
         advance(max(1, round(fs.fraction * len(train))))
         return fisher
-    chosen = select_fraction(len(train), fs.fraction, fs.seed)
-    data = encode(tokenizer, train.subset(chosen), settings.max_length)
-    encoder = load_encoder(model_path, eager=True)
-    encoder.load_state_dict(task.encoder, strict=True)
-    model = PooledClassifier(encoder, task.head)
-    names = [n for n, _ in _trainable(encoder, settings)]
-
-    def batches() -> Any:
-        for idx in data.by_length(fs.batch_size):
-            yield {**data.batch(idx), "labels": data.labels[idx]}
+    model, names, batches, count = _curvature_setup(task, model_path, train, fs, settings, tokenizer)
 
     raw = estimate_fisher(model, batches(), _pooled_head_loss(), params=[f"encoder.{n}" for n in names],
                           estimator=fs.estimator, seed=fs.seed, chunk_size=fs.chunk_size, progress=advance)
     fisher = {n: raw[f"encoder.{n}"] for n in names}
-    save_fisher(path, fisher, num_samples=len(data), estimator=fs.estimator, seed=fs.seed, fraction=fs.fraction,
+    save_fisher(path, fisher, num_samples=count, estimator=fs.estimator, seed=fs.seed, fraction=fs.fraction,
                 model_fingerprint=fingerprint_tensors(task.encoder, names=fisher.keys()))
     return fisher
 
@@ -551,7 +562,7 @@ def task_projected_metrics(
     """EpiMer's projected full-Fisher metrics (docs/method.md §3.4, ``metric: projected``) of a
     fine-tuned encoder on ``bases`` (`epimer.engine.MemoryBases`, keys the encoder checkpoint's),
     from the same samples and loss as :func:`task_fisher`; cached per basis digest."""
-    from epimer.curvature.fisher import estimate_projected_metrics, select_fraction
+    from epimer.curvature.fisher import estimate_projected_metrics
     from epimer.io.reader import open_checkpoint
 
     path = task.folder / f"projected-{cache_key(fs.key())}-{bases.digest[:16]}.safetensors"
@@ -560,16 +571,7 @@ def task_projected_metrics(
             metrics = {n: ck.get(n) for n in ck.names()}
         advance(max(1, round(fs.fraction * len(train))))
         return metrics
-    chosen = select_fraction(len(train), fs.fraction, fs.seed)
-    data = encode(tokenizer, train.subset(chosen), settings.max_length)
-    encoder = load_encoder(model_path, eager=True)
-    encoder.load_state_dict(task.encoder, strict=True)
-    model = PooledClassifier(encoder, task.head)
-    names = [n for n, _ in _trainable(encoder, settings)]
-
-    def batches() -> Any:
-        for idx in data.by_length(fs.batch_size):
-            yield {**data.batch(idx), "labels": data.labels[idx]}
+    model, names, batches, count = _curvature_setup(task, model_path, train, fs, settings, tokenizer)
 
     wanted = {f"encoder.{n}": (b.u, b.v) for n in bases.names for b in [bases.get(n)] if n in names}
     projected, _ = estimate_projected_metrics(model, batches(), _pooled_head_loss(), wanted,

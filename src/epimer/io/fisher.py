@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from epimer.curvature.fisher import ESTIMATORS
 from epimer.errors import InputError
-from epimer.io.outdir import default_mode, ensure_writable_folder, os_error_message
+from epimer.io.outdir import ensure_writable_folder, write_atomic
 from epimer.io.reader import SafetensorsCheckpoint, open_checkpoint
 from epimer.io.writer import PlannedTensor, header_bytes
 from epimer.fingerprint import BlocksOf, ShapeOf, combine
@@ -130,23 +130,14 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     header keys in the given order (the same content gives the same bytes), with the mode the
     umask gives a new file."""
     ensure_writable_folder(path.absolute().parent, what)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.absolute().parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header_bytes([PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], dict(metadata)))
-            for t in tensors.values():
-                if t.numel():
-                    f.write(memoryview(t.contiguous().reshape(-1).numpy()).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_mode(folder=False))
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise InputError(os_error_message(err, path, what)) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(f: BinaryIO) -> None:
+        f.write(header_bytes([PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], dict(metadata)))
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).numpy()).cast("B"))
+
+    write_atomic(path, write, what)
 
 
 def _open(path: Path) -> SafetensorsCheckpoint:

@@ -27,9 +27,10 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from epimer.errors import InputError
 
@@ -227,13 +228,16 @@ def exchange(new: Path, out: Path) -> None:
     os.rmdir(old)
 
 
-def write_text_atomic(path: Path, text: str, what: str) -> None:
-    """Write a small text file through a hidden temporary file and a rename, with the mode
-    the umask gives a new file (never the 0600 of a temporary file)."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], what: str) -> None:
+    """Write a file through a hidden temporary file beside it (``write`` fills it), fsync and a
+    rename, with the mode the umask gives a new file (never the 0600 of a temporary file).
+    An OSError (disk full, read-only) is an InputError naming ``path``; nothing is left."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:_NAME_KEEP]}.", suffix=".tmp", dir=path.absolute().parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, default_mode(folder=False))
         os.replace(tmp, path)
     except OSError as err:
@@ -242,3 +246,8 @@ def write_text_atomic(path: Path, text: str, what: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str, what: str) -> None:
+    """A small UTF-8 text file, written as :func:`write_atomic` does."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), what)
