@@ -229,13 +229,13 @@ class ProjectedFisher(Metric):
         return spd_solve(lhs, rhs)
 
 
-def projected_full_metric(h: torch.Tensor, divisor: float, eps: float) -> torch.Tensor:
-    """``H_t = Bᵀ F_t B / d_t + eps · (tr/r) · I`` from an estimated projected metric (r, r),
+def projected_full_metric(h: torch.Tensor, divisor: float, damping: float) -> torch.Tensor:
+    """``H_t = Bᵀ F_t B / d_t + damping · (tr/r) · I`` from an estimated projected metric (r, r),
     ``metric: projected`` (docs/method.md §3.4): symmetrised, normalised by the task's Fisher
-    divisor, with jitter relative to the mean eigenvalue (eps itself for a zero metric), in
+    divisor, damped relative to the mean eigenvalue (``damping`` itself for a zero metric), in
     float64."""
     h = h.to(torch.float64)
     h = (h + h.T) / (2 * divisor)
     mean = float(h.trace()) / h.shape[0]
-    h.diagonal().add_(eps * mean if mean > 0 else eps)
+    h.diagonal().add_(damping * mean if mean > 0 else damping)
     return h

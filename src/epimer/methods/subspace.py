@@ -229,6 +229,14 @@ class EpimerParams(ScaledParams):
         "H_t = Bᵀ F_t B for the full empirical Fisher, (1/N) Σ_n p_n p_nᵀ with p_n[a] = u_aᵀ G_n v_a, "
         "estimated per task on the config's basis file (`epimer basis`, `epimer fisher --basis`).",
     )
+    damping: float = Field(
+        1e-3,
+        gt=0,
+        description="metric: projected only: H_t + damping·(tr H_t / r)·I. The projected full Fisher of N "
+        "samples has rank <= N, and near-parallel low-rank task metrics make the solve ill-conditioned: "
+        "on the demo's MiniLM tasks (N < r) damping 1e-6 wrecked the merge, 1e-4..1 restored it and "
+        "1e-4..1e-2 scored best on validation (docs/performance.md).",
+    )
     vector_rule: Literal["mean", "fisher"] = Field(
         "mean",
         description="Vector tensors: weighted mean Σ w_t τ_t (as TSV-M), or the diagonal "
@@ -282,7 +290,7 @@ class Epimer(SubspaceMethod):
         metric: Metric
         if params.metric == "projected":
             assert x.metrics is not None
-            metric = Dense([projected_full_metric(h, d, params.eps) for h, d in zip(x.metrics, divisors)])
+            metric = Dense([projected_full_metric(h, d, params.damping) for h, d in zip(x.metrics, divisors)])
         else:
             metric = ProjectedFisher(lambda t: fishers[t].clamp(min=0).div_(divisors[t]), x.num_tasks,
                                      basis.u, basis.v, params.eps, params.fisher_rank)
