@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-sizes", default="8,16,32", help="comma-separated Fisher chunk sizes")
     parser.add_argument("--dense-chunk-size", type=int, default=8,
                         help="chunk size of the dense-embedding variant (0: skip it)")
+    parser.add_argument("--projected", default="1.0,0.25",
+                        help="comma-separated rank_fractions of the projected-metric variants (every encoder "
+                             "matrix gets a random orthonormal basis of r = rank_fraction·min(m, n); empty: skip)")
     parser.add_argument("--out", default=None, help="markdown file to write the table to")
     args = parser.parse_args(argv)
 
@@ -115,6 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     for c in (int(x) for x in args.chunk_sizes.split(",")):
         variants[f"Fisher, chunk_size={c}"] = fisher(c)
+    def projected(chunk: int, rank_fraction: float) -> Callable[[], None]:
+        from epimer.basis import polar
+
+        g = torch.Generator().manual_seed(1)
+        bases = {}
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and ".encoder." in f".{n}":
+                r = max(1, int(rank_fraction * min(p.shape)))
+                bases[n] = (polar(torch.randn(p.shape[0], r, generator=g)), polar(torch.randn(p.shape[1], r, generator=g)))
+
+        def run() -> None:
+            fisher_sums(model, [batch], sequence_classification_loss, chunk_size=chunk, bases=bases)
+
+        return run
+
+    for rf in (float(x) for x in args.projected.split(",") if x):
+        variants[f"Fisher + projected metrics (rank_fraction {rf:g}), chunk_size=8"] = projected(8, rf)
     if args.dense_chunk_size:
         # Reference point: every parameter through vmap, embeddings as dense per-sample gradients.
         variants[f"Fisher, chunk_size={args.dense_chunk_size}, dense embeddings"] = fisher(args.dense_chunk_size, False)
@@ -129,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in wall.items()}
     train = min((k for k in variants if k.startswith("training")), key=med.__getitem__)
-    fisher_name = min((k for k in variants if k.startswith("Fisher") and "dense" not in k), key=med.__getitem__)
+    fisher_name = min((k for k in variants if k.startswith("Fisher") and "dense" not in k and "projected" not in k),
+                      key=med.__getitem__)
     # On a shared machine the load drifts; a ratio of the two runs of one repeat (seconds apart)
     # is steadier than a ratio of medians, and CPU time ignores time spent descheduled.
     paired = statistics.median(t / f for t, f in zip(wall[train], wall[fisher_name]))
@@ -167,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         f"**{paired:.2f}** (median of per-repeat ratios, wall time); {by_cpu:.2f} by CPU time.",
         "",
     ]
+    for name in (k for k in variants if "projected" in k):
+        ratio = statistics.median(t / f for t, f in zip(wall[train], wall[name]))
+        lines.append(f"Ratio of samples/s, {name!r} / {train!r} (target >= 0.5): **{ratio:.2f}**.")
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.out:
