@@ -32,6 +32,7 @@ from epimer.io.fisher import (
     tensor_fingerprints,
 )
 from epimer.errors import InputError
+from epimer.io.reader import open_checkpoint
 from epimer.fingerprint import checkpoint_blocks, fingerprint_tensors, tensor_blocks
 
 transformers = pytest.importorskip("transformers")
@@ -483,9 +484,28 @@ def test_cli_bad_input_one_line_exit_2(hf_task, tmp_path, case, needle):
 
 
 @pytest.mark.slow
+def _random_basis_file(path, model) -> None:
+    """A basis file for two of the model's matrices (random orthonormal bases)."""
+    from epimer.basis import TaggedBasis, polar
+    from epimer.io.bases import save_bases
+
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    bases = {}
+    for name in ("bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"):
+        m, n = params[name].shape
+        r = min(m, n)
+        bases[name] = TaggedBasis(u=polar(torch.randn(m, r, generator=g)), v=polar(torch.randn(n, r, generator=g)),
+                                  s=torch.ones(r), owner=torch.arange(r) % 2, k=r // 2)
+    save_bases(path, bases, rank_fraction=1.0, models="test")
+
+
 def test_torchrun_two_processes_match_single(hf_task, tmp_path):
+    """Two processes give the single process's Fisher and projected metrics (--basis)."""
+    basis = tmp_path / "bases.safetensors"
+    _random_basis_file(basis, tiny_bert())
     common = ["--model", hf_task["model"], "--data", hf_task["data"], "--batch-size", "8", "--max-length", "16",
-              "--fraction", "0.9", "--seed", "1", "--quiet"]
+              "--fraction", "0.9", "--seed", "1", "--quiet", "--basis", basis]
     single = tmp_path / "single.safetensors"
     assert run_cli(*common, "--out", single).exit_code == 0
     double = tmp_path / "double.safetensors"
@@ -506,6 +526,13 @@ def test_torchrun_two_processes_match_single(hf_task, tmp_path):
     assert load_fisher_meta(double).num_samples == load_fisher_meta(single).num_samples == 45
     assert load_fisher_meta(double).fingerprint == load_fisher_meta(single).fingerprint
     assert_dicts_close(load_fisher(double), load_fisher(single), rtol=1e-4, atol=1e-9)
+    from epimer.io.fisher import PROJECTED, projected_names
+
+    assert projected_names(double) == projected_names(single)
+    with open_checkpoint(single) as a, open_checkpoint(double) as b:
+        names = [n for n in a.names() if n.endswith(PROJECTED)]
+        assert len(names) == 2
+        assert_dicts_close({n: b.get(n) for n in names}, {n: a.get(n) for n in names}, rtol=1e-4, atol=1e-9)
 
 
 def test_cli_fisher_files_drop_into_a_merge_config(hf_task, tmp_path):
