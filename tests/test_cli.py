@@ -199,6 +199,7 @@ def _big_models(root: Path, n_tensors: int = 24, size: int = 640) -> tuple[Path,
     return bp, tasks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_merge_leaves_no_output(tmp_path: Path, sig: int) -> None:
     base, tasks = _big_models(tmp_path / "m")
