@@ -469,6 +469,11 @@ CASES: list[Case] = [
     Case("projected-metrics-missing", lambda w, mp: (_basis_for(w), merge_args(w, w.config(
         "epimer", {"metric": "projected"}, fisher=True, basis="b.safetensors")))[1],
         ("task_0.fisher.safetensors", "holds no projected metrics", "epimer fisher --basis")),
+    Case("config-damping-zero", lambda w, mp: merge_args(w, w.config("epimer", {"metric": "projected", "damping": 0},
+                                                                    fisher=True, basis="b.safetensors")),
+         ("c.yaml", "damping", "greater than 0")),
+    Case("config-metric-unknown", lambda w, mp: merge_args(w, w.config("epimer", {"metric": "full"}, fisher=True)),
+         ("c.yaml", "metric", "'diagonal'", "'projected'")),
     Case("basis-out-exists", lambda w, mp: ["basis", w.config("tsv_m"), "-o", w.fishers[0], "-q"],
          ("task_0.fisher.safetensors", "already exists")),
     Case("basis-out-is-an-input", lambda w, mp: ["basis", w.config("tsv_m"), "-o", w.base / "b.safetensors", "-q"],

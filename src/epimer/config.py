@@ -45,7 +45,8 @@ class ModelSpec(BaseModel):
 
     model: Path
     weight: float = Field(1.0, gt=0, description="relative task weight, normalised over tasks")
-    fisher: Path | None = Field(None, description="diagonal Fisher file (docs/method.md §4)")
+    fisher: Path | None = Field(None, description="Fisher file (docs/method.md §4), with projected metrics for "
+                                 "epimer's metric: projected (§3.4)")
 
     @model_validator(mode="before")
     @classmethod
