@@ -95,6 +95,11 @@ def _in_memory(
     return cfg, cks
 
 
+def _joined(parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Whole tensors from the row blocks the engine streams (in order) for each name."""
+    return {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
+
+
 def merge_state_dicts(
     base: dict[str, torch.Tensor],
     models: list[dict[str, torch.Tensor]],
@@ -116,7 +121,7 @@ def merge_state_dicts(
     with tempfile.TemporaryDirectory() as tmp, closing(run.tensors(Path(tmp))) as merged:
         for name, t in merged:  # large tensors come in row blocks
             parts.setdefault(name, []).append(t)
-    return {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
+    return _joined(parts)
 
 
 def merge_updates(
@@ -151,7 +156,7 @@ def merge_updates(
                 terms.append(ab)
     finally:
         run.close()
-    deltas = {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in parts.items()}
+    deltas = _joined(parts)
     scale = None
     if terms:
         try:

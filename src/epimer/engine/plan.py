@@ -15,7 +15,6 @@ from epimer.io.reader import Checkpoint, open_checkpoint
 from epimer.methods.base import TensorKind
 from epimer.progress import ProgressSink
 
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2}
 
 
