@@ -33,7 +33,7 @@ def threads_option(f: Any) -> Any:
     return click.option(
         "--threads", type=click.IntRange(min=1), default=None,
         help="CPU threads for the maths (default: all cores). On a machine busy with other work, "
-             "fewer threads than cores avoids oversubscription (SVD merges can slow 5-10x).",
+             "fewer threads than cores avoids oversubscription (SVD merges were seen to slow 5-10x).",
     )(f)
 
 
