@@ -85,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--projected", default="1.0,0.25",
                         help="comma-separated rank_fractions of the projected-metric variants (every encoder "
                              "matrix gets a random orthonormal basis of r = rank_fraction·min(m, n); empty: skip)")
+    parser.add_argument("--vmap-linear", action="store_true",
+                        help="also run each projected variant with linear layers through vmap (the path before "
+                             "linear probes: dense per-sample gradients, then projected)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", default=None, help="markdown file to write the table to")
     args = parser.parse_args(argv)
 
     from epimer.curvature.fisher import fisher_sums, sequence_classification_loss
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     model = build_model("eager")
     batch = make_batch(args.batch, args.length, model.config.vocab_size)
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for c in (int(x) for x in args.chunk_sizes.split(",")):
         variants[f"Fisher, chunk_size={c}"] = fisher(c)
-    def projected(chunk: int, rank_fraction: float) -> Callable[[], None]:
+    def projected(chunk: int, rank_fraction: float, probes: bool = True) -> Callable[[], None]:
         from epimer.basis import polar
 
         g = torch.Generator().manual_seed(1)
@@ -129,12 +135,16 @@ def main(argv: list[str] | None = None) -> int:
                 bases[n] = (polar(torch.randn(p.shape[0], r, generator=g)), polar(torch.randn(p.shape[1], r, generator=g)))
 
         def run() -> None:
-            fisher_sums(model, [batch], sequence_classification_loss, chunk_size=chunk, bases=bases)
+            fisher_sums(model, [batch], sequence_classification_loss, chunk_size=chunk, bases=bases,
+                        linear_probes=probes)
 
         return run
 
     for rf in (float(x) for x in args.projected.split(",") if x):
         variants[f"Fisher + projected metrics (rank_fraction {rf:g}), chunk_size=8"] = projected(8, rf)
+        if args.vmap_linear:
+            variants[f"Fisher + projected metrics (rank_fraction {rf:g}), chunk_size=8, linear layers through vmap"] = \
+                projected(8, rf, probes=False)
     if args.dense_chunk_size:
         # Reference point: every parameter through vmap, embeddings as dense per-sample gradients.
         variants[f"Fisher, chunk_size={args.dense_chunk_size}, dense embeddings"] = fisher(args.dense_chunk_size, False)

@@ -10,7 +10,6 @@ per row (validation and test accuracy averaged over tasks, the worst task, the c
 """
 import sys, time, json
 from dataclasses import replace
-from pathlib import Path
 import torch
 torch.set_num_threads(2)
 import epimer.bench.pipeline as P

@@ -309,6 +309,20 @@ def _basis_for(w: World) -> None:
     assert code == 0, out
 
 
+def _data_config(w: World, *, data: str = "train.jsonl", raw: bytes | None = None, fisher: bool = False,
+                 method: str = "epimer", **extra: object) -> Path:
+    """A config whose models name their training data (the merge estimates their curvature);
+    the task folders get a sequence classifier's config.json (all the data checks read)."""
+    transformers = pytest.importorskip("transformers")
+    for t in w.tasks:
+        transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8, num_labels=2).save_pretrained(t)
+    (w.work / "train.jsonl").write_bytes(raw if raw is not None else b'{"text": "good", "label": 1}\n')
+    models = [{"model": t.name, "data": data, **({"fisher": f.name} if fisher else {})}
+              for t, f in zip(w.tasks, w.fishers)]
+    return w.config(method, models=models, **extra)
+
+
 def _missing_transformers(mp: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -480,6 +494,35 @@ CASES: list[Case] = [
          ("lies inside the base model",)),
     Case("fisher-basis-not-a-basis", lambda w, mp: _fisher_cmd(w, "--basis", w.fishers[0]),
          ("task_0.fisher.safetensors", "not an epimer basis file")),
+    # -------------------------------------------------------------- `data:`: the merge estimates curvature
+    Case("merge-data-missing", lambda w, mp: merge_args(w, _data_config(w, data="nope.jsonl")), ("nope.jsonl",)),
+    Case("merge-data-not-utf8", lambda w, mp: merge_args(w, _data_config(w, raw=b"\xff\xfe{")),
+         ("train.jsonl",)),
+    Case("merge-data-and-fisher", lambda w, mp: merge_args(w, _data_config(w, fisher=True)),
+         ("c.yaml", "task_0", "not both")),
+    Case("merge-data-for-a-flat-method", lambda w, mp: merge_args(w, _data_config(w, method="task_arithmetic")),
+         ("c.yaml", "`data:` is read only", "remove it")),
+    Case("merge-curvature-typo", lambda w, mp: merge_args(w, _data_config(w, curvature={"fracton": 0.5})),
+         ("c.yaml", "curvature.fracton", "did you mean 'fraction'")),
+    Case("merge-curvature-fraction-zero", lambda w, mp: merge_args(w, _data_config(w, curvature={"fraction": 0})),
+         ("c.yaml", "curvature.fraction")),
+    Case("merge-curvature-without-data", lambda w, mp: merge_args(w, w.config("epimer", fisher=True,
+                                                                             curvature={"fraction": 0.5})),
+         ("c.yaml", "no model has `data:`")),
+    Case("merge-data-model-not-a-classifier", lambda w, mp: (cfg := _data_config(w), (w.tasks[1] / "config.json")
+                                                             .write_text('{"model_type": "toy"}'), merge_args(w, cfg))[2],
+         ("task_1",)),
+    Case("merge-data-weights-not-the-classifier", lambda w, mp: merge_args(w, _data_config(w)),
+         ("task_0", "is not a tensor of its checkpoint")),
+    Case("merge-data-needs-transformers", lambda w, mp: (_missing_transformers(mp), merge_args(w, _data_config(w)))[1],
+         ("transformers", "pip install 'epimer[hf]'")),
+    Case("merge-curvature-dir-is-a-file", lambda w, mp: merge_args(w, _data_config(w), "--curvature-dir", w.fishers[0]),
+         ("task_0.fisher.safetensors", "is a file")),
+    Case("merge-curvature-dir-in-the-base", lambda w, mp: merge_args(w, _data_config(w), "--curvature-dir",
+                                                                     w.base / "curv"), ("--curvature-dir", "base")),
+    Case("merge-curvature-dir-without-data", lambda w, mp: merge_args(w, w.config("epimer", fisher=True),
+                                                                      "--curvature-dir", w.root / "curv"),
+         ("c.yaml", "--curvature-dir", "no model has it")),
     # -------------------------------------------------------------- diagnose
     Case("diagnose-unknown-method", lambda w, mp: ["diagnose", w.config("tiess", fisher=True), "-q"], ("c.yaml", "tiess")),
     Case("diagnose-bad-parameter", lambda w, mp: ["diagnose", w.config("epimer", {"rank_fraction": 7}, fisher=True), "-q"],

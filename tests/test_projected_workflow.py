@@ -156,3 +156,82 @@ def test_projected_metric_needs_a_basis_file(setup, tmp_path) -> None:
     p.write_text(yaml.safe_dump(cfg))
     code, out = cli("merge", p, "-o", tmp_path / "out", "-q")
     assert code == 2 and "basis" in out and "epimer basis" in out, out
+
+
+# ------------------------------------------------------------------ one command: `data:` in the config
+
+def _data_config(setup, name: str, **extra) -> Path:
+    cfg = yaml.safe_load(setup["cfg"].read_text())
+    del cfg["basis"]
+    for m in cfg["models"]:
+        m["data"] = "train.jsonl"
+        del m["fisher"]
+    cfg["curvature"] = {"batch_size": 8, "max_length": 8}
+    cfg.update(extra)
+    p = setup["root"] / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_one_command_equals_the_three_steps(setup, tmp_path) -> None:
+    """`data:` on each model: the merge runs `epimer basis` and `epimer fisher --basis` itself
+    and gives the same model as the steps run by hand (the module's fixture), and records the
+    config that names the data."""
+    root = setup["root"]
+    code, out = cli("merge", setup["cfg"], "-o", tmp_path / "steps", "-q")
+    assert code == 0, out
+    cfg = _data_config(setup, "data.yaml")
+    code, out = cli("merge", cfg, "-o", tmp_path / "one", "-q", "--curvature-dir", tmp_path / "curv")
+    assert code == 0, out
+    want, got = open_checkpoint(tmp_path / "steps"), open_checkpoint(tmp_path / "one")
+    assert sorted(want.names()) == sorted(got.names())
+    for k in want.names():
+        assert torch.equal(want.get(k), got.get(k)), k
+    kept = sorted(p.name for p in (tmp_path / "curv").iterdir())
+    assert kept == ["01-task_0.fisher.safetensors", "02-task_1.fisher.safetensors", "03-task_2.fisher.safetensors",
+                    "basis.safetensors"]
+    recorded = yaml.safe_load((tmp_path / "one" / "merge_config.yaml").read_text())
+    assert [m["data"] for m in recorded["models"]] == [str(Path("..") / ".." / root.name / "train.jsonl")] * 3
+    assert "basis" not in recorded and all("fisher" not in m for m in recorded["models"])
+    assert "estimated in the merge" in (tmp_path / "one" / "README.md").read_text()
+    # without --curvature-dir nothing is left beside OUT
+    code, out = cli("merge", cfg, "-o", tmp_path / "two", "-q")
+    assert code == 0, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curv", "one", "steps", "two"]
+    # and diagnose runs the same pass
+    code, out = cli("diagnose", cfg, "-q")
+    assert code == 0 and "kappa" in out, out
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"models": [{"model": "task_0", "data": "train.jsonl", "fisher": "task_0.fisher.safetensors"},
+                 {"model": "task_1", "data": "train.jsonl"}]}, ["task_0", "not both"]),
+    ({"method": "ties", "parameters": {}}, ["`data:` is read only", "remove it"]),
+    ({"models": [{"model": "task_0", "data": "train.jsonl"}, {"model": "task_1"}]}, ["task_1", "data: PATH"]),
+    ({"models": [{"model": "task_0", "data": "train.jsonl"},
+                 {"model": "task_1", "fisher": "task_1.fisher.safetensors"}]}, ["basis: PATH", "on every model"]),
+    ({"curvature": {"batch_size": 0}}, ["curvature.batch_size"]),
+    ({"curvature": {"fracton": 0.5}}, ["did you mean 'fraction'"]),
+    ({"curvature": {"text_fields": ["a", "b", "c"]}}, ["curvature.text_fields"]),
+])
+def test_bad_data_configs_are_refused(setup, tmp_path, change, words) -> None:
+    cfg = _data_config(setup, "bad.yaml", **change)
+    before = sorted(p.name for p in setup["root"].iterdir())
+    code, out = cli("merge", cfg, "-o", tmp_path / "out", "-q")
+    assert code == 2, out
+    assert all(w in out for w in words), out
+    assert out.strip().count("\n") == 0 and "Traceback" not in out
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+    assert sorted(p.name for p in setup["root"].iterdir()) == before
+
+
+def test_curvature_without_data_and_curvature_dir_without_data_are_refused(setup, tmp_path) -> None:
+    cfg = yaml.safe_load(setup["cfg"].read_text())
+    cfg["curvature"] = {"fraction": 0.5}
+    p = setup["root"] / "curv_only.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    code, out = cli("merge", p, "-o", tmp_path / "out", "-q")
+    assert code == 2 and "no model has `data:`" in out, out
+    code, out = cli("merge", setup["cfg"], "-o", tmp_path / "out", "-q", "--curvature-dir", tmp_path / "c")
+    assert code == 2 and "--curvature-dir" in out, out
+    assert not list(tmp_path.iterdir())

@@ -94,10 +94,13 @@ def parse_size(text: str) -> int:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--strict", is_flag=True, help="Refuse task models holding tensors the base lacks (default: warn).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of refusing.")
+@click.option("--curvature-dir", type=click.Path(path_type=Path), default=None,
+              help="Models with `data:`: keep the basis and Fisher files the merge estimates in this folder "
+                   "(default: a temporary folder, removed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @threads_option
 def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, strict: bool,
-          allow_nonfinite: bool, quiet: bool, threads: int | None) -> None:
+          allow_nonfinite: bool, curvature_dir: Path | None, quiet: bool, threads: int | None) -> None:
     """Merge the models of CONFIG (YAML) into the folder OUT.
 
     OUT is built under a hidden name beside it and renamed into place when complete. OUT may
@@ -113,9 +116,17 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
     from epimer.engine import merge_to_folder
     from epimer.progress import RichProgress
 
+    from epimer.cli_curvature import estimates_curvature
+
     set_threads(threads)
     cfg = load_config(config)
     size = parse_size(shard_size) if shard_size else None
+    if estimates_curvature(cfg):
+        _merge_with_curvature(cfg, out, size, overwrite, strict, allow_nonfinite, curvature_dir, quiet, threads)
+        return
+    if curvature_dir is not None:
+        raise InputError(f"{config}: --curvature-dir keeps the files of the curvature pass, which runs only for "
+                         "models given `data:`; no model has it")
     group = init_from_env()
     quiet = quiet or group.rank != 0  # one progress bar and one summary: rank 0's
     try:
@@ -128,6 +139,31 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
         click.echo(f"scale: auto -> {report.scale_auto:.6g}", err=True)
     if not quiet:
         click.echo(f"merged {len(cfg.models)} model(s) with {cfg.method} into {out}", err=True)
+
+
+def _merge_with_curvature(cfg: Any, out: Path, size: int | None, overwrite: bool, strict: bool,
+                          allow_nonfinite: bool, curvature_dir: Path | None, quiet: bool, threads: int | None) -> None:
+    """``epimer merge`` of a config whose models name their data: the curvature pass, then the
+    merge; OUT records the config as written (data, not the pass's files)."""
+    from epimer.cli_curvature import curvature_folder, with_estimated_curvature
+    from epimer.engine import merge_to_folder
+    from epimer.engine.output import check_output
+    from epimer.io.outdir import check_not_over_inputs
+    from epimer.progress import RichProgress
+
+    out = check_output(out, cfg, overwrite)  # refuse before hours of curvature estimation
+    if curvature_dir is not None:
+        check_not_over_inputs(curvature_dir, [*cfg.input_paths(), ("output folder", out)], "--curvature-dir")
+    with curvature_folder(curvature_dir, out) as folder:
+        estimated = with_estimated_curvature(cfg, folder, threads=threads, quiet=quiet, overwrite=overwrite)
+        with RichProgress(enabled=not quiet) as progress:
+            report = merge_to_folder(estimated, out, shard_size=size, overwrite=overwrite, strict=strict,
+                                     allow_nonfinite=allow_nonfinite, progress=progress, record=cfg)
+    if report.scale_auto is not None:
+        click.echo(f"scale: auto -> {report.scale_auto:.6g}", err=True)
+    if not quiet:
+        kept = f"; curvature files in {curvature_dir}" if curvature_dir is not None else ""
+        click.echo(f"merged {len(cfg.models)} model(s) with {cfg.method} into {out}{kept}", err=True)
 
 
 @main.command()
@@ -226,6 +262,7 @@ def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bo
     from rich.console import Console
     from rich.table import Table
 
+    from epimer.cli_curvature import curvature_folder, estimates_curvature, with_estimated_curvature
     from epimer.config import load_config
     from epimer.engine import diagnose as run_diagnose
     from epimer.progress import RichProgress
@@ -239,8 +276,14 @@ def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bo
             raise InputError(f"{json_path}: --json is a folder; give a file name such as diagnostics.json")
         check_not_over_inputs(json_path, cfg.input_paths(), "--json file")
         ensure_writable_folder(json_path.absolute().parent, "--json file")
-    with RichProgress(enabled=not quiet) as progress:
-        result = run_diagnose(cfg, progress=progress, allow_nonfinite=allow_nonfinite)
+    if estimates_curvature(cfg):  # models with `data:`: the curvature pass first, into a temporary folder
+        with curvature_folder(None, None) as folder:
+            estimated = with_estimated_curvature(cfg, folder, threads=threads, quiet=quiet)
+            with RichProgress(enabled=not quiet) as progress:
+                result = run_diagnose(estimated, progress=progress, allow_nonfinite=allow_nonfinite)
+    else:
+        with RichProgress(enabled=not quiet) as progress:
+            result = run_diagnose(cfg, progress=progress, allow_nonfinite=allow_nonfinite)
     if json_path is not None:
         write_text_atomic(json_path, json.dumps(result, indent=2) + "\n", "--json file")
     table = Table(title=f"EpiMer diagnostics of {config} (worst tensors by kappa first)", title_justify="left")

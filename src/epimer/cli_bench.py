@@ -163,20 +163,25 @@ def bench() -> None:
                    "full-Fisher rows.")
 @click.option("--fisher-norm", "fisher_norms", multiple=True, type=click.Choice(["none", "global", "tensor"]),
               help="EpiMer fisher_norm(s) to run, repeated (default: all three).")
+@click.option("--study-seeds", type=click.IntRange(min=0), default=None,
+              help="Run the rank sweep and the Fisher data study on the first N seeds (default 1; 0: none).")
+@click.option("--study-metric", type=click.Choice(["diagonal", "projected"]), default=None,
+              help="EpiMer's metric in the studies (default: diagonal).")
 @_threads
 @click.option("--no-plots", is_flag=True, help="Tables only.")
 @_quiet
 def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: float | None,
           max_train: int | None, fisher_fraction: float | None, rank_fraction: float | None,
-          epimer_metrics: tuple[str, ...], fisher_norms: tuple[str, ...],
-          threads: int | None, no_plots: bool, quiet: bool) -> None:
+          epimer_metrics: tuple[str, ...], fisher_norms: tuple[str, ...], study_seeds: int | None,
+          study_metric: str | None, threads: int | None, no_plots: bool, quiet: bool) -> None:
     """The paper's protocol on a pretrained MiniLM and eight text tasks (writes OUT/results.md)."""
     _require("epimer bench text8", not no_plots)
     from epimer.bench.pipeline import TEXT8, config_with
 
     config = config_with(TEXT8, tasks=_tasks(tasks), seeds=tuple(range(seeds)), steps=steps, lr=lr,
                          max_train=max_train, fisher_fraction=fisher_fraction, rank_fraction=rank_fraction,
-                         epimer_metrics=epimer_metrics or None, epimer_fisher_norms=fisher_norms or None)
+                         epimer_metrics=epimer_metrics or None, epimer_fisher_norms=fisher_norms or None,
+                         study_seeds=study_seeds, study_metric=study_metric)
     _run(config, out, threads, quiet, not no_plots)
 
 

@@ -230,6 +230,26 @@ def _check_out_file(out_file: Path, overwrite: bool, model_dir: Path, data_file:
         raise InputError(f"{out_file}: already exists; pass --overwrite to replace it, or choose another --out")
 
 
+def read_fisher_inputs(
+    model_dir: Path, data_file: Path, text_fields: Sequence[str], label_field: str, estimator: str,
+    fraction: float, seed: int,
+) -> tuple[Any, list[Any], list[int], list[int] | None]:
+    """Everything about a Fisher pass's inputs that can be checked without the weights: the
+    model's config (a sequence classifier), the data's records, the samples chosen and their
+    label ids (``estimator="empirical"``). Raises InputError naming the file."""
+    config = _load_config(model_dir)
+    records = read_records(data_file, text_fields, label_field if estimator == "empirical" else None)
+    indices = select_fraction(len(records), fraction, seed)
+    labels = None
+    if estimator == "empirical":
+        label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+        labels = [
+            label_id(records[i].label, label2id, config.num_labels, f"{data_file}:{records[i].line}")
+            for i in indices
+        ]
+    return config, records, indices, labels
+
+
 def run_fisher(
     model_dir: Path,
     data_file: Path,
@@ -275,16 +295,8 @@ def run_fisher(
             pattern = re.compile(params_regex)
         except re.error as e:
             raise InputError(f"--params {params_regex!r} is not a regular expression ({e})") from None
-    config = _load_config(model_dir)
-    records = read_records(data_file, text_fields, label_field if estimator == "empirical" else None)
-    indices = select_fraction(len(records), fraction, seed)
-    labels = None
-    if estimator == "empirical":
-        label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
-        labels = [
-            label_id(records[i].label, label2id, config.num_labels, f"{data_file}:{records[i].line}")
-            for i in indices
-        ]
+    config, records, indices, labels = read_fisher_inputs(model_dir, data_file, text_fields, label_field,
+                                                          estimator, fraction, seed)
     ensure_writable_folder(out_file.absolute().parent, "Fisher file")
     set_threads(threads)
 

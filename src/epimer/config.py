@@ -47,6 +47,8 @@ class ModelSpec(BaseModel):
     weight: float = Field(1.0, gt=0, description="relative task weight, normalised over tasks")
     fisher: Path | None = Field(None, description="Fisher file (docs/method.md §4), with projected metrics for "
                                  "epimer's metric: projected (§3.4)")
+    data: Path | None = Field(None, description="training samples (.jsonl or .csv) of this task: the merge "
+                               "estimates the model's curvature itself (see `curvature:`) instead of a Fisher file")
 
     @model_validator(mode="before")
     @classmethod
@@ -57,6 +59,23 @@ class ModelSpec(BaseModel):
         if not isinstance(v, dict):
             raise ValueError(f"expected a path or a mapping such as {{model: PATH, weight: 1.0}}, got {v!r}")
         return v
+
+
+class CurvatureSpec(BaseModel):
+    """How a merge estimates curvature itself from each model's ``data:`` (what `epimer fisher`
+    does from its options; the same defaults)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    fraction: float = Field(1.0, gt=0, le=1, description="share of each data file used (a seeded shuffle's prefix)")
+    seed: int = Field(0, description="seeds the shuffle and the true-Fisher labels")
+    batch_size: int = Field(32, ge=1, description="samples tokenised and run together")
+    max_length: int = Field(128, ge=1, description="tokens kept per sample")
+    estimator: Literal["empirical", "true"] = "empirical"
+    text_fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1, max_length=2,
+                                   description="field(s) holding the text; two for sentence pairs")
+    label_field: str = "label"
+    chunk_size: int = Field(8, ge=1, description="samples per vectorised gradient call")
 
 
 class MergeConfig(BaseModel):
@@ -72,6 +91,8 @@ class MergeConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     basis: Path | None = Field(None, description="basis file of the matrix tensors (`epimer basis`), for "
                                "epimer's metric: projected")
+    curvature: CurvatureSpec | None = Field(None, description="options of the curvature pass a merge runs itself "
+                                            "for models given `data:`")
 
     @field_validator("exclude")
     @classmethod
@@ -99,20 +120,32 @@ class MergeConfig(BaseModel):
             params = method.parse_params(self.parameters)
         except InputError as err:
             raise ValueError(str(err)) from None
+        both = next((m for m in self.models if m.fisher is not None and m.data is not None), None)
+        if both is not None:
+            raise ValueError(f"model {both.model}: give `fisher:` (a Fisher file) or `data:` (estimate it in the "
+                             "merge), not both")
+        with_data = [m for m in self.models if m.data is not None]
+        if with_data and not method.requires_fisher(params):
+            raise ValueError(f"model {with_data[0].model}: `data:` is read only by a merge that needs curvature "
+                             f"(method {self.method!r} with these parameters does not); remove it")
+        if self.curvature is not None and not with_data:
+            raise ValueError("`curvature:` sets up the curvature pass of models given `data:`, and no model has "
+                             "`data:`; remove it")
         if (info.context or {}).get("before_curvature"):
             return self
-        projected = getattr(params, "metric", None) == "projected"
-        if projected and self.basis is None:
-            raise ValueError("metric: projected needs `basis: PATH`, the basis file of these models (make it with "
-                             "`epimer basis CONFIG -o PATH`, then each task's metrics with `epimer fisher --basis PATH`)")
-        if self.basis is not None and not projected:
-            raise ValueError("`basis:` is read only by method epimer with metric: projected; remove it")
         if method.requires_fisher(params):
-            missing = next((m for m in self.models if m.fisher is None), None)
+            missing = next((m for m in self.models if m.fisher is None and m.data is None), None)
             if missing is not None:
                 why = f"method {self.method!r}" if method.needs_fisher else "scale: auto"
-                raise ValueError(f"model {missing.model}: {why} needs a Fisher file for every model; add "
-                                 "`fisher: PATH` (estimate one with `epimer fisher`)")
+                raise ValueError(f"model {missing.model}: {why} needs a Fisher file for every model; add `fisher: "
+                                 "PATH` (estimate one with `epimer fisher`) or `data: PATH` (the merge estimates it)")
+        projected = getattr(params, "metric", None) == "projected"
+        if projected and self.basis is None and len(with_data) < len(self.models):
+            raise ValueError("metric: projected needs `basis: PATH`, the basis file of these models (make it with "
+                             "`epimer basis CONFIG -o PATH`, then each task's metrics with `epimer fisher --basis "
+                             "PATH`), or `data:` on every model so that the merge estimates both itself")
+        if self.basis is not None and not projected:
+            raise ValueError("`basis:` is read only by method epimer with metric: projected; remove it")
         return self
 
     @property
@@ -153,6 +186,8 @@ class MergeConfig(BaseModel):
             items.append((f"model {i + 1}", m.model))
             if m.fisher is not None:
                 items.append((f"Fisher file of model {i + 1}", m.fisher))
+            if m.data is not None:
+                items.append((f"data of model {i + 1}", m.data))
         if self.basis is not None:
             items.append(("basis file", self.basis))
         if self._source is not None:
@@ -175,7 +210,8 @@ class MergeConfig(BaseModel):
                 "basis": fix(self.basis),
                 "base_model": fix(self.base_model),
                 "models": [
-                    m.model_copy(update={"model": fix(m.model), "fisher": fix(m.fisher)}) for m in self.models
+                    m.model_copy(update={"model": fix(m.model), "fisher": fix(m.fisher), "data": fix(m.data)})
+                    for m in self.models
                 ],
             }
         )
@@ -207,7 +243,7 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    model = ModelSpec if "models" in loc else MergeConfig
+    model = ModelSpec if "models" in loc else CurvatureSpec if "curvature" in loc else MergeConfig
     return list(model.model_fields)
 
 

@@ -177,9 +177,9 @@ def test_sparse_embedding_rows_match_loop(mode):
     assert float(ref["emb.weight"][0].abs().max()) == 0.0 or mode in ("tied", "outside")
     # The row path is taken exactly where it is exact: not for a tied weight, a module called
     # twice, or a weight also used outside its module.
-    from epimer.curvature.fisher import _EmbeddingRows
+    from epimer.curvature.fisher import _Probes
 
-    rows = _EmbeddingRows(model, [n for n, _ in model.named_parameters()])
+    rows = _Probes(model, [n for n, _ in model.named_parameters()], linears=False)
     with rows:
         rows.discover(model, cross_entropy_loss, {"ids": ids[0], "labels": labels[0]})
     assert rows.active == (["emb.weight", "pos.weight"] if mode == "plain" else ["pos.weight"])

@@ -14,6 +14,7 @@ from epimer.basis import polar
 from epimer.curvature.fisher import (
     cross_entropy_loss,
     estimate_projected_metrics,
+    fisher_sums,
     sequence_classification_loss,
 )
 
@@ -45,6 +46,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
+def _both_paths(model, batches, loss_fn, bases, probed: set[str], chunk_size: int):
+    """The projected metrics and diagonal Fisher with linear layers probed (the fast path),
+    after checking that exactly ``probed`` took the probe path and that the vmap path (linear
+    weights through torch.func) gives the same diagonal Fisher and metrics."""
+    fast = fisher_sums(model, batches, loss_fn, dtype=torch.float64, chunk_size=chunk_size, bases=bases)
+    slow = fisher_sums(model, batches, loss_fn, dtype=torch.float64, chunk_size=chunk_size, bases=bases,
+                       linear_probes=False)
+    assert set(fast.probed) == probed
+    assert not {n for n in slow.probed if "embed" not in n and not n.startswith("emb")}
+    for n in fast.sums:
+        assert torch.allclose(fast.sums[n], slow.sums[n], rtol=1e-10, atol=1e-300), n
+    for n in bases:
+        assert _rel(fast.projected[n], slow.projected[n]) < 1e-10, n
+    return fast.projected_mean(), fast.mean()
+
+
 class Custom(nn.Module):
     """Not a transformers model: an embedding, a linear layer and a bare 2-D parameter."""
 
@@ -65,8 +82,7 @@ def test_custom_module_linear_embedding_and_bare_matrix() -> None:
     g = torch.Generator().manual_seed(1)
     batch = {"ids": torch.randint(0, 11, (9, 4), generator=g), "labels": torch.randint(0, 3, (9,), generator=g)}
     bases = {"emb.weight": _basis((11, 6), 4, 2), "mix": _basis((6, 5), 3, 3), "out.weight": _basis((3, 5), 3, 4)}
-    got, diag = estimate_projected_metrics(model, [batch], cross_entropy_loss, bases, chunk_size=4,
-                                           dtype=torch.float64)
+    got, diag = _both_paths(model, [batch], cross_entropy_loss, bases, {"emb.weight", "out.weight"}, 4)
     samples = [{k: v[i] for k, v in batch.items()} for i in range(9)]
 
     def loss_of(m, s):
@@ -95,8 +111,10 @@ def test_tiny_bert_classifier() -> None:
              "bert.encoder.layer.0.intermediate.dense.weight", "classifier.weight"]
     params = dict(model.named_parameters())
     bases = {n: _basis(tuple(params[n].shape), 3, i) for i, n in enumerate(names)}
-    got, _ = estimate_projected_metrics(model, [batch], sequence_classification_loss, bases, chunk_size=3,
-                                        dtype=torch.float64)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    probed = {f"{n}.weight" for n in linears} | {n for n, _ in model.named_parameters() if "embeddings." in n
+                                                  and n.endswith("_embeddings.weight")}
+    got, _ = _both_paths(model, [batch], sequence_classification_loss, bases, probed, 3)
     samples = [{k: v[i] for k, v in batch.items()} for i in range(6)]
 
     def loss_of(m, s):
@@ -115,20 +133,24 @@ def _lm_loss(forward, sample):
     return nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
 
 
-def test_tiny_llama_causal_lm() -> None:
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_llama_causal_lm(tied: bool) -> None:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                                   tie_word_embeddings=False, attn_implementation="eager")
+                                   tie_word_embeddings=tied, attn_implementation="eager")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).double().eval()
     g = torch.Generator().manual_seed(6)
     batch = {"input_ids": torch.randint(0, 30, (5, 6), generator=g)}
     names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.layers.0.mlp.down_proj.weight", "lm_head.weight"]
+             "model.layers.0.mlp.down_proj.weight"] + ([] if tied else ["lm_head.weight"])
     params = dict(model.named_parameters())
     bases = {n: _basis(tuple(params[n].shape), 3, 10 + i) for i, n in enumerate(names)}
-    got, _ = estimate_projected_metrics(model, [batch], _lm_loss, bases, chunk_size=2, dtype=torch.float64)
+    # A tied embedding / output matrix reaches the loss twice: it takes the vmap path.
+    probed = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    probed |= set() if tied else {"lm_head.weight", "model.embed_tokens.weight"}
+    got, _ = _both_paths(model, [batch], _lm_loss, bases, probed, 2)
     samples = [{"input_ids": batch["input_ids"][i]} for i in range(5)]
     want = _explicit(model, samples, lambda m, s: _lm_loss(m, s), bases)
     for n in names:

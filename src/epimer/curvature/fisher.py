@@ -135,6 +135,9 @@ class FisherSums:
     sums: dict[str, torch.Tensor]
     count: int
     projected: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: parameters whose per-sample gradients came from their module's input and output
+    #: gradient (`_Probes`) rather than from vmap, in at least one batch
+    probed: tuple[str, ...] = ()
 
     def mean(self) -> dict[str, torch.Tensor]:
         """F = sums / count (eq. 9)."""
@@ -205,34 +208,41 @@ def _batch_size(batch: Batch) -> int:
     return next(iter(sizes.values()))
 
 
-class _EmbeddingRows:
-    """Exact per-sample Fisher of ``nn.Embedding`` weights without dense per-sample gradients.
+class _Probes:
+    """Exact per-sample gradients of ``nn.Embedding`` and ``nn.Linear`` weights from their
+    module's input and output gradient, without dense per-sample gradients from vmap.
 
-    vmap would materialise a (vocab, dim) gradient per sample (47 MB a sample for BERT's word
-    embeddings, 770 MB for a 250k vocabulary), although a sample touches only the rows of its
-    tokens. Here the embedding's weight is held constant and a zero "probe" is added to its
-    output under vmap; ∂ℓ/∂probe is the gradient w.r.t. the looked-up rows, and the per-sample
-    gradient of row v is the sum of those rows over the sample's positions holding token v
-    (what ``F.embedding``'s backward does, per sample). Used for plain ``nn.Embedding`` modules
-    (no max_norm, no scale_grad_by_freq, padding_idx honoured) whose weight is not tied and
-    reaches the loss only through that module's single call; anything else takes the vmap path.
+    vmap would materialise a (m, n) gradient per sample and parameter (47 MB a sample for BERT's
+    word embeddings), and the projected metric would then cost O(m·n·r) a sample to project it.
+    Here the weight is held constant and a zero "probe" is added to its module's output under
+    vmap; ∂ℓ/∂probe is the output gradient δ of the sample (per position), and the module's
+    input is recorded beside it. Then, per sample n:
+
+    - an embedding's gradient of row v is the sum of δ over the positions holding token v
+      (what ``F.embedding``'s backward does);
+    - a linear layer's gradient is ``G_n = Σ_t δ_t x_tᵀ`` over its positions t, and the
+      projected coordinates ``p_n[a] = u_aᵀ G_n v_a = Σ_t (Uᵀδ_t)[a] (Vᵀx_t)[a]`` cost
+      O(positions·(m + n)·r) without G_n.
+
+    Used for plain modules (the class's own forward; an embedding without max_norm or
+    scale_grad_by_freq, padding_idx honoured) whose weight is not tied and reaches the loss only
+    through that module's single call; anything else takes the vmap path.
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, names: Iterable[str], *, embeddings: bool = True,
+                 linears: bool = True) -> None:
         modules = dict(model.named_modules())
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-        self.modules: dict[str, nn.Embedding] = {}
+        self.modules: dict[str, nn.Module] = {}
         for name in names:
             owner, _, leaf = name.rpartition(".")
             m = modules.get(owner)
-            if (
-                leaf == "weight"
-                and isinstance(m, nn.Embedding)
-                and type(m).forward is nn.Embedding.forward
-                and m.max_norm is None
-                and not m.scale_grad_by_freq
-                and uses[id(m.weight)] == 1
-            ):
+            if leaf != "weight" or m is None or uses[id(m.weight)] != 1:
+                continue
+            if embeddings and isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward \
+                    and m.max_norm is None and not m.scale_grad_by_freq:
+                self.modules[name] = m
+            elif linears and isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
                 self.modules[name] = m
         self._mode: str | None = None  # None (hooks idle), "record" or "probe"
         self._probes: dict[str, torch.Tensor] = {}
@@ -243,8 +253,8 @@ class _EmbeddingRows:
         self.active: list[str] = []
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "_EmbeddingRows":
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+    def __enter__(self) -> "_Probes":
+        self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.modules.items()]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -253,13 +263,14 @@ class _EmbeddingRows:
         self._handles = []
 
     def _hook(self, name: str) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
+                 ) -> torch.Tensor | None:
             if self._mode == "record":
                 self._calls[name] += 1
                 self.shapes[name] = tuple(output.shape)
                 return output.detach()  # any gradient the weight still gets comes from elsewhere
             if self._mode == "probe" and name in self._probes:
-                self.inputs[name] = args[0]
+                self.inputs[name] = args[0] if args else kwargs["input"]  # both modules' forward(input)
                 return output + self._probes[name]
             return None
 
@@ -291,8 +302,8 @@ class _EmbeddingRows:
     def run_probed(
         self, probes: dict[str, torch.Tensor], run: Callable[[], torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``run()`` with ``probes[name]`` added to each active embedding's output; also returns
-        the ids each active embedding looked up (inside vmap: one sample's)."""
+        """``run()`` with ``probes[name]`` added to each active module's output; also returns
+        each active module's input (inside vmap: one sample's)."""
         self._mode, self._probes, self.inputs = "probe", probes, {}
         try:
             return run(), dict(self.inputs)
@@ -300,35 +311,58 @@ class _EmbeddingRows:
             self._mode, self._probes = None, {}
 
     def accumulate(
-        self, sums: dict[str, torch.Tensor], row_grads: dict[str, torch.Tensor], ids: dict[str, torch.Tensor],
+        self, sums: dict[str, torch.Tensor], out_grads: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
         bases: Bases | None = None, projected: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """sums[v] += Σ_n (Σ_{t: ids_n[t] = v} ∂ℓ_n/∂e_n[t])² for each active embedding; with a
-        basis (U, V) for it, also projected += Σ_n p_n p_nᵀ, p_n[a] = Σ_v U[v, a] (G_n[v] · V[:, a])
-        over the rows v sample n touched (its gradient is zero elsewhere)."""
-        for name, grads in row_grads.items():
+        """sums += Σ_n G_n² and, for a module with a basis (U, V), projected += Σ_n p_n p_nᵀ,
+        from each active module's per-sample output gradients and inputs."""
+        for name, grads in out_grads.items():
             m = self.modules[name]
-            acc = sums[name]
-            c, dim = grads.shape[0], grads.shape[-1]
-            rows = grads.reshape(c, -1, dim)  # (c, positions, dim)
-            tokens = ids[name].reshape(c, -1).to(acc.device)  # (c, positions)
-            keys = torch.arange(c, device=acc.device).unsqueeze(1) * m.num_embeddings + tokens
-            if m.padding_idx is not None:  # F.embedding gives the padding row no gradient
-                keep = tokens != m.padding_idx
-                keys, flat = keys[keep], rows[keep]
+            basis = bases.get(name) if bases is not None and projected is not None else None
+            if isinstance(m, nn.Embedding):
+                self._embedding(m, sums[name], grads, inputs[name], basis, projected, name)
             else:
-                keys, flat = keys.reshape(-1), rows.reshape(-1, dim)
-            uniq, inverse = torch.unique(keys, return_inverse=True)
-            per_sample = torch.zeros(len(uniq), dim, dtype=acc.dtype, device=acc.device)
-            per_sample.index_add_(0, inverse, flat.to(acc.dtype))  # (sample, token) rows
-            acc.index_add_(0, uniq % m.num_embeddings, per_sample.square())
-            if bases is not None and projected is not None and name in bases:
-                u, v = bases[name]
-                token = uniq % m.num_embeddings
-                contrib = u[token].to(acc.dtype) * (per_sample @ v.to(acc.dtype))  # (rows, r)
-                p = torch.zeros(c, u.shape[1], dtype=acc.dtype, device=acc.device)
-                p.index_add_(0, torch.div(uniq, m.num_embeddings, rounding_mode="floor"), contrib)  # (c, r)
-                projected[name] += p.T @ p
+                self._linear(sums[name], grads, inputs[name], basis, projected, name)
+
+    @staticmethod
+    def _linear(acc: torch.Tensor, grads: torch.Tensor, inputs: torch.Tensor,
+                basis: tuple[torch.Tensor, torch.Tensor] | None, projected: dict[str, torch.Tensor] | None,
+                name: str) -> None:
+        c, (m, n) = grads.shape[0], acc.shape
+        d = grads.reshape(c, -1, m).to(acc.dtype)  # (c, positions, m)
+        x = inputs.reshape(c, -1, n).to(acc.dtype)  # (c, positions, n)
+        acc += torch.bmm(d.transpose(1, 2), x).square().sum(dim=0)  # G_n = Σ_t δ_t x_tᵀ
+        if basis is not None and projected is not None:
+            u, v = basis
+            p = ((d @ u.to(acc.dtype)) * (x @ v.to(acc.dtype))).sum(dim=1)  # (c, r)
+            projected[name] += p.T @ p
+
+    @staticmethod
+    def _embedding(m: nn.Embedding, acc: torch.Tensor, grads: torch.Tensor, ids: torch.Tensor,
+                   basis: tuple[torch.Tensor, torch.Tensor] | None, projected: dict[str, torch.Tensor] | None,
+                   name: str) -> None:
+        """acc[v] += Σ_n (Σ_{t: ids_n[t] = v} δ_n[t])²; with a basis, p_n[a] = Σ_v U[v, a] (G_n[v] · V[:, a])
+        over the rows v sample n touched (its gradient is zero elsewhere)."""
+        c, dim = grads.shape[0], grads.shape[-1]
+        rows = grads.reshape(c, -1, dim)  # (c, positions, dim)
+        tokens = ids.reshape(c, -1).to(acc.device)  # (c, positions)
+        keys = torch.arange(c, device=acc.device).unsqueeze(1) * m.num_embeddings + tokens
+        if m.padding_idx is not None:  # F.embedding gives the padding row no gradient
+            keep = tokens != m.padding_idx
+            keys, flat = keys[keep], rows[keep]
+        else:
+            keys, flat = keys.reshape(-1), rows.reshape(-1, dim)
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        per_sample = torch.zeros(len(uniq), dim, dtype=acc.dtype, device=acc.device)
+        per_sample.index_add_(0, inverse, flat.to(acc.dtype))  # (sample, token) rows
+        acc.index_add_(0, uniq % m.num_embeddings, per_sample.square())
+        if basis is not None and projected is not None:
+            u, v = basis
+            token = uniq % m.num_embeddings
+            contrib = u[token].to(acc.dtype) * (per_sample @ v.to(acc.dtype))  # (rows, r)
+            p = torch.zeros(c, u.shape[1], dtype=acc.dtype, device=acc.device)
+            p.index_add_(0, torch.div(uniq, m.num_embeddings, rounding_mode="floor"), contrib)  # (c, r)
+            projected[name] += p.T @ p
 
 
 def fisher_sums(
@@ -343,6 +377,7 @@ def fisher_sums(
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     sparse_embeddings: bool = True,
+    linear_probes: bool = True,
     progress: ProgressFn | None = None,
     bases: Bases | None = None,
 ) -> FisherSums:
@@ -385,7 +420,7 @@ def fisher_sums(
     diff = {n: named[n].detach() for n in names}
     frozen = {n: p.detach() for n, p in named.items() if n not in diff}
     frozen.update(dict(model.named_buffers()))
-    rows = _EmbeddingRows(model, names if sparse_embeddings else ())
+    rows = _Probes(model, names, embeddings=sparse_embeddings, linears=linear_probes)
 
     def sample_loss(
         theta: dict[str, torch.Tensor], probes: dict[str, torch.Tensor], consts: dict[str, torch.Tensor],
@@ -401,6 +436,7 @@ def fisher_sums(
     bases = {n: (u.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for n, (u, v) in bases.items()}
     projected = {n: torch.zeros(u.shape[1], u.shape[1], dtype=dtype, device=device) for n, (u, _) in bases.items()}
     count = 0
+    probed: dict[str, None] = {}
     layout: tuple[Any, ...] | None = None
     was_training = model.training
     model.eval()  # eq. 9 is the Fisher of the deterministic model: no dropout
@@ -422,13 +458,14 @@ def fisher_sums(
                     if shapes != layout:  # the embeddings' output shapes follow the inputs'
                         rows.discover(model, loss_fn, {k: v[0] for k, v in chunk.items()})
                         layout = shapes
+                        probed.update(dict.fromkeys(rows.active))
                     theta = {n: t for n, t in diff.items() if n not in rows.active}
                     consts = {**frozen, **{n: diff[n] for n in rows.active}}
                     probes = {
                         n: torch.zeros((c, *rows.shapes[n]), dtype=diff[n].dtype, device=device)
                         for n in rows.active
                     }
-                    (grads, row_grads), ids = per_sample_grads(theta, probes, consts, chunk)
+                    (grads, out_grads), inputs = per_sample_grads(theta, probes, consts, chunk)
                     for n, g in grads.items():
                         g = g.to(dtype)
                         sums[n] += g.square().sum(dim=0)
@@ -436,13 +473,13 @@ def fisher_sums(
                             u, v = bases[n]
                             p = ((g @ v) * u).sum(dim=1)  # (c, m, r) ⊙ (m, r), summed over m
                             projected[n] += p.T @ p
-                    rows.accumulate(sums, row_grads, ids, bases, projected)
+                    rows.accumulate(sums, out_grads, inputs, bases, projected)
                 count += size
                 if progress is not None:
                     progress(size)
     finally:
         model.train(was_training)
-    return FisherSums(sums, count, projected)
+    return FisherSums(sums, count, projected, tuple(probed))
 
 
 def estimate_fisher(
@@ -456,6 +493,7 @@ def estimate_fisher(
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     sparse_embeddings: bool = True,
+    linear_probes: bool = True,
     progress: ProgressFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher ``F = (1/N) Σ_n (∇_θ ℓ(x_n, y_n; θ))²`` (docs/method.md §4, eq. 9).
@@ -472,7 +510,9 @@ def estimate_fisher(
         chunk_size: samples per vmap call (default: the whole batch); smaller uses less memory.
         dtype: accumulation dtype, float32 or float64.
         sparse_embeddings: per-sample gradients of ``nn.Embedding`` weights only on the rows a
-            sample uses (exact; see ``_EmbeddingRows``); False runs every parameter through vmap.
+            sample uses (exact; see ``_Probes``); False runs them through vmap.
+        linear_probes: per-sample gradients of ``nn.Linear`` weights from the layer's input and
+            output gradient (exact; see ``_Probes``); False runs them through vmap.
         progress: called with each batch's sample count.
 
     Returns:
@@ -488,6 +528,7 @@ def estimate_fisher(
         chunk_size=chunk_size,
         dtype=dtype,
         sparse_embeddings=sparse_embeddings,
+        linear_probes=linear_probes,
         progress=progress,
     ).mean()
 
@@ -511,6 +552,7 @@ def estimate_projected_metrics(
     seed: int = 0,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    linear_probes: bool = True,
     progress: ProgressFn | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """EpiMer's projected metrics (docs/method.md §3.4, ``metric: projected``) and the diagonal
@@ -519,7 +561,9 @@ def estimate_projected_metrics(
     For each parameter W (m, n) with a basis (U⊥ (m, r), V⊥ (n, r)) in ``bases``:
     ``H = (1/N) Σ_n p_n p_nᵀ`` with ``p_n[a] = u_aᵀ G_n v_a``, G_n the sample's gradient; this
     is ``Bᵀ F B`` for the full empirical Fisher ``F = (1/N) Σ_n vec(G_n) vec(G_n)ᵀ``, computed
-    without F. ``nn.Embedding`` weights use the rows each sample touches (exact).
+    without F. ``nn.Linear`` weights use ``p_n[a] = Σ_t (Uᵀδ_t)[a] (Vᵀx_t)[a]`` from the layer's
+    input x and output gradient δ, ``nn.Embedding`` weights the rows each sample touches, any
+    other parameter its per-sample gradient from torch.func (all exact).
 
     Args: as :func:`estimate_fisher`, plus ``bases``; every parameter of ``bases`` must be
         among ``params`` (default: every parameter that requires grad).
@@ -528,5 +572,6 @@ def estimate_projected_metrics(
         of every chosen parameter), in ``dtype`` (no jitter: the merge adds it).
     """
     sums = fisher_sums(model, batches, loss_fn, params=params, estimator=estimator, seed=seed,
-                       chunk_size=chunk_size, dtype=dtype, progress=progress, bases=bases)
+                       chunk_size=chunk_size, dtype=dtype, linear_probes=linear_probes, progress=progress,
+                       bases=bases)
     return sums.projected_mean(), sums.mean()

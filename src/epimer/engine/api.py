@@ -31,15 +31,18 @@ def merge_to_folder(
     allow_nonfinite: bool = False,
     progress: ProgressSink | None = None,
     group: Group = SINGLE,
+    record: MergeConfig | None = None,
 ) -> MergeReport:
     """Python API of ``epimer merge``: validate, merge and write OUT (``group``: this
-    process's place among torchrun's merge processes, `epimer.distributed.init_from_env`)."""
+    process's place among torchrun's merge processes, `epimer.distributed.init_from_env`).
+    ``record``: the config written to OUT's merge_config.yaml and card, when it differs from
+    ``config`` (a merge that estimated its curvature records the config naming the data)."""
     out_path = Path(os.path.abspath(out))
     if group.rank == 0:
         check_output(out_path, config, overwrite)  # refuse before any reading
     run = MergeRun(config, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress, group=group)
     try:
-        return write_merge(run, out_path, shard_size=shard_size, overwrite=overwrite)
+        return write_merge(run, out_path, shard_size=shard_size, overwrite=overwrite, record=record)
     finally:
         run.close()
 
@@ -110,13 +113,18 @@ def merge_state_dicts(
     fishers: list[dict[str, torch.Tensor]] | None = None,
     exclude: list[str] | None = None,
     dtype: str | None = None,
+    bases: MemoryBases | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method; returns the merged state dict.
 
-    The same engine as ``epimer merge`` (same checks, same maths), without files.
+    The same engine as ``epimer merge`` (same checks, same maths), without files. ``bases``
+    (`bases_of_state_dicts`): the tagged bases of EpiMer's ``metric: projected``, each Fisher
+    dict then holding ``NAME::projected`` metrics estimated on them
+    (`epimer.curvature.fisher.estimate_projected_metrics`).
     """
-    cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, dtype, "merge_state_dicts")
-    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False)
+    cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, dtype, "merge_state_dicts",
+                          bases)
+    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False, bases=bases)
     parts: dict[str, list[torch.Tensor]] = {}
     with tempfile.TemporaryDirectory() as tmp, closing(run.tensors(Path(tmp))) as merged:
         for name, t in merged:  # large tensors come in row blocks

@@ -78,10 +78,13 @@ def model_card(config: MergeConfig, params: MethodParams, report: MergeReport, v
         lines.append(f"| {k} | {v} |")
     if report.scale_auto is not None:
         lines.append(f"| scale (auto, docs/method.md §6) | {report.scale_auto:.6g} |")
-    lines += ["", "## Inputs", "", "| model | weight | fisher |", "|---|---|---|"]
+    lines += ["", "## Inputs", "", "| model | weight | curvature |", "|---|---|---|"]
     for m, w in zip(config.models, config.weights().tolist()):
-        fisher = f"`{_shown(m.fisher, out)}`" if m.fisher else ""
-        lines.append(f"| `{_shown(m.model, out)}` | {w:.4g} | {fisher} |")
+        curvature = f"`{_shown(m.fisher, out)}`" if m.fisher else \
+            f"estimated in the merge from `{_shown(m.data, out)}`" if m.data else ""
+        lines.append(f"| `{_shown(m.model, out)}` | {w:.4g} | {curvature} |")
+    if config.basis is not None:
+        lines += ["", f"Basis file (metric: projected): `{_shown(config.basis, out)}`"]
     if config.exclude:
         lines += ["", "Kept equal to the base: " + ", ".join(f"`{e}`" for e in config.exclude)]
     lines += ["", "`merge_config.yaml` beside this file reproduces the merge: `epimer merge merge_config.yaml -o OUT`.", ""]
@@ -96,6 +99,10 @@ def _resolved_config_yaml(config: MergeConfig, params: MethodParams, report: Mer
         spec["model"] = _shown(m.model, out)
         if m.fisher is not None:
             spec["fisher"] = _shown(m.fisher, out)
+        if m.data is not None:
+            spec["data"] = _shown(m.data, out)
+    if config.basis is not None:
+        data["basis"] = _shown(config.basis, out)
     data["parameters"] = params.model_dump(mode="json")
     header = f"# written by epimer {version}\n"
     if out is not None:
@@ -161,6 +168,7 @@ def write_merge(
     *,
     shard_size: int | None = None,
     overwrite: bool = False,
+    record: MergeConfig | None = None,
 ) -> MergeReport:
     """Merge and write OUT atomically: everything goes to a temporary folder beside OUT,
     renamed into place at the end. OUT is never half written; an existing OUT is replaced
@@ -205,9 +213,10 @@ def write_merge(
         if len(shards) > 1:
             write_index(tmp, shards, files)
         _copy_aux_files(run.config.base_model, tmp, run.config.dtype)
+        recorded = record or run.config  # what reproduces the merge (the curvature pass included)
         (tmp / "merge_config.yaml").write_text(
-            _resolved_config_yaml(run.config, run.params, run.report, __version__, out))
-        (tmp / "README.md").write_text(model_card(run.config, run.params, run.report, __version__, out))
+            _resolved_config_yaml(recorded, run.params, run.report, __version__, out))
+        (tmp / "README.md").write_text(model_card(recorded, run.params, run.report, __version__, out))
         if run.report.tensors or run.report.warnings:
             (tmp / "merge_report.json").write_text(json.dumps(run.report.__dict__, indent=2) + "\n")
         os.chmod(tmp, default_mode(folder=True))
