@@ -323,6 +323,20 @@ def _data_config(w: World, *, data: str = "train.jsonl", raw: bytes | None = Non
     return w.config(method, models=models, **extra)
 
 
+def _lm_cmd(w: World, rows: list, *extra: object, chat: bool = True, suffix: str = ".jsonl") -> list[object]:
+    """`epimer fisher --task causal-lm` on a tiny Llama folder and a data file of ``rows``."""
+    pytest.importorskip("transformers")
+    from tests.curvature.test_causal_lm import tiny_llama, tiny_tokenizer
+
+    model = w.work / "lm"
+    tiny_llama().save_pretrained(model)
+    tiny_tokenizer(chat=chat).save_pretrained(model)
+    f = w.work / f"lm_data{suffix}"
+    f.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    w.out = w.root / "dest" / "lm.fisher.safetensors"
+    return ["fisher", "--task", "causal-lm", "--model", model, "--data", f, "--out", w.out, "-q", *extra]
+
+
 def _missing_transformers(mp: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -523,6 +537,31 @@ CASES: list[Case] = [
     Case("merge-curvature-dir-without-data", lambda w, mp: merge_args(w, w.config("epimer", fisher=True),
                                                                       "--curvature-dir", w.root / "curv"),
          ("c.yaml", "--curvature-dir", "no model has it")),
+    # -------------------------------------------------------------- epimer fisher --task causal-lm
+    Case("lm-sample-of-no-shape", lambda w, mp: _lm_cmd(w, [{"text": "hello"}, {"body": "hello"}]),
+         ("lm_data.jsonl:2", "exactly one of `text`, `prompt` + `completion` or `messages`")),
+    Case("lm-sample-of-two-shapes", lambda w, mp: _lm_cmd(w, [{"text": "hello", "prompt": "a", "completion": "b"}]),
+         ("lm_data.jsonl:1", "more than one")),
+    Case("lm-messages-without-assistant", lambda w, mp: _lm_cmd(w, [{"messages": [{"role": "user", "content": "a"}]}]),
+         ("lm_data.jsonl:1", "no assistant turn")),
+    Case("lm-messages-not-a-list", lambda w, mp: _lm_cmd(w, [{"messages": "hello"}]),
+         ("lm_data.jsonl:1", "`messages` must be")),
+    Case("lm-messages-without-chat-template", lambda w, mp: _lm_cmd(
+        w, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}], chat=False),
+        ("lm_data.jsonl:1", "no chat template")),
+    Case("lm-completion-not-text", lambda w, mp: _lm_cmd(w, [{"prompt": "a", "completion": 3}]),
+         ("lm_data.jsonl:1", "'completion'", "expected text")),
+    Case("lm-no-target-within-max-length", lambda w, mp: _lm_cmd(
+        w, [{"prompt": "hello world the cat", "completion": "sat"}], "--max-length", "3"),
+        ("lm_data.jsonl:1", "no target token within the first 3")),
+    Case("lm-data-as-csv", lambda w, mp: _lm_cmd(w, ["text", "hello"], suffix=".csv"),
+         ("lm_data.csv", ".jsonl")),
+    Case("lm-as-a-classifier", lambda w, mp: [a if a != "causal-lm" else "sequence-classification"
+                                              for a in _lm_cmd(w, [{"text": "hello", "label": 1}])],
+         ("lm", "initialised at random", "--task causal-lm")),
+    Case("fisher-device-cuda-without-cuda", lambda w, mp: (mp.setattr(torch.cuda, "is_available", lambda: False),
+                                                           _lm_cmd(w, [{"text": "hello"}], "--device", "cuda"))[1],
+         ("--device cuda", "not available")),
     # -------------------------------------------------------------- diagnose
     Case("diagnose-unknown-method", lambda w, mp: ["diagnose", w.config("tiess", fisher=True), "-q"], ("c.yaml", "tiess")),
     Case("diagnose-bad-parameter", lambda w, mp: ["diagnose", w.config("epimer", {"rank_fraction": 7}, fisher=True), "-q"],

@@ -127,6 +127,19 @@ def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool) 
                + f"; {results['wall_seconds']:.0f} s", err=True)
 
 
+def _methods(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    from epimer.registry import available_methods
+
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if not names:
+        return None
+    unknown = [n for n in names if n not in available_methods()]
+    if unknown:
+        raise click.BadParameter(f"unknown method(s) {unknown}; valid methods: {', '.join(available_methods())}",
+                                 param_hint="--methods")
+    return tuple(names)
+
+
 def _tasks(values: tuple[str, ...]) -> tuple[str, ...] | None:
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     if not names:
@@ -163,6 +176,8 @@ def bench() -> None:
                    "full-Fisher rows.")
 @click.option("--fisher-norm", "fisher_norms", multiple=True, type=click.Choice(["none", "global", "tensor"]),
               help="EpiMer fisher_norm(s) to run, repeated (default: all three).")
+@click.option("--methods", "methods", multiple=True,
+              help="Methods to run, repeated or comma-separated (default: every registered method).")
 @click.option("--study-seeds", type=click.IntRange(min=0), default=None,
               help="Run the rank sweep and the Fisher data study on the first N seeds (default 1; 0: none).")
 @click.option("--study-metric", type=click.Choice(["diagonal", "projected"]), default=None,
@@ -172,8 +187,9 @@ def bench() -> None:
 @_quiet
 def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: float | None,
           max_train: int | None, fisher_fraction: float | None, rank_fraction: float | None,
-          epimer_metrics: tuple[str, ...], fisher_norms: tuple[str, ...], study_seeds: int | None,
-          study_metric: str | None, threads: int | None, no_plots: bool, quiet: bool) -> None:
+          epimer_metrics: tuple[str, ...], fisher_norms: tuple[str, ...], methods: tuple[str, ...],
+          study_seeds: int | None, study_metric: str | None, threads: int | None, no_plots: bool,
+          quiet: bool) -> None:
     """The paper's protocol on a pretrained MiniLM and eight text tasks (writes OUT/results.md)."""
     _require("epimer bench text8", not no_plots)
     from epimer.bench.pipeline import TEXT8, config_with
@@ -181,7 +197,7 @@ def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: 
     config = config_with(TEXT8, tasks=_tasks(tasks), seeds=tuple(range(seeds)), steps=steps, lr=lr,
                          max_train=max_train, fisher_fraction=fisher_fraction, rank_fraction=rank_fraction,
                          epimer_metrics=epimer_metrics or None, epimer_fisher_norms=fisher_norms or None,
-                         study_seeds=study_seeds, study_metric=study_metric)
+                         study_seeds=study_seeds, study_metric=study_metric, methods=_methods(methods))
     _run(config, out, threads, quiet, not no_plots)
 
 

@@ -1,4 +1,5 @@
-"""``epimer fisher``: estimate the diagonal empirical Fisher of a sequence classifier (docs/method.md §4).
+"""``epimer fisher``: estimate the diagonal empirical Fisher of a model (docs/method.md §4): a
+sequence classifier or a causal LM (``--task``).
 
 Usable alone as ``python -m epimer.cli_fisher`` (the same as ``epimer fisher``, through the
 same error boundary) and, launched by ``torchrun`` (``WORLD_SIZE`` > 1), across processes:
@@ -83,6 +84,18 @@ def read_records(path: Path, text_fields: Sequence[str], label_field: str | None
     return records
 
 
+def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line, JSON object) of every sample of a .jsonl file (causal-LM data: nested fields)."""
+    if not path.is_file():
+        raise InputError(f"{path}: data file not found")
+    if path.suffix != ".jsonl":
+        raise InputError(f"{path}: causal-LM data is a .jsonl file (one JSON object a line); got {path.suffix!r}")
+    rows = list(_jsonl_rows(path))
+    if not rows:
+        raise InputError(f"{path}: no samples in the data file")
+    return rows
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         with path.open(encoding="utf-8-sig") as f:  # -sig: a byte order mark is not data
@@ -162,7 +175,7 @@ def _batches(
         yield batch
 
 
-def _load_config(model_dir: Path) -> Any:
+def _load_config(model_dir: Path, task: str = "sequence-classification") -> Any:
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: model folder not found")
     if not (model_dir / "config.json").is_file():
@@ -173,7 +186,7 @@ def _load_config(model_dir: Path) -> Any:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{model_dir}: cannot read config.json ({e})") from None
-    if config.num_labels < 2:
+    if task == "sequence-classification" and config.num_labels < 2:
         raise InputError(
             f"{model_dir}: the model has {config.num_labels} output(s); the Fisher uses the "
             "cross-entropy of a classifier with at least 2 labels"
@@ -181,19 +194,44 @@ def _load_config(model_dir: Path) -> Any:
     return config
 
 
-def _load_model(model_dir: Path, config: Any, device: torch.device) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{model_dir}: cannot load the model's tokenizer ({e})") from None
+
+
+#: What each task loads, and what to say when the checkpoint lacks weights it needs.
+_AUTO = {"sequence-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+_WHAT = {"sequence-classification": "a sequence classifier whose checkpoint holds its classification head",
+         "causal-lm": "a causal language model whose checkpoint holds its output layer"}
+
+
+def _load_model(model_dir: Path, config: Any, device: torch.device, task: str = "sequence-classification"
+                ) -> tuple[Any, Any]:
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # ours is the progress bar; theirs would break the one-line errors
+    auto = getattr(transformers, _AUTO[task])
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = _load_tokenizer(model_dir)
         # Eager attention: SDPA's backward has no vmap batching rule on CPU (a slow loop).
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, config=config, local_files_only=True, attn_implementation="eager", dtype=torch.float32
+        model, info = auto.from_pretrained(
+            model_dir, config=config, local_files_only=True, attn_implementation="eager", dtype=torch.float32,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{model_dir}: cannot load a sequence classifier and its tokenizer ({e})") from None
+        raise InputError(f"{model_dir}: cannot load {_WHAT[task]} and its tokenizer ({e})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values: a Fisher through them is meaningless
+        other = {"sequence-classification": "; for a causal LM pass --task causal-lm",
+                 "causal-lm": ""}[task]
+        raise InputError(f"{model_dir}: {len(missing)} weight(s) of {_AUTO[task]} are not in the checkpoint and "
+                         f"would be initialised at random, e.g. {missing[0]!r}; --task {task} needs {_WHAT[task]}"
+                         f"{other}")
     return model.to(device).eval(), tokenizer
 
 
@@ -230,14 +268,63 @@ def _check_out_file(out_file: Path, overwrite: bool, model_dir: Path, data_file:
         raise InputError(f"{out_file}: already exists; pass --overwrite to replace it, or choose another --out")
 
 
+#: The task families ``epimer fisher --task`` knows (docs/method.md §4).
+TASKS = ("sequence-classification", "causal-lm")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class FisherInputs:
+    """What a Fisher pass reads, checked before the weights load: the model's config, the
+    samples chosen (their indices among the data's rows) and what each batch is built from."""
+
+    task: str
+    config: Any
+    count: int  # rows of the data file
+    indices: list[int]
+    records: list[Any]  # per chosen sample: a Record, or a tokenised causal-LM sequence
+    labels: list[int] | None = None
+    tokenizer: Any = None
+
+    def batches(self, start: int, stop: int, tokenizer: Any, batch_size: int, max_length: int
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of the chosen samples ``[start, stop)``."""
+        if self.task == "causal-lm":
+            from epimer.curvature.causal_lm import batches
+
+            pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+            return batches(self.records[start:stop], batch_size, pad)
+        labels = self.labels[start:stop] if self.labels is not None else None
+        return _batches(self.records[start:stop], labels, tokenizer, batch_size, max_length)
+
+    @property
+    def loss(self) -> Any:
+        if self.task == "causal-lm":
+            from epimer.curvature.causal_lm import causal_lm_loss
+
+            return causal_lm_loss
+        return sequence_classification_loss
+
+
 def read_fisher_inputs(
     model_dir: Path, data_file: Path, text_fields: Sequence[str], label_field: str, estimator: str,
-    fraction: float, seed: int,
-) -> tuple[Any, list[Any], list[int], list[int] | None]:
+    fraction: float, seed: int, *, task: str = "sequence-classification", max_length: int = 128,
+) -> FisherInputs:
     """Everything about a Fisher pass's inputs that can be checked without the weights: the
-    model's config (a sequence classifier), the data's records, the samples chosen and their
-    label ids (``estimator="empirical"``). Raises InputError naming the file."""
-    config = _load_config(model_dir)
+    model's config, the data's samples, the ones chosen and their labels (a classifier with
+    ``estimator="empirical"``) or token targets (a causal LM, tokenised here with the model's
+    tokenizer). Raises InputError naming the file and line."""
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    config = _load_config(model_dir, task)
+    if task == "causal-lm":
+        from epimer.curvature.causal_lm import encode_sample
+
+        tokenizer = _load_tokenizer(model_dir)
+        rows = read_rows(data_file)
+        indices = select_fraction(len(rows), fraction, seed)
+        samples = [encode_sample(rows[i][1], tokenizer, max_length, f"{data_file}:{rows[i][0]}") for i in indices]
+        return FisherInputs(task, config, len(rows), indices, samples, tokenizer=tokenizer)
     records = read_records(data_file, text_fields, label_field if estimator == "empirical" else None)
     indices = select_fraction(len(records), fraction, seed)
     labels = None
@@ -247,7 +334,7 @@ def read_fisher_inputs(
             label_id(records[i].label, label2id, config.num_labels, f"{data_file}:{records[i].line}")
             for i in indices
         ]
-    return config, records, indices, labels
+    return FisherInputs(task, config, len(records), indices, [records[i] for i in indices], labels)
 
 
 def run_fisher(
@@ -268,6 +355,8 @@ def run_fisher(
     overwrite: bool = False,
     threads: int | None = None,
     basis_file: Path | None = None,
+    task: str = "sequence-classification",
+    device: str = "auto",
 ) -> FisherSums | None:
     """Estimate and write the Fisher file; returns the summed result on rank 0 (None elsewhere).
 
@@ -295,26 +384,29 @@ def run_fisher(
             pattern = re.compile(params_regex)
         except re.error as e:
             raise InputError(f"--params {params_regex!r} is not a regular expression ({e})") from None
-    config, records, indices, labels = read_fisher_inputs(model_dir, data_file, text_fields, label_field,
-                                                          estimator, fraction, seed)
+    if device not in DEVICES:
+        raise InputError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available to this torch "
+                         f"({torch.__version__}); use --device cpu or auto")
+    inputs = read_fisher_inputs(model_dir, data_file, text_fields, label_field, estimator, fraction, seed, task=task,
+                                max_length=max_length)
     ensure_writable_folder(out_file.absolute().parent, "Fisher file")
     set_threads(threads)
 
-    dist_info = init_from_env(cuda=True)
+    dist_info = init_from_env(cuda=device != "cpu")
     try:
-        model, tokenizer = _load_model(model_dir, config, dist_info.device)
+        model, tokenizer = _load_model(model_dir, inputs.config, dist_info.device, task)
         names = [n for n, p in model.named_parameters() if p.requires_grad and (pattern is None or pattern.search(n))]
         if not names:
             raise InputError(f"--params {params_regex!r} matches no parameter of the model in {model_dir}")
         _check_names_against_checkpoint(model_dir, names, model)
 
-        start, stop = shard_bounds(len(indices), dist_info.rank, dist_info.world_size)
-        mine = [records[i] for i in indices[start:stop]]
-        my_labels = labels[start:stop] if labels is not None else None
+        start, stop = shard_bounds(len(inputs.indices), dist_info.rank, dist_info.world_size)
         show = not quiet and dist_info.rank == 0
         with sample_bar(show) as bar:
             what = "Fisher" if not dist_info.active else f"Fisher (rank 0 of {dist_info.world_size})"
-            task = bar.add_task(what, total=len(mine))
+            bar_task = bar.add_task(what, total=stop - start)
             bases = None
             if bases_file is not None:
                 absent = [n for n in bases_file.names if n not in names]
@@ -324,14 +416,14 @@ def run_fisher(
                 bases = {n: (b.u, b.v) for n in bases_file.names for b in [bases_file.get(n)]}
             local = fisher_sums(
                 model,
-                _batches(mine, my_labels, tokenizer, batch_size, max_length),
-                sequence_classification_loss,
+                inputs.batches(start, stop, tokenizer, batch_size, max_length),
+                inputs.loss,
                 params=names,
                 estimator=estimator,
                 seed=seed,
                 first_index=start,
                 chunk_size=chunk_size,
-                progress=lambda n: bar.advance(task, n),
+                progress=lambda n: bar.advance(bar_task, n),
                 bases=bases,
             )
         total = all_reduce_sums(local, dist_info) if dist_info.active else local
@@ -365,9 +457,14 @@ def run_fisher(
 
 @click.command("fisher", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of a transformers sequence classifier (with its tokenizer).")
+              help="Folder of a transformers model of the --task family (with its tokenizer).")
+@click.option("--task", type=click.Choice(TASKS), default="sequence-classification", show_default=True,
+              help="What the model is and its per-sample loss: sequence-classification (cross-entropy of the "
+                   "label) or causal-lm (mean next-token loss on each sample's target tokens: `text`, "
+                   "`prompt` + `completion` or chat `messages`). A checkpoint lacking weights the family "
+                   "needs (a head transformers would initialise at random) is refused.")
 @click.option("--data", "data_file", required=True, type=click.Path(path_type=Path),
-              help="Training samples: .jsonl (one JSON object a line) or .csv with a header.")
+              help="Training samples: .jsonl (one JSON object a line) or .csv with a header (classifiers).")
 @click.option("--text-field", "text_fields", multiple=True, default=("text",), show_default=True,
               help="Field holding the text; give it twice for sentence pairs.")
 @click.option("--label-field", default="label", show_default=True,
@@ -389,13 +486,15 @@ def run_fisher(
                    "its matrix tensors (EpiMer's metric: projected).")
 @click.option("--chunk-size", default=8, show_default=True, type=int,
               help="Samples per vectorised gradient call; smaller uses less memory (fastest on CPU: 8-16).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where the model runs: auto (a GPU when torch sees one), cpu or cuda.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: torch's choice).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def fisher_command(ctx: click.Context, **options: Any) -> None:
-    """Estimate the diagonal empirical Fisher of a classifier (per-sample squared gradients;
-    docs/method.md §4), and with --basis its projected metrics (§3.4).
+    """Estimate the diagonal empirical Fisher of a classifier or causal LM (per-sample squared
+    gradients; docs/method.md §4), and with --basis its projected metrics (§3.4).
 
     Under torchrun (WORLD_SIZE > 1) the samples are split across processes and rank 0
     writes the file.

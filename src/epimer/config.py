@@ -67,6 +67,8 @@ class CurvatureSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    task: Literal["sequence-classification", "causal-lm"] = Field(
+        "sequence-classification", description="the models' family and per-sample loss (`epimer fisher --task`)")
     fraction: float = Field(1.0, gt=0, le=1, description="share of each data file used (a seeded shuffle's prefix)")
     seed: int = Field(0, description="seeds the shuffle and the true-Fisher labels")
     batch_size: int = Field(32, ge=1, description="samples tokenised and run together")
@@ -76,6 +78,7 @@ class CurvatureSpec(BaseModel):
                                    description="field(s) holding the text; two for sentence pairs")
     label_field: str = "label"
     chunk_size: int = Field(8, ge=1, description="samples per vectorised gradient call")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the models run for the pass")
 
 
 class MergeConfig(BaseModel):
