@@ -337,6 +337,18 @@ def _lm_cmd(w: World, rows: list, *extra: object, chat: bool = True, suffix: str
     return ["fisher", "--task", "causal-lm", "--model", model, "--data", f, "--out", w.out, "-q", *extra]
 
 
+def _import_cmd(w: World, edit: Callable[[dict], None] | None = None, *extra: object) -> list[object]:
+    """`epimer import-fisher` of task 0 with a values file made by "another tool"."""
+    values = {n: torch.rand(v.shape) for n, v in w.task_sds[0].items() if v.is_floating_point()}
+    if edit is not None:
+        edit(values)
+    path = w.work / "other_tool.safetensors"
+    save_file({k: v.contiguous() for k, v in values.items()}, str(path))
+    w.out = w.root / "dest" / "imported.fisher.safetensors"
+    return ["import-fisher", "--model", w.tasks[0], "--values", path, "--out", w.out, "--num-samples", "10", "-q",
+            *extra]
+
+
 def _missing_transformers(mp: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -562,6 +574,28 @@ CASES: list[Case] = [
     Case("fisher-device-cuda-without-cuda", lambda w, mp: (mp.setattr(torch.cuda, "is_available", lambda: False),
                                                            _lm_cmd(w, [{"text": "hello"}], "--device", "cuda"))[1],
          ("--device cuda", "not available")),
+    # -------------------------------------------------------------- epimer import-fisher
+    Case("import-values-missing", lambda w, mp: ["import-fisher", "--model", w.tasks[0], "--values", w.work / "no.st",
+                                                  "--out", w.root / "dest" / "f.safetensors", "--num-samples", "1"],
+         ("no.st", "not found")),
+    Case("import-name-not-in-model", lambda w, mp: _import_cmd(w, lambda v: v.update({"bert.a": torch.ones(2)})),
+         ("other_tool.safetensors", "'bert.a'", "not tensors of")),
+    Case("import-shape-differs", lambda w, mp: _import_cmd(w, lambda v: v.update({"head.weight": torch.ones(16, 2)})),
+         ("other_tool.safetensors", "'head.weight'", "[16, 2]")),
+    Case("import-negative", lambda w, mp: _import_cmd(w, lambda v: _set(v, "big.weight", (3, 3), -1.0)),
+         ("other_tool.safetensors", "'big.weight'", "negative")),
+    Case("import-nan", lambda w, mp: _import_cmd(w, lambda v: _set(v, "big.weight", (60, 3), float("nan"))),
+         ("other_tool.safetensors", "'big.weight'", "NaN")),
+    Case("import-integer-values", lambda w, mp: _import_cmd(w, lambda v: v.update(
+        {"head.weight": torch.ones(2, 16, dtype=torch.int32)})), ("other_tool.safetensors", "'head.weight'", "int32")),
+    Case("import-an-epimer-fisher", lambda w, mp: ["import-fisher", "--model", w.tasks[0], "--values", w.fishers[0],
+                                                    "--out", w.root / "dest" / "f.safetensors", "--num-samples", "1"],
+         ("task_0.fisher.safetensors", "already an epimer Fisher file")),
+    Case("import-out-exists", lambda w, mp: _import_cmd(w, None)[:5] + ["--out", w.fishers[1], "--num-samples", "1"],
+         ("task_1.fisher.safetensors", "already exists")),
+    Case("import-out-in-the-model", lambda w, mp: _import_cmd(w, None)[:5] + [
+        "--out", w.tasks[0] / "f.safetensors", "--num-samples", "1"], ("--out file", "model")),
+    Case("import-zero-samples", lambda w, mp: _import_cmd(w, None, "--num-samples", "0"), ("--num-samples",)),
     # -------------------------------------------------------------- diagnose
     Case("diagnose-unknown-method", lambda w, mp: ["diagnose", w.config("tiess", fisher=True), "-q"], ("c.yaml", "tiess")),
     Case("diagnose-bad-parameter", lambda w, mp: ["diagnose", w.config("epimer", {"rank_fraction": 7}, fisher=True), "-q"],

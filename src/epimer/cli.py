@@ -205,6 +205,31 @@ def basis(config: Path, out: Path | None, overwrite: bool, quiet: bool, threads:
         click.echo(f"wrote {path}: bases of {len(bases)} matrix tensor(s) at rank_fraction {rank_fraction}", err=True)
 
 
+@main.command("import-fisher")
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path),
+              help="The checkpoint the values belong to (a folder or file, as in a config).")
+@click.option("--values", "values", required=True, type=click.Path(path_type=Path),
+              help="A .safetensors file of per-parameter diagonal Fisher values, named as the checkpoint's tensors.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Fisher file to write.")
+@click.option("--num-samples", required=True, type=click.IntRange(min=1),
+              help="How many samples the values average (recorded in the file).")
+@click.option("--estimator", type=click.Choice(["empirical", "true"]), default="empirical", show_default=True,
+              help="How the values were made: the data's labels (empirical) or labels drawn from the model (true).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No summary line.")
+def import_fisher_command(model: Path, values: Path, out: Path, num_samples: int, estimator: str, overwrite: bool,
+                          quiet: bool) -> None:
+    """Bring in a diagonal Fisher made by another tool: check its names, shapes and values
+    against MODEL's checkpoint and write an epimer Fisher file fingerprinted to it."""
+    from epimer.io.fisher import import_fisher
+    from epimer.io.outdir import check_not_over_inputs
+
+    check_not_over_inputs(out, [("model", model), ("values file", values)], "--out file")
+    names = import_fisher(values, model, out, num_samples=num_samples, estimator=estimator, overwrite=overwrite)
+    if not quiet:
+        click.echo(f"wrote {out}: Fisher of {len(names)} tensor(s) of {model}, imported from {values.name}", err=True)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def methods(as_json: bool) -> None:

@@ -12,6 +12,8 @@ checkpoint's names and shapes) whose string metadata records how it was made
     fingerprint          :func:`epimer.fingerprint.fingerprint` of the model over the file's
                          names: every value of every such tensor
     tensor_fingerprints  JSON name -> the fingerprint of that tensor alone
+    basis                (with NAME::projected metrics) the digest of their basis file
+    imported_from        (`import_fisher`) the values file's name and sha256
 
 :func:`check_fisher` refuses a Fisher file for a checkpoint it was not computed on; the
 per-tensor fingerprints let the message name the first tensor that differs. The file's bytes
@@ -77,6 +79,7 @@ def save_fisher(
     tensor_fingerprints: Mapping[str, str] | None = None,
     projected: Mapping[str, torch.Tensor] | None = None,
     basis_digest: str | None = None,
+    imported_from: str | None = None,
 ) -> None:
     """Write a Fisher file (float32) atomically: a temporary file beside ``path``, then a rename.
 
@@ -122,7 +125,76 @@ def save_fisher(
                 raise InputError(f"{path}: projected metric of {name!r} has shape {list(h.shape)}, not (r, r)")
             tensors[name + PROJECTED] = h.detach().to(device="cpu", dtype=torch.float32).contiguous()
         metadata["basis"] = basis_digest
+    if imported_from is not None:
+        metadata["imported_from"] = imported_from
     write_safetensors(path, tensors, metadata, "Fisher file")
+
+
+def import_fisher(
+    values_path: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    num_samples: int,
+    estimator: str = "empirical",
+    overwrite: bool = False,
+) -> list[str]:
+    """Turn a safetensors file of per-parameter diagonal Fisher values made elsewhere into an
+    epimer Fisher file fingerprinted to ``model`` (a checkpoint, §4b), recording where the
+    values came from (metadata ``imported_from``: the file's name and sha256).
+
+    Every tensor of the values file must be a floating tensor of the model's checkpoint, of
+    the same shape, finite and non-negative; nothing is renamed, rescaled or guessed.
+    ``num_samples`` and ``estimator`` describe how the values were made (recorded as given).
+    Returns the names imported."""
+    import hashlib
+
+    from epimer.fingerprint import checkpoint_blocks
+
+    values_path, out = Path(values_path), Path(out)
+    if not values_path.is_file():
+        raise InputError(f"{values_path}: values file not found")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out")
+    if out.is_dir():
+        raise InputError(f"{out}: --out is a folder; give a file name such as task.fisher.safetensors")
+    if num_samples < 1:
+        raise InputError(f"--num-samples must be at least 1 (the samples the values average); got {num_samples}")
+    values = open_checkpoint(values_path)
+    if not isinstance(values, SafetensorsCheckpoint):
+        raise InputError(f"{values_path}: the values to import must be a .safetensors file of per-parameter tensors")
+    with values, open_checkpoint(model) as ckpt:
+        if dict(values.metadata).get("format") == FORMAT:
+            raise InputError(f"{values_path}: already an epimer Fisher file; use it as it is")
+        names = sorted(values.names())
+        if not names:
+            raise InputError(f"{values_path}: holds no tensors")
+        absent = [n for n in names if n not in ckpt]
+        if absent:
+            example = next(iter(ckpt.names()), "(none)")
+            raise InputError(f"{values_path}: {len(absent)} tensor(s) are not tensors of {model}, e.g. {absent[0]!r} "
+                             f"(the model's names look like {example!r}); the names must be the checkpoint's")
+        tensors = {}
+        for n in names:
+            meta, want = values.meta(n), ckpt.meta(n)
+            if tuple(meta.shape) != tuple(want.shape):
+                raise InputError(f"{values_path}: tensor {n!r} has shape {list(meta.shape)}, the model's "
+                                 f"{list(want.shape)}")
+            x = values.get(n)
+            if not x.is_floating_point():
+                raise InputError(f"{values_path}: tensor {n!r} has non-floating dtype {x.dtype}")
+            x = x.to(torch.float32)
+            check_fisher_values(x, values_path, n, x.numel())
+            tensors[n] = x
+        per = tensor_fingerprints(names, lambda n: tuple(ckpt.meta(n).shape), checkpoint_blocks(ckpt))
+    digest = hashlib.sha256()
+    with values_path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    save_fisher(out, tensors, num_samples=num_samples, estimator=estimator, seed=0, fraction=1.0,
+                model_fingerprint=combine(per), tensor_fingerprints=per,
+                imported_from=f"{values_path.name} (sha256 {digest.hexdigest()})")
+    return names
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], what: str) -> None:
