@@ -349,6 +349,14 @@ def _import_cmd(w: World, edit: Callable[[dict], None] | None = None, *extra: ob
             *extra]
 
 
+def _head_cmd(w: World, tensors: dict | None, *extra: object, metadata: dict | None = None) -> list[object]:
+    """`epimer fisher --task encoder-head` with a head file of ``tensors`` (None: no file)."""
+    head = w.work / "head.safetensors"
+    if tensors is not None:
+        save_file(tensors, str(head), metadata=metadata)
+    return [*_fisher_cmd(w), "--task", "encoder-head", "--head", head, *extra]
+
+
 def _missing_transformers(mp: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -574,6 +582,33 @@ CASES: list[Case] = [
     Case("fisher-device-cuda-without-cuda", lambda w, mp: (mp.setattr(torch.cuda, "is_available", lambda: False),
                                                            _lm_cmd(w, [{"text": "hello"}], "--device", "cuda"))[1],
          ("--device cuda", "not available")),
+    # -------------------------------------------------------------- epimer fisher --task encoder-head
+    Case("head-missing", lambda w, mp: _head_cmd(w, None), ("head.safetensors", "not found")),
+    Case("head-without-weight", lambda w, mp: _head_cmd(w, {"w": torch.ones(2, 8)}),
+         ("head.safetensors", "`weight`", "['w']")),
+    Case("head-width-differs", lambda w, mp: _head_cmd(w, {"weight": torch.ones(2, 5)}),
+         ("head.safetensors", "5 columns", "hidden size is 8")),
+    Case("head-bias-shape", lambda w, mp: _head_cmd(w, {"weight": torch.ones(2, 8), "bias": torch.ones(3)}),
+         ("head.safetensors", "'bias'", "[2]")),
+    Case("head-nan", lambda w, mp: _head_cmd(w, {"weight": torch.full((2, 8), float("nan"))}),
+         ("head.safetensors", "NaN")),
+    Case("head-one-class", lambda w, mp: _head_cmd(w, {"weight": torch.ones(1, 8)}),
+         ("head.safetensors", "classes >= 2")),
+    Case("head-labels-metadata-wrong", lambda w, mp: _head_cmd(w, {"weight": torch.ones(2, 8)},
+                                                               metadata={"labels": '["a"]'}),
+         ("head.safetensors", "`labels`", "2 class names")),
+    Case("head-label-out-of-range", lambda w, mp: _head_cmd(w, {"weight": torch.ones(2, 8)}) and [
+        *_fisher_cmd(w, data=b'{"text": "good", "label": 5}\n'), "--task", "encoder-head", "--head",
+        w.work / "head.safetensors"], ("train.jsonl:1", "out of range")),
+    Case("head-for-a-classifier", lambda w, mp: [*_fisher_cmd(w), "--head", w.work / "x.safetensors"],
+         ("--head is read by --task encoder-head only",)),
+    Case("encoder-head-without-head", lambda w, mp: [*_fisher_cmd(w), "--task", "encoder-head"],
+         ("--task encoder-head needs --head FILE",)),
+    Case("config-head-without-encoder-head", lambda w, mp: (_data_config(w), merge_args(w, w.config(
+        "epimer", models=[{"model": "task_0", "data": "train.jsonl", "head": "h.safetensors"}])))[1],
+        ("c.yaml", "`head:` is read only")),
+    Case("config-encoder-head-without-head", lambda w, mp: merge_args(w, _data_config(
+        w, curvature={"task": "encoder-head"})), ("c.yaml", "needs `head: FILE`")),
     # -------------------------------------------------------------- epimer import-fisher
     Case("import-values-missing", lambda w, mp: ["import-fisher", "--model", w.tasks[0], "--values", w.work / "no.st",
                                                   "--out", w.root / "dest" / "f.safetensors", "--num-samples", "1"],

@@ -81,7 +81,7 @@ def with_estimated_curvature(
     for m in config.models:  # every model and data file checked before hours of work
         if m.data is not None:
             read_fisher_inputs(m.model, m.data, opts.text_fields, opts.label_field, opts.estimator, opts.fraction,
-                               opts.seed, task=opts.task, max_length=opts.max_length)
+                               opts.seed, task=opts.task, max_length=opts.max_length, head=m.head, pooling=opts.pooling)
     projected = getattr(config.params, "metric", None) == "projected"
     basis = config.basis
     if projected and basis is None:
@@ -108,8 +108,9 @@ def with_estimated_curvature(
         run_fisher(m.model, m.data, out, text_fields=tuple(opts.text_fields), label_field=opts.label_field,
                    fraction=opts.fraction, seed=opts.seed, batch_size=opts.batch_size, max_length=opts.max_length,
                    estimator=opts.estimator, chunk_size=opts.chunk_size, quiet=quiet, overwrite=overwrite,
-                   threads=threads, basis_file=basis if projected else None, task=opts.task, device=opts.device)
-        models.append(m.model_copy(update={"fisher": out, "data": None}))
+                   threads=threads, basis_file=basis if projected else None, task=opts.task, device=opts.device,
+                   head=m.head, pooling=opts.pooling)
+        models.append(m.model_copy(update={"fisher": out, "data": None, "head": None}))
     estimated = config.model_copy(update={"models": models, "basis": basis, "curvature": None})
     estimated._source = config.source
     return estimated

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,13 +204,15 @@ def _load_tokenizer(model_dir: Path) -> Any:
 
 
 #: What each task loads, and what to say when the checkpoint lacks weights it needs.
-_AUTO = {"sequence-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+_AUTO = {"sequence-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM",
+         "encoder-head": "AutoModel"}
 _WHAT = {"sequence-classification": "a sequence classifier whose checkpoint holds its classification head",
-         "causal-lm": "a causal language model whose checkpoint holds its output layer"}
+         "causal-lm": "a causal language model whose checkpoint holds its output layer",
+         "encoder-head": "an encoder whose checkpoint holds all its weights"}
 
 
-def _load_model(model_dir: Path, config: Any, device: torch.device, task: str = "sequence-classification"
-                ) -> tuple[Any, Any]:
+def _load_model(model_dir: Path, config: Any, device: torch.device, task: str = "sequence-classification",
+                head: tuple[torch.Tensor, torch.Tensor | None] | None = None, pooling: str = "mean") -> tuple[Any, Any]:
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -226,20 +228,30 @@ def _load_model(model_dir: Path, config: Any, device: torch.device, task: str = 
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{model_dir}: cannot load {_WHAT[task]} and its tokenizer ({e})") from None
     missing = sorted(info.get("missing_keys") or [])
+    if task == "encoder-head":  # the head is given; a pooler layer (e.g. BERT's) is never read by mean/cls pooling
+        unused = [k for k in missing if k.startswith("pooler.")]
+        missing = [k for k in missing if k not in unused]
+        for k in unused:  # not in the checkpoint, not in the loss: out of the Fisher
+            model.get_parameter(k).requires_grad_(False)
     if missing:  # transformers would fill them with random values: a Fisher through them is meaningless
-        other = {"sequence-classification": "; for a causal LM pass --task causal-lm",
-                 "causal-lm": ""}[task]
+        other = {"sequence-classification": "; for an encoder fine-tuned with a separate head pass --task "
+                                            "encoder-head --head FILE, for a causal LM --task causal-lm",
+                 "causal-lm": "", "encoder-head": ""}[task]
         raise InputError(f"{model_dir}: {len(missing)} weight(s) of {_AUTO[task]} are not in the checkpoint and "
                          f"would be initialised at random, e.g. {missing[0]!r}; --task {task} needs {_WHAT[task]}"
                          f"{other}")
+    if head is not None:
+        from epimer.curvature.heads import PooledClassifier
+
+        model = PooledClassifier(model, *head, pooling=pooling)
     return model.to(device).eval(), tokenizer
 
 
-def _check_names_against_checkpoint(model_dir: Path, names: Sequence[str], model: Any) -> None:
-    """The Fisher keys must be the checkpoint's names, or the merge could not use the file."""
+def _check_names_against_checkpoint(model_dir: Path, names: Sequence[str], params: Mapping[str, Any]) -> None:
+    """The Fisher keys must be the checkpoint's names, or the merge could not use the file
+    (``params``: name -> parameter, named as the checkpoint should name them)."""
     from epimer.io.reader import open_checkpoint
 
-    params = dict(model.named_parameters())
     with open_checkpoint(model_dir) as ckpt:
         for name in names:
             if name not in ckpt:
@@ -269,7 +281,7 @@ def _check_out_file(out_file: Path, overwrite: bool, model_dir: Path, data_file:
 
 
 #: The task families ``epimer fisher --task`` knows (docs/method.md §4).
-TASKS = ("sequence-classification", "causal-lm")
+TASKS = ("sequence-classification", "causal-lm", "encoder-head")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -285,6 +297,13 @@ class FisherInputs:
     records: list[Any]  # per chosen sample: a Record, or a tokenised causal-LM sequence
     labels: list[int] | None = None
     tokenizer: Any = None
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # encoder-head: the frozen (W, b)
+    pooling: str = "mean"
+
+    @property
+    def prefix(self) -> str:
+        """What the model being differentiated puts before the checkpoint's parameter names."""
+        return "encoder." if self.task == "encoder-head" else ""
 
     def batches(self, start: int, stop: int, tokenizer: Any, batch_size: int, max_length: int
                 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -303,12 +322,17 @@ class FisherInputs:
             from epimer.curvature.causal_lm import causal_lm_loss
 
             return causal_lm_loss
+        if self.task == "encoder-head":
+            from epimer.curvature.heads import pooled_head_loss
+
+            return pooled_head_loss
         return sequence_classification_loss
 
 
 def read_fisher_inputs(
     model_dir: Path, data_file: Path, text_fields: Sequence[str], label_field: str, estimator: str,
     fraction: float, seed: int, *, task: str = "sequence-classification", max_length: int = 128,
+    head: Path | None = None, pooling: str = "mean",
 ) -> FisherInputs:
     """Everything about a Fisher pass's inputs that can be checked without the weights: the
     model's config, the data's samples, the ones chosen and their labels (a classifier with
@@ -316,7 +340,19 @@ def read_fisher_inputs(
     tokenizer). Raises InputError naming the file and line."""
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if (task == "encoder-head") != (head is not None):
+        raise InputError("--task encoder-head needs --head FILE (the head's weight and bias)" if head is None
+                         else f"--head is read by --task encoder-head only (this is --task {task})")
     config = _load_config(model_dir, task)
+    head_tensors = None
+    if head is not None:
+        from epimer.curvature.heads import POOLINGS, read_head
+
+        if pooling not in POOLINGS:
+            raise InputError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
+        weight, bias, names = read_head(head, getattr(config, "hidden_size", None))
+        head_tensors = (weight, bias)
+        label2id, num_labels = {n: i for i, n in enumerate(names or [])}, weight.shape[0]
     if task == "causal-lm":
         from epimer.curvature.causal_lm import encode_sample
 
@@ -328,13 +364,16 @@ def read_fisher_inputs(
     records = read_records(data_file, text_fields, label_field if estimator == "empirical" else None)
     indices = select_fraction(len(records), fraction, seed)
     labels = None
-    if estimator == "empirical":
+    if head is None:
         label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+        num_labels = config.num_labels
+    if estimator == "empirical":
         labels = [
-            label_id(records[i].label, label2id, config.num_labels, f"{data_file}:{records[i].line}")
+            label_id(records[i].label, label2id, num_labels, f"{data_file}:{records[i].line}")
             for i in indices
         ]
-    return FisherInputs(task, config, len(records), indices, [records[i] for i in indices], labels)
+    return FisherInputs(task, config, len(records), indices, [records[i] for i in indices], labels,
+                        head=head_tensors, pooling=pooling)
 
 
 def run_fisher(
@@ -357,6 +396,8 @@ def run_fisher(
     basis_file: Path | None = None,
     task: str = "sequence-classification",
     device: str = "auto",
+    head: Path | None = None,
+    pooling: str = "mean",
 ) -> FisherSums | None:
     """Estimate and write the Fisher file; returns the summed result on rank 0 (None elsewhere).
 
@@ -390,17 +431,20 @@ def run_fisher(
         raise InputError("--device cuda: CUDA is not available to this torch "
                          f"({torch.__version__}); use --device cpu or auto")
     inputs = read_fisher_inputs(model_dir, data_file, text_fields, label_field, estimator, fraction, seed, task=task,
-                                max_length=max_length)
+                                max_length=max_length, head=head, pooling=pooling)
     ensure_writable_folder(out_file.absolute().parent, "Fisher file")
     set_threads(threads)
 
     dist_info = init_from_env(cuda=device != "cpu")
     try:
-        model, tokenizer = _load_model(model_dir, inputs.config, dist_info.device, task)
-        names = [n for n, p in model.named_parameters() if p.requires_grad and (pattern is None or pattern.search(n))]
+        model, tokenizer = _load_model(model_dir, inputs.config, dist_info.device, task, inputs.head, inputs.pooling)
+        # `names` are the checkpoint's; the module being differentiated may wrap it (`prefix`)
+        prefix = inputs.prefix
+        params = {n[len(prefix):]: p for n, p in model.named_parameters() if n.startswith(prefix)}
+        names = [n for n, p in params.items() if p.requires_grad and (pattern is None or pattern.search(n))]
         if not names:
             raise InputError(f"--params {params_regex!r} matches no parameter of the model in {model_dir}")
-        _check_names_against_checkpoint(model_dir, names, model)
+        _check_names_against_checkpoint(model_dir, names, params)
 
         start, stop = shard_bounds(len(inputs.indices), dist_info.rank, dist_info.world_size)
         show = not quiet and dist_info.rank == 0
@@ -413,12 +457,12 @@ def run_fisher(
                 if absent:
                     raise InputError(f"{basis_file}: basis of {absent[0]!r}, which is not among the parameters "
                                      f"estimated from {model_dir} ({len(absent)} such); widen --params")
-                bases = {n: (b.u, b.v) for n in bases_file.names for b in [bases_file.get(n)]}
+                bases = {prefix + n: (b.u, b.v) for n in bases_file.names for b in [bases_file.get(n)]}
             local = fisher_sums(
                 model,
                 inputs.batches(start, stop, tokenizer, batch_size, max_length),
                 inputs.loss,
-                params=names,
+                params=[prefix + n for n in names],
                 estimator=estimator,
                 seed=seed,
                 first_index=start,
@@ -430,10 +474,11 @@ def run_fisher(
         if dist_info.rank != 0:
             dist_info.barrier()  # wait for rank 0's file, so no rank leaves the group early
             return None
-        state = model.state_dict()
+        state = {n: p.detach() for n, p in params.items()}
+        unwrap = lambda d: {n[len(prefix):]: v for n, v in d.items()}  # noqa: E731
         save_fisher(
             out_file,
-            total.mean(),
+            unwrap(total.mean()),
             num_samples=total.count,
             estimator=estimator,
             seed=seed,
@@ -441,7 +486,7 @@ def run_fisher(
             model_fingerprint=combine(per_tensor := tensor_fingerprints(
                 names, lambda n: tuple(state[n].shape), tensor_blocks(state))),
             tensor_fingerprints=per_tensor,
-            projected=total.projected_mean() if bases_file is not None else None,
+            projected=unwrap(total.projected_mean()) if bases_file is not None else None,
             basis_digest=bases_file.digest if bases_file is not None else None,
         )
         if not quiet:
@@ -460,9 +505,15 @@ def run_fisher(
               help="Folder of a transformers model of the --task family (with its tokenizer).")
 @click.option("--task", type=click.Choice(TASKS), default="sequence-classification", show_default=True,
               help="What the model is and its per-sample loss: sequence-classification (cross-entropy of the "
-                   "label) or causal-lm (mean next-token loss on each sample's target tokens: `text`, "
-                   "`prompt` + `completion` or chat `messages`). A checkpoint lacking weights the family "
+                   "label), causal-lm (mean next-token loss on each sample's target tokens: `text`, "
+                   "`prompt` + `completion` or chat `messages`) or encoder-head (a bare encoder and the frozen "
+                   "head it was fine-tuned with: --head, --pooling). A checkpoint lacking weights the family "
                    "needs (a head transformers would initialise at random) is refused.")
+@click.option("--head", type=click.Path(path_type=Path), default=None,
+              help="--task encoder-head: the head the encoder was fine-tuned with, a .safetensors file holding "
+                   "`weight` (classes, hidden) and optionally `bias` (and metadata `labels`: the class names).")
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
+              help="--task encoder-head: how the encoder's last hidden states feed the head.")
 @click.option("--data", "data_file", required=True, type=click.Path(path_type=Path),
               help="Training samples: .jsonl (one JSON object a line) or .csv with a header (classifiers).")
 @click.option("--text-field", "text_fields", multiple=True, default=("text",), show_default=True,

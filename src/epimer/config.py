@@ -49,6 +49,8 @@ class ModelSpec(BaseModel):
                                  "epimer's metric: projected (§3.4)")
     data: Path | None = Field(None, description="training samples (.jsonl or .csv) of this task: the merge "
                                "estimates the model's curvature itself (see `curvature:`) instead of a Fisher file")
+    head: Path | None = Field(None, description="with `data:` and `curvature: {task: encoder-head}`: the head file "
+                               "this encoder was fine-tuned with")
 
     @model_validator(mode="before")
     @classmethod
@@ -67,7 +69,7 @@ class CurvatureSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    task: Literal["sequence-classification", "causal-lm"] = Field(
+    task: Literal["sequence-classification", "causal-lm", "encoder-head"] = Field(
         "sequence-classification", description="the models' family and per-sample loss (`epimer fisher --task`)")
     fraction: float = Field(1.0, gt=0, le=1, description="share of each data file used (a seeded shuffle's prefix)")
     seed: int = Field(0, description="seeds the shuffle and the true-Fisher labels")
@@ -79,6 +81,7 @@ class CurvatureSpec(BaseModel):
     label_field: str = "label"
     chunk_size: int = Field(8, ge=1, description="samples per vectorised gradient call")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the models run for the pass")
+    pooling: Literal["mean", "cls"] = Field("mean", description="encoder-head: how hidden states feed the head")
 
 
 class MergeConfig(BaseModel):
@@ -131,6 +134,15 @@ class MergeConfig(BaseModel):
         if with_data and not method.requires_fisher(params):
             raise ValueError(f"model {with_data[0].model}: `data:` is read only by a merge that needs curvature "
                              f"(method {self.method!r} with these parameters does not); remove it")
+        heads = self.curvature is not None and self.curvature.task == "encoder-head"
+        stray = next((m for m in self.models if m.head is not None and (m.data is None or not heads)), None)
+        if stray is not None:
+            raise ValueError(f"model {stray.model}: `head:` is read only with `data:` and `curvature: {{task: "
+                             "encoder-head}`; remove it")
+        headless = next((m for m in with_data if heads and m.head is None), None)
+        if headless is not None:
+            raise ValueError(f"model {headless.model}: `curvature: {{task: encoder-head}}` needs `head: FILE` (the "
+                             "head this encoder was fine-tuned with) on every model with `data:`")
         if self.curvature is not None and not with_data:
             raise ValueError("`curvature:` sets up the curvature pass of models given `data:`, and no model has "
                              "`data:`; remove it")
@@ -191,6 +203,8 @@ class MergeConfig(BaseModel):
                 items.append((f"Fisher file of model {i + 1}", m.fisher))
             if m.data is not None:
                 items.append((f"data of model {i + 1}", m.data))
+            if m.head is not None:
+                items.append((f"head of model {i + 1}", m.head))
         if self.basis is not None:
             items.append(("basis file", self.basis))
         if self._source is not None:
@@ -213,7 +227,8 @@ class MergeConfig(BaseModel):
                 "basis": fix(self.basis),
                 "base_model": fix(self.base_model),
                 "models": [
-                    m.model_copy(update={"model": fix(m.model), "fisher": fix(m.fisher), "data": fix(m.data)})
+                    m.model_copy(update={"model": fix(m.model), "fisher": fix(m.fisher), "data": fix(m.data),
+                                         "head": fix(m.head)})
                     for m in self.models
                 ],
             }

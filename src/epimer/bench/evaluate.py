@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from epimer.bench.data import TaskData
+from epimer.curvature.heads import mean_pool
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,6 @@ def encode(tokenizer: object, data: TaskData, max_length: int) -> Encoded:
     pad_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
     return Encoded(data.name, [list(x) for x in out["input_ids"]], torch.tensor(data.labels, dtype=torch.long),
                    int(pad_id if pad_id is not None else 0))
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention-masked mean over tokens: (B, L, H), (B, L) -> (B, H)."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def pooled(encoder: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

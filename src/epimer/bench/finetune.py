@@ -47,7 +47,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from epimer.bench.data import Splits, TaskData
-from epimer.bench.evaluate import Encoded, Head, accuracy_of_features, encode, features, mean_pool, pooled
+from epimer.bench.evaluate import Encoded, Head, accuracy_of_features, encode, features, pooled
+from epimer.curvature.heads import PooledClassifier, pooled_head_loss
 from epimer.errors import InputError
 from epimer.fingerprint import fingerprint_tensors
 
@@ -454,37 +455,6 @@ class FisherSettings:
         return {"fraction": self.fraction, "estimator": self.estimator, "seed": self.seed}
 
 
-class PooledClassifier(nn.Module):
-    """encoder → attention-masked mean pool → frozen linear head: the task's classifier.
-
-    ``attention_mask`` goes to the encoder as given (the Fisher's loss passes the additive
-    4-D mask that vmap needs); ``pool_mask`` is the 2-D 0/1 mask of the pooling.
-    """
-
-    def __init__(self, encoder: nn.Module, head: Head) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.register_buffer("head_weight", head.weight.clone())  # (C, H)
-        self.register_buffer("head_bias", head.bias.clone())  # (C,)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        return mean_pool(hidden, pool_mask) @ self.head_weight.T + self.head_bias  # (B, C)
-
-
-def _pooled_head_loss() -> Any:
-    from epimer.curvature.fisher import CrossEntropyLoss
-
-    class PooledHeadLoss(CrossEntropyLoss):
-        """Per-sample cross-entropy of a `PooledClassifier`: the encoder gets the additive
-        4-D mask (vmap-safe), the pooling keeps the 0/1 mask."""
-
-        def prepare_batch(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {**super().prepare_batch(model, batch), "pool_mask": batch["attention_mask"]}
-
-    return PooledHeadLoss(additive_padding_mask=True)
-
-
 def fisher_path(task: TaskModel, fs: FisherSettings) -> Path:
     return task.folder / f"fisher-{cache_key(fs.key())}.safetensors"
 
@@ -506,7 +476,7 @@ def _curvature_setup(task: TaskModel, model_path: Path, train: TaskData, fs: Fis
         for idx in data.by_length(fs.batch_size):
             yield {**data.batch(idx), "labels": data.labels[idx]}
 
-    return PooledClassifier(encoder, task.head), names, batches, len(data)
+    return PooledClassifier(encoder, task.head.weight, task.head.bias), names, batches, len(data)
 
 
 def task_fisher(
@@ -540,7 +510,7 @@ def task_fisher(
         return fisher
     model, names, batches, count = _curvature_setup(task, model_path, train, fs, settings, tokenizer)
 
-    raw = estimate_fisher(model, batches(), _pooled_head_loss(), params=[f"encoder.{n}" for n in names],
+    raw = estimate_fisher(model, batches(), pooled_head_loss, params=[f"encoder.{n}" for n in names],
                           estimator=fs.estimator, seed=fs.seed, chunk_size=fs.chunk_size, progress=advance)
     fisher = {n: raw[f"encoder.{n}"] for n in names}
     save_fisher(path, fisher, num_samples=count, estimator=fs.estimator, seed=fs.seed, fraction=fs.fraction,
@@ -574,7 +544,7 @@ def task_projected_metrics(
     model, names, batches, count = _curvature_setup(task, model_path, train, fs, settings, tokenizer)
 
     wanted = {f"encoder.{n}": (b.u, b.v) for n in bases.names for b in [bases.get(n)] if n in names}
-    projected, _ = estimate_projected_metrics(model, batches(), _pooled_head_loss(), wanted,
+    projected, _ = estimate_projected_metrics(model, batches(), pooled_head_loss, wanted,
                                               params=[f"encoder.{n}" for n in names], estimator=fs.estimator,
                                               seed=fs.seed, chunk_size=fs.chunk_size, progress=advance)
     metrics = {n[len("encoder."):]: h for n, h in projected.items()}

@@ -101,6 +101,8 @@ def _resolved_config_yaml(config: MergeConfig, params: MethodParams, report: Mer
             spec["fisher"] = _shown(m.fisher, out)
         if m.data is not None:
             spec["data"] = _shown(m.data, out)
+        if m.head is not None:
+            spec["head"] = _shown(m.head, out)
     if config.basis is not None:
         data["basis"] = _shown(config.basis, out)
     data["parameters"] = params.model_dump(mode="json")
