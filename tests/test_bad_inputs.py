@@ -357,6 +357,37 @@ def _head_cmd(w: World, tensors: dict | None, *extra: object, metadata: dict | N
     return [*_fisher_cmd(w), "--task", "encoder-head", "--head", head, *extra]
 
 
+def _image_cmd(w: World, task: str, layout: str, *extra: object) -> list[object]:
+    """`epimer fisher` on an image model's config (all the data checks read) and image data
+    laid out as ``layout``: "folder", "one-class", "empty-class", "jsonl-missing", "jsonl-garbage"."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    model = w.work / "vision_model"
+    if task == "clip-zero-shot":
+        transformers.CLIPConfig().save_pretrained(model)
+    else:
+        transformers.ViTConfig(num_labels=2, label2id={"a": 0, "b": 1}, id2label={0: "a", 1: "b"}).save_pretrained(model)
+    data = w.work / "images"
+    classes = {"folder": ["a", "b"], "one-class": ["a"], "empty-class": ["a", "b"]}.get(layout, [])
+    for c in classes:
+        (data / c).mkdir(parents=True, exist_ok=True)
+        if not (layout == "empty-class" and c == "b"):
+            Image.new("RGB", (4, 4)).save(data / c / "0.png")
+    if layout.startswith("jsonl"):
+        data = w.work / "images.jsonl"
+        (w.work / "garbage.png").write_bytes(b"not an image")
+        image = "garbage.png" if layout == "jsonl-garbage" else "nowhere.png"
+        data.write_text(json.dumps({"image": image, "label": "a"}) + "\n")
+    w.out = w.root / "dest" / "img.fisher.safetensors"
+    return ["fisher", "--task", task, "--model", model, "--data", data, "--out", w.out, "-q", *extra]
+
+
+def _lines(w: World, name: str, text: str) -> Path:
+    (w.work / name).write_text(text)
+    return w.work / name
+
+
 def _missing_transformers(mp: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -609,6 +640,29 @@ CASES: list[Case] = [
         ("c.yaml", "`head:` is read only")),
     Case("config-encoder-head-without-head", lambda w, mp: merge_args(w, _data_config(
         w, curvature={"task": "encoder-head"})), ("c.yaml", "needs `head: FILE`")),
+    # -------------------------------------------------------------- epimer fisher, image tasks
+    Case("images-one-class", lambda w, mp: _image_cmd(w, "image-classification", "one-class"),
+         ("images", "at least 2")),
+    Case("images-empty-class", lambda w, mp: _image_cmd(w, "image-classification", "empty-class"),
+         ("images/b", "no image files")),
+    Case("images-jsonl-image-missing", lambda w, mp: _image_cmd(w, "image-classification", "jsonl-missing"),
+         ("images.jsonl:1", "nowhere.png", "not found")),
+    Case("images-label-unknown", lambda w, mp: _image_cmd(w, "clip-zero-shot", "folder", "--classes",
+                                                          _lines(w, "classes.txt", "x\ny\n")),
+         ("images", "unknown label 'a'")),
+    Case("clip-jsonl-without-classes", lambda w, mp: _image_cmd(w, "clip-zero-shot", "jsonl-missing"),
+         ("images.jsonl", "--classes FILE")),
+    Case("clip-template-without-slot", lambda w, mp: _image_cmd(w, "clip-zero-shot", "folder", "--templates",
+                                                                _lines(w, "t.txt", "a photo\n")),
+         ("t.txt", "exactly one {}")),
+    Case("clip-classes-file-missing", lambda w, mp: _image_cmd(w, "clip-zero-shot", "folder", "--classes",
+                                                               w.work / "nope.txt"), ("nope.txt", "not found")),
+    Case("clip-options-for-another-task", lambda w, mp: _image_cmd(w, "image-classification", "folder", "--templates",
+                                                                   _lines(w, "t.txt", "{}\n")),
+         ("--templates", "clip-zero-shot only")),
+    Case("clip-text-model-not-clip", lambda w, mp: _image_cmd(w, "clip-zero-shot", "folder", "--text-model",
+                                                              _fisher_cmd(w)[2]),
+         ("clf", "full CLIP checkpoint")),
     # -------------------------------------------------------------- epimer import-fisher
     Case("import-values-missing", lambda w, mp: ["import-fisher", "--model", w.tasks[0], "--values", w.work / "no.st",
                                                   "--out", w.root / "dest" / "f.safetensors", "--num-samples", "1"],

@@ -78,10 +78,13 @@ def with_estimated_curvature(
                          "run `epimer basis`, `epimer fisher` and `epimer merge` as separate steps")
     require_packages("estimating curvature in the merge (models with `data:`)", "hf", "transformers")
     opts = config.curvature or CurvatureSpec()
+    if opts.task in ("image-classification", "clip-zero-shot"):
+        require_packages(f"estimating curvature of images (curvature: {{task: {opts.task}}})", "vision", "PIL")
     for m in config.models:  # every model and data file checked before hours of work
         if m.data is not None:
             read_fisher_inputs(m.model, m.data, opts.text_fields, opts.label_field, opts.estimator, opts.fraction,
-                               opts.seed, task=opts.task, max_length=opts.max_length, head=m.head, pooling=opts.pooling)
+                               opts.seed, task=opts.task, max_length=opts.max_length, head=m.head, pooling=opts.pooling,
+                               classes=opts.classes, templates=opts.templates, text_model=opts.text_model)
     projected = getattr(config.params, "metric", None) == "projected"
     basis = config.basis
     if projected and basis is None:
@@ -109,7 +112,8 @@ def with_estimated_curvature(
                    fraction=opts.fraction, seed=opts.seed, batch_size=opts.batch_size, max_length=opts.max_length,
                    estimator=opts.estimator, chunk_size=opts.chunk_size, quiet=quiet, overwrite=overwrite,
                    threads=threads, basis_file=basis if projected else None, task=opts.task, device=opts.device,
-                   head=m.head, pooling=opts.pooling)
+                   head=m.head, pooling=opts.pooling, classes=opts.classes, templates=opts.templates,
+                   text_model=opts.text_model)
         models.append(m.model_copy(update={"fisher": out, "data": None, "head": None}))
     estimated = config.model_copy(update={"models": models, "basis": basis, "curvature": None})
     estimated._source = config.source

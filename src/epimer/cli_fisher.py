@@ -13,8 +13,6 @@ command runs), so ``epimer`` lists the command and can say which extra to instal
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import re
 import sys
@@ -39,128 +37,10 @@ from epimer.io.fisher import save_fisher, tensor_fingerprints
 from epimer.cli_options import require_packages, set_threads
 from epimer.distributed import init_from_env, shutdown
 from epimer.errors import InputError
+from epimer.io.data import Record, label_id, read_records, read_rows
 from epimer.progress import sample_bar
 from epimer.io.outdir import ensure_writable_folder
 from epimer.fingerprint import combine, tensor_blocks
-
-DATA_SUFFIXES = (".jsonl", ".csv")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One sample of the data file: its text field(s), raw label and line number."""
-
-    texts: tuple[str, ...]
-    label: Any
-    line: int
-
-
-def read_records(path: Path, text_fields: Sequence[str], label_field: str | None) -> list[Record]:
-    """Samples of a .jsonl (one JSON object a line) or .csv (with a header) file.
-
-    ``label_field=None`` reads no labels (``estimator="true"`` draws them from the model).
-    """
-    if not path.is_file():
-        raise InputError(f"{path}: data file not found")
-    fields = [*text_fields, *([label_field] if label_field else [])]
-    if path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
-    elif path.suffix == ".csv":
-        rows = _csv_rows(path, fields)
-    else:
-        raise InputError(f"{path}: unsupported data file type {path.suffix!r}; use {' or '.join(DATA_SUFFIXES)}")
-    records = []
-    for line, row in rows:
-        for field in fields:
-            if field not in row:
-                raise InputError(f"{path}:{line}: no field {field!r} (fields: {', '.join(map(str, row))})")
-        texts = tuple(row[f] for f in text_fields)
-        for field, text in zip(text_fields, texts):
-            if not isinstance(text, str):
-                raise InputError(f"{path}:{line}: field {field!r} is {type(text).__name__}, expected text")
-        records.append(Record(texts, row[label_field] if label_field else None, line))
-    if not records:
-        raise InputError(f"{path}: no samples in the data file")
-    return records
-
-
-def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line, JSON object) of every sample of a .jsonl file (causal-LM data: nested fields)."""
-    if not path.is_file():
-        raise InputError(f"{path}: data file not found")
-    if path.suffix != ".jsonl":
-        raise InputError(f"{path}: causal-LM data is a .jsonl file (one JSON object a line); got {path.suffix!r}")
-    rows = list(_jsonl_rows(path))
-    if not rows:
-        raise InputError(f"{path}: no samples in the data file")
-    return rows
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        with path.open(encoding="utf-8-sig") as f:  # -sig: a byte order mark is not data
-            for line, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
-                yield line, row
-    except UnicodeDecodeError:
-        raise _not_utf8(path) from None
-
-
-def _csv_rows(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            for field in fields:
-                if field not in columns:
-                    raise InputError(f"{path}:1: no column {field!r} (columns: {', '.join(columns) or 'none'})")
-            for row in reader:
-                yield reader.line_num, row
-    except UnicodeDecodeError:
-        raise _not_utf8(path) from None
-
-
-def _not_utf8(path: Path) -> InputError:
-    """The error for a data file that is not UTF-8, naming its first undecodable line (the
-    text reader decodes in blocks, so its position is found again line by line: no UTF-8
-    character holds a newline byte)."""
-    with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                byte = raw[e.start]
-                return InputError(
-                    f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at column {e.start + 1}); "
-                    "save the file as UTF-8"
-                )
-    return InputError(f"{path}: not UTF-8 text; save the file as UTF-8")  # pragma: no cover
-
-
-def label_id(raw: Any, label2id: dict[str, int], num_labels: int, where: str) -> int:
-    """Class index of a label: an int, a name in config.label2id, or an integer written as text."""
-    if isinstance(raw, str) and raw in label2id:
-        idx = int(label2id[raw])
-    elif isinstance(raw, int) and not isinstance(raw, bool):
-        idx = raw
-    elif isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
-        idx = int(raw)
-    else:
-        names = ", ".join(repr(k) for k in sorted(label2id))
-        raise InputError(
-            f"{where}: unknown label {raw!r}; the model's labels are {names} or integers 0..{num_labels - 1}"
-        )
-    if not 0 <= idx < num_labels:
-        raise InputError(f"{where}: label {raw!r} is out of range for a model with {num_labels} labels")
-    return idx
-
 
 def _batches(
     records: Sequence[Record], labels: Sequence[int] | None, tokenizer: Any, batch_size: int, max_length: int
@@ -186,7 +66,7 @@ def _load_config(model_dir: Path, task: str = "sequence-classification") -> Any:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{model_dir}: cannot read config.json ({e})") from None
-    if task == "sequence-classification" and config.num_labels < 2:
+    if task in ("sequence-classification", "image-classification") and config.num_labels < 2:
         raise InputError(
             f"{model_dir}: the model has {config.num_labels} output(s); the Fisher uses the "
             "cross-entropy of a classifier with at least 2 labels"
@@ -205,14 +85,21 @@ def _load_tokenizer(model_dir: Path) -> Any:
 
 #: What each task loads, and what to say when the checkpoint lacks weights it needs.
 _AUTO = {"sequence-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM",
-         "encoder-head": "AutoModel"}
+         "encoder-head": "AutoModel", "image-classification": "AutoModelForImageClassification",
+         "clip-zero-shot": "CLIPModel"}
 _WHAT = {"sequence-classification": "a sequence classifier whose checkpoint holds its classification head",
          "causal-lm": "a causal language model whose checkpoint holds its output layer",
-         "encoder-head": "an encoder whose checkpoint holds all its weights"}
+         "encoder-head": "an encoder whose checkpoint holds all its weights",
+         "image-classification": "an image classifier whose checkpoint holds its classification head",
+         "clip-zero-shot": "a CLIP checkpoint"}
 
 
 def _load_model(model_dir: Path, config: Any, device: torch.device, task: str = "sequence-classification",
-                head: tuple[torch.Tensor, torch.Tensor | None] | None = None, pooling: str = "mean") -> tuple[Any, Any]:
+                head: tuple[torch.Tensor, torch.Tensor | None] | None = None, pooling: str = "mean",
+                inputs: FisherInputs | None = None) -> tuple[Any, Any]:
+    if task in IMAGE_TASKS:
+        assert inputs is not None
+        return _load_image_model(model_dir, config, device, inputs)
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -245,6 +132,78 @@ def _load_model(model_dir: Path, config: Any, device: torch.device, task: str = 
 
         model = PooledClassifier(model, *head, pooling=pooling)
     return model.to(device).eval(), tokenizer
+
+
+def _from_pretrained(auto: Any, model_dir: Path, task: str, what: str, **kwargs: Any) -> Any:
+    """``auto.from_pretrained`` in float32, refusing a checkpoint that lacks weights (random init)."""
+    try:
+        model, info = auto.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32,
+                                           output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{model_dir}: cannot load {what} ({e})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise InputError(f"{model_dir}: {len(missing)} weight(s) of {auto.__name__} are not in the checkpoint and "
+                         f"would be initialised at random, e.g. {missing[0]!r}; --task {task} needs {what}")
+    return model
+
+
+def _load_image_model(model_dir: Path, config: Any, device: torch.device, inputs: FisherInputs) -> tuple[Any, Any]:
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    processor_dir = inputs.text_model if inputs.task == "clip-zero-shot" and inputs.text_model else model_dir
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(model_dir if (model_dir / "preprocessor_config.json")
+                                                                    .is_file() else processor_dir,
+                                                                    local_files_only=True, use_fast=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{model_dir}: cannot load the model's image processor ({e})") from None
+    if inputs.task == "image-classification":
+        model = _from_pretrained(transformers.AutoModelForImageClassification, model_dir, inputs.task,
+                                 _WHAT[inputs.task], config=config, attn_implementation="eager")
+        return model.to(device).eval(), processor
+    from epimer.curvature.vision import CLIPZeroShot, zero_shot_head
+
+    full = config.model_type == "clip"
+    tower = _from_pretrained(transformers.CLIPModel if full else transformers.CLIPVisionModelWithProjection,
+                             model_dir, inputs.task, "a CLIP checkpoint (full, or vision-only with --text-model)",
+                             attn_implementation="eager")
+    text = tower if inputs.text_model is None else _from_pretrained(
+        transformers.CLIPModel, inputs.text_model, inputs.task, "a full CLIP checkpoint", attn_implementation="eager")
+    tokenizer = _load_tokenizer(inputs.text_model or model_dir)
+    assert inputs.classes is not None
+    head = zero_shot_head(text.eval(), tokenizer, inputs.classes, inputs.templates)
+    model = CLIPZeroShot(tower.vision_model, tower.visual_projection, head, float(text.logit_scale.detach()))
+    return model.to(device).eval(), processor
+
+
+def checkpoint_names(model: Any, params: Mapping[str, torch.Tensor], model_dir: Path) -> dict[str, str]:
+    """Loaded parameter name -> the checkpoint's name of the same tensor. transformers (5 and
+    later) may rename a checkpoint's tensors on loading (and renames them back on saving);
+    its own reverse mapping is applied here. A parameter that transformers *converts* rather
+    than renames (fused, split or rescaled on loading) is refused: its Fisher would not be the
+    checkpoint tensor's."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: names are the checkpoint's
+        return {n: n for n in params}
+    if not hasattr(model, "config"):  # not a transformers model (a wrapper holding its parts)
+        return {n: n for n in params}
+    reverted = revert_weight_conversion(model, dict(params))
+    by_id = {id(t): n for n, t in params.items()}
+    out: dict[str, str] = {}
+    for name, t in reverted.items():
+        loaded = by_id.get(id(t))
+        if loaded is None:
+            raise InputError(f"{model_dir}: transformers converts checkpoint tensor {name!r} on loading (not a plain "
+                             "rename), so a Fisher of the loaded parameter is not that tensor's; not supported")
+        out[loaded] = name
+    missing = [n for n in params if n not in out]
+    if missing:
+        raise InputError(f"{model_dir}: cannot tell which checkpoint tensor parameter {missing[0]!r} was loaded from")
+    return out
 
 
 def _check_names_against_checkpoint(model_dir: Path, names: Sequence[str], params: Mapping[str, Any]) -> None:
@@ -281,7 +240,8 @@ def _check_out_file(out_file: Path, overwrite: bool, model_dir: Path, data_file:
 
 
 #: The task families ``epimer fisher --task`` knows (docs/method.md §4).
-TASKS = ("sequence-classification", "causal-lm", "encoder-head")
+TASKS = ("sequence-classification", "causal-lm", "encoder-head", "image-classification", "clip-zero-shot")
+IMAGE_TASKS = ("image-classification", "clip-zero-shot")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -299,6 +259,9 @@ class FisherInputs:
     tokenizer: Any = None
     head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # encoder-head: the frozen (W, b)
     pooling: str = "mean"
+    classes: list[str] | None = None  # clip-zero-shot: the class names, in label order
+    templates: tuple[str, ...] = ()
+    text_model: Path | None = None
 
     @property
     def prefix(self) -> str:
@@ -314,6 +277,10 @@ class FisherInputs:
             pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
             return batches(self.records[start:stop], batch_size, pad)
         labels = self.labels[start:stop] if self.labels is not None else None
+        if self.task in IMAGE_TASKS:  # `tokenizer` is the image processor
+            from epimer.curvature.vision import image_batches
+
+            return image_batches(self.records[start:stop], labels, tokenizer, batch_size)
         return _batches(self.records[start:stop], labels, tokenizer, batch_size, max_length)
 
     @property
@@ -326,13 +293,18 @@ class FisherInputs:
             from epimer.curvature.heads import pooled_head_loss
 
             return pooled_head_loss
-        return sequence_classification_loss
+        if self.task == "clip-zero-shot":
+            from epimer.curvature.fisher import cross_entropy_loss
+
+            return cross_entropy_loss
+        return sequence_classification_loss  # (an image classifier's logits too; it has no attention mask)
 
 
 def read_fisher_inputs(
     model_dir: Path, data_file: Path, text_fields: Sequence[str], label_field: str, estimator: str,
     fraction: float, seed: int, *, task: str = "sequence-classification", max_length: int = 128,
-    head: Path | None = None, pooling: str = "mean",
+    head: Path | None = None, pooling: str = "mean", classes: Path | None = None, templates: Path | None = None,
+    text_model: Path | None = None,
 ) -> FisherInputs:
     """Everything about a Fisher pass's inputs that can be checked without the weights: the
     model's config, the data's samples, the ones chosen and their labels (a classifier with
@@ -343,7 +315,13 @@ def read_fisher_inputs(
     if (task == "encoder-head") != (head is not None):
         raise InputError("--task encoder-head needs --head FILE (the head's weight and bias)" if head is None
                          else f"--head is read by --task encoder-head only (this is --task {task})")
+    if task != "clip-zero-shot" and (classes, templates, text_model) != (None, None, None):
+        raise InputError(f"--classes, --templates and --text-model are read by --task clip-zero-shot only (this is "
+                         f"--task {task})")
     config = _load_config(model_dir, task)
+    if task in IMAGE_TASKS:
+        return _image_inputs(task, config, model_dir, data_file, estimator, fraction, seed, classes, templates,
+                             text_model)
     head_tensors = None
     if head is not None:
         from epimer.curvature.heads import POOLINGS, read_head
@@ -376,6 +354,37 @@ def read_fisher_inputs(
                         head=head_tensors, pooling=pooling)
 
 
+def _image_inputs(task: str, config: Any, model_dir: Path, data_file: Path, estimator: str, fraction: float,
+                  seed: int, classes: Path | None, templates: Path | None, text_model: Path | None) -> FisherInputs:
+    from epimer.curvature import vision
+
+    samples, folder_classes = vision.read_images(data_file)
+    indices = select_fraction(len(samples), fraction, seed)
+    chosen = [samples[i] for i in indices]
+    names, prompts = None, ()
+    if task == "clip-zero-shot":
+        names = vision.class_names(classes, folder_classes, data_file)
+        prompts = tuple(vision.read_lines(templates, "prompt template")) if templates else vision.DEFAULT_TEMPLATES
+        vision.check_templates(prompts, str(templates or "default templates"))
+        if getattr(config, "model_type", None) != "clip" and text_model is None:
+            raise InputError(f"{model_dir}: a vision-only CLIP checkpoint has no text tower to build the zero-shot "
+                             "head; pass --text-model DIR (the CLIP it was fine-tuned from)")
+        if text_model is not None and getattr(_load_config(text_model, task), "model_type", None) != "clip":
+            raise InputError(f"{text_model}: --text-model must be a full CLIP checkpoint (model_type 'clip')")
+        label2id, num_labels = {n: i for i, n in enumerate(names)}, len(names)
+    else:
+        label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+        num_labels = config.num_labels
+    missing = next((s for s in chosen if not s.path.is_file()), None)
+    if missing is not None:
+        raise InputError(f"{missing.where}: image {missing.path} not found")
+    labels = None
+    if estimator == "empirical":
+        labels = [label_id(s.label, label2id, num_labels, s.where) for s in chosen]
+    return FisherInputs(task, config, len(samples), indices, chosen, labels, classes=names, templates=prompts,
+                        text_model=text_model)
+
+
 def run_fisher(
     model_dir: Path,
     data_file: Path,
@@ -398,6 +407,9 @@ def run_fisher(
     device: str = "auto",
     head: Path | None = None,
     pooling: str = "mean",
+    classes: Path | None = None,
+    templates: Path | None = None,
+    text_model: Path | None = None,
 ) -> FisherSums | None:
     """Estimate and write the Fisher file; returns the summed result on rank 0 (None elsewhere).
 
@@ -431,16 +443,25 @@ def run_fisher(
         raise InputError("--device cuda: CUDA is not available to this torch "
                          f"({torch.__version__}); use --device cpu or auto")
     inputs = read_fisher_inputs(model_dir, data_file, text_fields, label_field, estimator, fraction, seed, task=task,
-                                max_length=max_length, head=head, pooling=pooling)
+                                max_length=max_length, head=head, pooling=pooling, classes=classes,
+                                templates=templates, text_model=text_model)
     ensure_writable_folder(out_file.absolute().parent, "Fisher file")
     set_threads(threads)
 
     dist_info = init_from_env(cuda=device != "cpu")
     try:
-        model, tokenizer = _load_model(model_dir, inputs.config, dist_info.device, task, inputs.head, inputs.pooling)
+        model, tokenizer = _load_model(model_dir, inputs.config, dist_info.device, task, inputs.head, inputs.pooling,
+                                       inputs)
         # `names` are the checkpoint's; the module being differentiated may wrap it (`prefix`)
+        # `names` are the checkpoint's: the module being differentiated may wrap the model (a
+        # prefix), and transformers may have renamed the checkpoint's tensors on loading
         prefix = inputs.prefix
-        params = {n[len(prefix):]: p for n, p in model.named_parameters() if n.startswith(prefix)}
+        loaded = {n: p for n, p in model.named_parameters() if n.startswith(prefix)}
+        renamed = checkpoint_names(model.encoder if prefix else model, {n[len(prefix):]: p for n, p in loaded.items()},
+                                   model_dir)
+        ckpt_of = {n: renamed[n[len(prefix):]] for n in loaded}  # module's name -> checkpoint's name
+        model_of = {c: n for n, c in ckpt_of.items()}
+        params = {ckpt_of[n]: p for n, p in loaded.items()}
         names = [n for n, p in params.items() if p.requires_grad and (pattern is None or pattern.search(n))]
         if not names:
             raise InputError(f"--params {params_regex!r} matches no parameter of the model in {model_dir}")
@@ -457,12 +478,12 @@ def run_fisher(
                 if absent:
                     raise InputError(f"{basis_file}: basis of {absent[0]!r}, which is not among the parameters "
                                      f"estimated from {model_dir} ({len(absent)} such); widen --params")
-                bases = {prefix + n: (b.u, b.v) for n in bases_file.names for b in [bases_file.get(n)]}
+                bases = {model_of[n]: (b.u, b.v) for n in bases_file.names for b in [bases_file.get(n)]}
             local = fisher_sums(
                 model,
                 inputs.batches(start, stop, tokenizer, batch_size, max_length),
                 inputs.loss,
-                params=[prefix + n for n in names],
+                params=[model_of[n] for n in names],
                 estimator=estimator,
                 seed=seed,
                 first_index=start,
@@ -475,7 +496,7 @@ def run_fisher(
             dist_info.barrier()  # wait for rank 0's file, so no rank leaves the group early
             return None
         state = {n: p.detach() for n, p in params.items()}
-        unwrap = lambda d: {n[len(prefix):]: v for n, v in d.items()}  # noqa: E731
+        unwrap = lambda d: {ckpt_of[n]: v for n, v in d.items()}  # noqa: E731
         save_fisher(
             out_file,
             unwrap(total.mean()),
@@ -506,16 +527,28 @@ def run_fisher(
 @click.option("--task", type=click.Choice(TASKS), default="sequence-classification", show_default=True,
               help="What the model is and its per-sample loss: sequence-classification (cross-entropy of the "
                    "label), causal-lm (mean next-token loss on each sample's target tokens: `text`, "
-                   "`prompt` + `completion` or chat `messages`) or encoder-head (a bare encoder and the frozen "
-                   "head it was fine-tuned with: --head, --pooling). A checkpoint lacking weights the family "
+                   "`prompt` + `completion` or chat `messages`), encoder-head (a bare encoder and the frozen "
+                   "head it was fine-tuned with: --head, --pooling), image-classification, or clip-zero-shot (the "
+                   "image tower under a zero-shot head built from class names and prompt templates by the text "
+                   "tower: --classes, --templates, --text-model). A checkpoint lacking weights the family "
                    "needs (a head transformers would initialise at random) is refused.")
 @click.option("--head", type=click.Path(path_type=Path), default=None,
               help="--task encoder-head: the head the encoder was fine-tuned with, a .safetensors file holding "
                    "`weight` (classes, hidden) and optionally `bias` (and metadata `labels`: the class names).")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
               help="--task encoder-head: how the encoder's last hidden states feed the head.")
+@click.option("--classes", type=click.Path(path_type=Path), default=None,
+              help="--task clip-zero-shot: class names, one a line in label order (default: the image folder's "
+                   "class folders).")
+@click.option("--templates", type=click.Path(path_type=Path), default=None,
+              help="--task clip-zero-shot: prompt templates, one a line, each with one {} for the class name "
+                   "(default: 7 common ones, docs/method.md §4).")
+@click.option("--text-model", type=click.Path(path_type=Path), default=None,
+              help="--task clip-zero-shot: the full CLIP whose text tower builds the head (default: --model "
+                   "itself; needed for a vision-only checkpoint).")
 @click.option("--data", "data_file", required=True, type=click.Path(path_type=Path),
-              help="Training samples: .jsonl (one JSON object a line) or .csv with a header (classifiers).")
+              help="Training samples: .jsonl (one JSON object a line) or .csv with a header (text classifiers); "
+                   "for images a folder of class folders or a .jsonl of {\"image\": PATH, \"label\": ...}.")
 @click.option("--text-field", "text_fields", multiple=True, default=("text",), show_default=True,
               help="Field holding the text; give it twice for sentence pairs.")
 @click.option("--label-field", default="label", show_default=True,
@@ -553,6 +586,8 @@ def fisher_command(ctx: click.Context, **options: Any) -> None:
     # Errors go to the ``epimer`` group's one boundary (exit 2 for bad input, one line), which
     # `standalone` puts around ``python -m epimer.cli_fisher`` too.
     require_packages("epimer fisher", "hf", "transformers")
+    if options["task"] in IMAGE_TASKS:
+        require_packages(f"epimer fisher --task {options['task']}", "vision", "PIL")
     run_fisher(
         options.pop("model_dir"), options.pop("data_file"), options.pop("out_file"),
         text_fields=tuple(options.pop("text_fields")), **options,

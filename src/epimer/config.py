@@ -69,7 +69,8 @@ class CurvatureSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    task: Literal["sequence-classification", "causal-lm", "encoder-head"] = Field(
+    task: Literal["sequence-classification", "causal-lm", "encoder-head", "image-classification",
+                  "clip-zero-shot"] = Field(
         "sequence-classification", description="the models' family and per-sample loss (`epimer fisher --task`)")
     fraction: float = Field(1.0, gt=0, le=1, description="share of each data file used (a seeded shuffle's prefix)")
     seed: int = Field(0, description="seeds the shuffle and the true-Fisher labels")
@@ -82,6 +83,10 @@ class CurvatureSpec(BaseModel):
     chunk_size: int = Field(8, ge=1, description="samples per vectorised gradient call")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the models run for the pass")
     pooling: Literal["mean", "cls"] = Field("mean", description="encoder-head: how hidden states feed the head")
+    classes: Path | None = Field(None, description="clip-zero-shot: class names, one a line (default: the image "
+                                 "folder's class folders)")
+    templates: Path | None = Field(None, description="clip-zero-shot: prompt templates, one a line")
+    text_model: Path | None = Field(None, description="clip-zero-shot: the full CLIP whose text tower builds the head")
 
 
 class MergeConfig(BaseModel):
@@ -222,8 +227,13 @@ class MergeConfig(BaseModel):
             # loop is reported by the reader as bad input, not raised here)
             return None if p is None else Path(os.path.abspath(p if p.is_absolute() else root / p))
 
+        curvature = self.curvature
+        if curvature is not None:
+            curvature = curvature.model_copy(update={k: fix(getattr(curvature, k))
+                                                     for k in ("classes", "templates", "text_model")})
         out = self.model_copy(
             update={
+                "curvature": curvature,
                 "basis": fix(self.basis),
                 "base_model": fix(self.base_model),
                 "models": [
