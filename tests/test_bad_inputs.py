@@ -383,6 +383,20 @@ def _image_cmd(w: World, task: str, layout: str, *extra: object) -> list[object]
     return ["fisher", "--task", task, "--model", model, "--data", data, "--out", w.out, "-q", *extra]
 
 
+def _gguf_file(w: World, arch: str, tensor: str) -> Path:
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(w.work / "x.gguf"), arch)
+    writer.add_head_count(2)
+    writer.add_tensor(tensor, np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return w.work / "x.gguf"
+
+
 def _lines(w: World, name: str, text: str) -> Path:
     (w.work / name).write_text(text)
     return w.work / name
@@ -454,8 +468,17 @@ CASES: list[Case] = [
                                          merge_args(w, w.config()))[2], ("index.json", "model-00002-of-00002")),
     Case("pickle-not-weights-only", lambda w, mp: (_evil_pickle(w), merge_args(w, w.config()))[1],
          ("pytorch_model.bin", "refused", "Payload")),
-    Case("unknown-checkpoint-format", lambda w, mp: ((w.work / "x.gguf").write_bytes(b"GGUF"), merge_args(
-        w, w.config(models=[{"model": "x.gguf"}, {"model": "task_1"}])))[1], ("x.gguf", "format")),
+    Case("unknown-checkpoint-format", lambda w, mp: ((w.work / "x.ggml").write_bytes(b"GGML"), merge_args(
+        w, w.config(models=[{"model": "x.ggml"}, {"model": "task_1"}])))[1], ("x.ggml", "format")),
+    Case("gguf-garbage", lambda w, mp: ((w.work / "x.gguf").write_bytes(b"GGUF" + bytes(20)), merge_args(
+        w, w.config(models=[{"model": "x.gguf"}, {"model": "task_1"}])))[1], ("x.gguf", "not a readable GGUF")),
+    Case("gguf-architecture-unsupported", lambda w, mp: (_gguf_file(w, "gpt2", "token_embd.weight"), merge_args(
+        w, w.config(models=[{"model": "x.gguf"}, {"model": "task_1"}])))[1], ("x.gguf", "'gpt2' is not supported")),
+    Case("gguf-tensor-unnamed", lambda w, mp: (_gguf_file(w, "llama", "blk.0.attn_qkv.weight"), merge_args(
+        w, w.config(models=[{"model": "x.gguf"}, {"model": "task_1"}])))[1], ("x.gguf", "'blk.0.attn_qkv.weight'")),
+    Case("gguf-without-the-package", lambda w, mp: ((w.work / "x.gguf").write_bytes(b"GGUF"),
+                                                    mp.setitem(sys.modules, "gguf", None), merge_args(
+        w, w.config(models=[{"model": "x.gguf"}, {"model": "task_1"}])))[2], ("gguf", "pip install 'epimer[gguf]'")),
     # -------------------------------------------------------------- tensors
     Case("tensor-missing-from-task", lambda w, mp: (_edit_task(w, 0, lambda sd: {
         k: v for k, v in sd.items() if k != "layer.0.mlp.weight"}), merge_args(w, w.config()))[1],

@@ -1,8 +1,9 @@
 """Read checkpoints one tensor at a time.
 
 Supported: a ``.safetensors`` file, a Hugging Face folder with ``model.safetensors`` or a
-sharded ``model.safetensors.index.json``, torch ``.bin``/``.pt``/``.pth`` files and sharded
-``pytorch_model.bin.index.json`` folders.
+sharded ``model.safetensors.index.json``, torch ``.bin``/``.pt``/``.pth`` files, sharded
+``pytorch_model.bin.index.json`` folders, and ``.gguf`` files (`epimer.io.gguf`: dequantized,
+with Hugging Face names).
 
 Safetensors are read with plain positioned reads rather than a memory map: a memory map
 keeps every page it touched resident, so merging a model larger than memory through one
@@ -612,7 +613,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             return SafetensorsCheckpoint(p, [p])
         if p.suffix in _TORCH_SUFFIXES:
             return TorchCheckpoint(p)
-        raise InputError(f"{p}: unknown checkpoint format (expected .safetensors, .bin, .pt or .pth)")
+        if p.suffix == ".gguf":
+            from epimer.io.gguf import GGUFCheckpoint
+
+            return GGUFCheckpoint(p)
+        raise InputError(f"{p}: unknown checkpoint format (expected .safetensors, .bin, .pt, .pth or .gguf)")
     if not stat.S_ISDIR(st.st_mode):
         raise InputError(f"{p}: not a file or folder (a pipe, socket or device?): give a checkpoint file or model folder")
     index = p / "model.safetensors.index.json"
