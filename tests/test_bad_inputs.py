@@ -686,6 +686,15 @@ CASES: list[Case] = [
     Case("clip-text-model-not-clip", lambda w, mp: _image_cmd(w, "clip-zero-shot", "folder", "--text-model",
                                                               _fisher_cmd(w)[2]),
          ("clf", "full CLIP checkpoint")),
+    # -------------------------------------------------------------- epimer convert-gguf
+    Case("convert-gguf-not-gguf", lambda w, mp: ["convert-gguf", w.fishers[0], "-o", w.out, "-q"],
+         ("task_0.fisher.safetensors", "not a .gguf file")),
+    Case("convert-gguf-without-metadata", lambda w, mp: ["convert-gguf", _gguf_file(w, "llama", "token_embd.weight"),
+                                                          "-o", w.out, "-q"], ("x.gguf",)),
+    Case("convert-gguf-out-exists", lambda w, mp: ["convert-gguf", _gguf_file(w, "llama", "token_embd.weight"),
+                                                    "-o", w.base, "-q"], ("base", "already exists")),
+    Case("convert-gguf-out-over-input", lambda w, mp: ["convert-gguf", _gguf_file(w, "llama", "token_embd.weight"),
+                                                        "-o", w.work, "-q", "--overwrite"], ("output folder",)),
     # -------------------------------------------------------------- epimer import-fisher
     Case("import-values-missing", lambda w, mp: ["import-fisher", "--model", w.tasks[0], "--values", w.work / "no.st",
                                                   "--out", w.root / "dest" / "f.safetensors", "--num-samples", "1"],

@@ -205,6 +205,30 @@ def basis(config: Path, out: Path | None, overwrite: bool, quiet: bool, threads:
         click.echo(f"wrote {path}: bases of {len(bases)} matrix tensor(s) at rank_fraction {rank_fraction}", err=True)
 
 
+@main.command("convert-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Hugging Face folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def convert_gguf(gguf_file: Path, out: Path, overwrite: bool, quiet: bool) -> None:
+    """Write GGUF_FILE (llama.cpp) as a Hugging Face folder: config.json, tokenizer files and
+    float32 model.safetensors, loadable with AutoModelForCausalLM.from_pretrained."""
+    from epimer.cli_options import require_packages
+    from epimer.io.gguf import GGUFCheckpoint, convert_to_folder
+    from epimer.progress import sample_bar
+
+    require_packages("epimer convert-gguf", "gguf", "gguf", "transformers")
+    if not gguf_file.is_file() or gguf_file.suffix != ".gguf":
+        raise InputError(f"{gguf_file}: not a .gguf file")
+    with GGUFCheckpoint(gguf_file) as ck:
+        total = len(ck)
+    with sample_bar(not quiet) as bar:
+        task = bar.add_task("tensors", total=total)
+        n = convert_to_folder(gguf_file, out, overwrite=overwrite, progress=lambda k: bar.advance(task, k))
+    if not quiet:
+        click.echo(f"wrote {out}: {n} tensor(s), config and tokenizer from {gguf_file.name}", err=True)
+
+
 @main.command("import-fisher")
 @click.option("--model", "model", required=True, type=click.Path(path_type=Path),
               help="The checkpoint the values belong to (a folder or file, as in a config).")

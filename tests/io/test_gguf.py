@@ -146,3 +146,59 @@ def test_bad_gguf_files_are_refused(tmp_path) -> None:
     w.close()
     with pytest.raises(InputError, match="'blk.0.attn_qkv.weight' has no Hugging Face name"):
         open_checkpoint(tmp_path / "odd.gguf")
+
+
+def write_full_gguf(path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tiny llama GGUF with the metadata and tokenizer a conversion needs (gpt2-style BPE)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *letters, "Ġ", *[f"Ġ{c}" for c in letters]]
+    tokens += [f"<extra_{i}>" for i in range(64 - len(tokens))]
+    merges = [f"Ġ {c}" for c in letters]
+    to_gguf = {h.format(i=i): g.format(i=i) for g, h in NAMES["llama"].items() for i in range(2)}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_block_count(2)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(64 // HEADS)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(64)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    want = {}
+    for name, t in state.items():
+        x = t.detach().numpy().astype(np.float32)
+        heads = HEADS if "q_proj" in name else KV if "k_proj" in name else None
+        w.add_tensor(to_gguf[name], permute_rows(x, heads) if heads else x)
+        want[name] = t.detach().clone()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return want
+
+
+def test_convert_gguf_to_a_folder_that_from_pretrained_loads(tmp_path) -> None:
+    model = tiny_llama(3)
+    state = {k: v for k, v in model.state_dict().items()}
+    want = write_full_gguf(tmp_path / "m.gguf", state)
+    res = CliRunner().invoke(main, ["convert-gguf", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "hf"), "-q"])
+    assert res.exit_code == 0, res.output
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert loaded.config.num_key_value_heads == KV and loaded.config.vocab_size == 64
+    got = loaded.state_dict()
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+    ids = torch.tensor([[5, 9, 30, 12]])
+    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.decode(tok("hello world", add_special_tokens=False)["input_ids"]) == "hello world"
+    # an existing folder is refused without --overwrite, and left as it was
+    res = CliRunner().invoke(main, ["convert-gguf", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "hf"), "-q"])
+    assert res.exit_code == 2 and "already exists" in res.output

@@ -15,6 +15,7 @@ tensor the table does not name, is refused: no name is guessed.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,92 @@ class GGUFCheckpoint(Checkpoint):
     def close(self) -> None:
         self._tensors = {}
         self._reader = None
+
+
+def hf_config(path: Path, ckpt: GGUFCheckpoint) -> Any:
+    """The Hugging Face config of a GGUF file (transformers' GGUF reader), checked against
+    the tensors' shapes and the embedding tying the file shows."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(f"{path}: transformers cannot build a config from this GGUF file's metadata ({e})") from None
+    vocab, hidden = ckpt.meta("model.embed_tokens.weight").shape
+    blocks = 1 + max((int(n.split(".")[2]) for n in ckpt.names() if n.startswith("model.layers.")), default=-1)
+    want = {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": blocks,
+            "num_attention_heads": ckpt.heads, "num_key_value_heads": ckpt.kv_heads}
+    if "model.layers.0.mlp.gate_proj.weight" in ckpt:
+        want["intermediate_size"] = ckpt.meta("model.layers.0.mlp.gate_proj.weight").shape[0]
+    wrong = {k: (getattr(config, k, None), v) for k, v in want.items() if getattr(config, k, None) != v}
+    if wrong:
+        k, (got, need) = next(iter(wrong.items()))
+        raise InputError(f"{path}: the GGUF metadata gives {k} = {got}, its tensors {need}; the file is inconsistent")
+    config.tie_word_embeddings = "lm_head.weight" not in ckpt
+    config.dtype = torch.float32
+    return config
+
+
+def convert_to_folder(path: Path, out: Path, *, overwrite: bool = False, progress: Any = None) -> int:
+    """Write a GGUF file as a Hugging Face folder (``config.json``, tokenizer files,
+    ``model.safetensors`` in float32) that ``AutoModelForCausalLM.from_pretrained`` loads; the
+    folder appears whole or not at all. Returns the number of tensors written."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from epimer.io.outdir import (
+        check_not_over_inputs,
+        default_mode,
+        ensure_writable_folder,
+        exchange,
+        os_error_message,
+        partial_name,
+        rename_noreplace,
+    )
+    from epimer.io.writer import CheckpointWriter, PlannedTensor
+
+    out = Path(out).absolute()
+    check_not_over_inputs(out, [("GGUF file", path)], "output folder")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists; pass --overwrite to replace it, or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    with GGUFCheckpoint(path) as ckpt:
+        config = hf_config(path, ckpt)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+            raise InputError(f"{path}: transformers cannot build a tokenizer from this GGUF file ({e})") from None
+        ensure_writable_folder(out.parent, "output folder")
+        tmp = Path(tempfile.mkdtemp(prefix=partial_name(out), dir=out.parent))
+        writer = None
+        try:
+            names = ckpt.names()
+            writer = CheckpointWriter(tmp, [PlannedTensor(n, ckpt.meta(n).shape, torch.float32) for n in names],
+                                      metadata={"converted_by": "epimer", "source": path.name})
+            for n in names:
+                writer.write(n, ckpt.get(n))
+                if progress is not None:
+                    progress(1)
+            writer.close()
+            config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.chmod(tmp, default_mode(folder=True))
+            if out.exists():
+                exchange(tmp, out)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                rename_noreplace(tmp, out)
+        except OSError as err:
+            if writer is not None:
+                writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InputError(os_error_message(err, tmp, "converted model") + f" ({out} not written)") from None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return len(names)
