@@ -37,7 +37,7 @@ from epimer.io.fisher import save_fisher, tensor_fingerprints
 from epimer.cli_options import require_packages, set_threads
 from epimer.distributed import init_from_env, shutdown
 from epimer.errors import InputError
-from epimer.io.data import Record, label_id, read_records, read_rows
+from epimer.curvature.data import Record, label_id, read_records, read_rows
 from epimer.progress import sample_bar
 from epimer.io.outdir import ensure_writable_folder
 from epimer.fingerprint import combine, tensor_blocks

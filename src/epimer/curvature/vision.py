@@ -66,7 +66,7 @@ def read_images(data: Path) -> tuple[list[ImageSample], list[str] | None]:
         raise InputError(f"{data}: data not found (an image folder or a .jsonl file)")
     if data.suffix != ".jsonl":
         raise InputError(f"{data}: image data is a folder of class folders or a .jsonl file; got {data.suffix!r}")
-    from epimer.io.data import read_rows
+    from epimer.curvature.data import read_rows
 
     samples = []
     for line, row in read_rows(data):
