@@ -601,7 +601,7 @@ CASES: list[Case] = [
                                                              .write_text('{"model_type": "toy"}'), merge_args(w, cfg))[2],
          ("task_1",)),
     Case("merge-data-weights-not-the-classifier", lambda w, mp: merge_args(w, _data_config(w)),
-         ("task_0", "is not a tensor of its checkpoint")),
+         ("task_0", "would be initialised at random")),
     Case("merge-data-needs-transformers", lambda w, mp: (_missing_transformers(mp), merge_args(w, _data_config(w)))[1],
          ("transformers", "pip install 'epimer[hf]'")),
     Case("merge-curvature-dir-is-a-file", lambda w, mp: merge_args(w, _data_config(w), "--curvature-dir", w.fishers[0]),
