@@ -402,6 +402,20 @@ def _lines(w: World, name: str, text: str) -> Path:
     return w.work / name
 
 
+def _adapter(w: World, config: dict | None = None, tensors: dict | None = None, raw: str | None = None) -> list:
+    """A merge whose first model is a hand-written PEFT LoRA adapter folder on the world's base."""
+    folder = w.work / "adapter"
+    folder.mkdir(exist_ok=True)
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["attn"], **(config or {})}
+    (folder / "adapter_config.json").write_text(raw if raw is not None else json.dumps(cfg))
+    if tensors is None:
+        tensors = {"base_model.model.layer.0.attn.lora_A.weight": torch.ones(2, 16),
+                   "base_model.model.layer.0.attn.lora_B.weight": torch.ones(16, 2)}
+    if tensors:
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return merge_args(w, w.config(models=[{"model": "adapter"}, {"model": "task_1"}]))
+
+
 def _missing_transformers(mp: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -695,6 +709,33 @@ CASES: list[Case] = [
                                                     "-o", w.base, "-q"], ("base", "already exists")),
     Case("convert-gguf-out-over-input", lambda w, mp: ["convert-gguf", _gguf_file(w, "llama", "token_embd.weight"),
                                                         "-o", w.work, "-q", "--overwrite"], ("output folder",)),
+    # -------------------------------------------------------------- PEFT LoRA adapters as task models
+    Case("adapter-dora", lambda w, mp: _adapter(w, {"use_dora": True}), ("adapter_config.json", "use_dora", "DoRA")),
+    Case("adapter-not-lora", lambda w, mp: _adapter(w, {"peft_type": "IA3"}), ("adapter_config.json", "'IA3'")),
+    Case("adapter-config-not-json", lambda w, mp: _adapter(w, raw="{not json"), ("adapter_config.json",)),
+    Case("adapter-weights-as-bin", lambda w, mp: ((w.work / "adapter").mkdir(), (w.work / "adapter" /
+                                                   "adapter_model.bin").write_bytes(b"x"), _adapter(w, tensors={}))[2],
+         ("adapter", "adapter_model.safetensors", "adapter_model.bin")),
+    Case("adapter-rank-differs-from-config", lambda w, mp: _adapter(w, {"rank_pattern": {"attn": 3}}),
+         ("adapter", "'layer.0.attn'", "rank 2", "rank_pattern")),
+    Case("adapter-factors-mismatch-base", lambda w, mp: _adapter(w, tensors={
+        "base_model.model.layer.0.attn.lora_A.weight": torch.ones(2, 7),
+        "base_model.model.layer.0.attn.lora_B.weight": torch.ones(16, 2)}), ("adapter", "[16, 7]", "[16, 16]")),
+    Case("adapter-module-not-in-base", lambda w, mp: _adapter(w, tensors={
+        "base_model.model.layer.9.attn.lora_A.weight": torch.ones(2, 16),
+        "base_model.model.layer.9.attn.lora_B.weight": torch.ones(16, 2)}), ("adapter", "'layer.9.attn.weight'")),
+    Case("adapter-lacks-lora-b", lambda w, mp: _adapter(w, tensors={
+        "base_model.model.layer.0.attn.lora_A.weight": torch.ones(2, 16)}), ("adapter", "lacks its lora_B")),
+    Case("adapter-embedding-lora", lambda w, mp: _adapter(w, tensors={
+        "base_model.model.embed.lora_embedding_A": torch.ones(2, 40),
+        "base_model.model.embed.lora_embedding_B": torch.ones(16, 2)}), ("adapter", "lora_embedding_A", "not supported")),
+    Case("adapter-nan", lambda w, mp: _adapter(w, tensors={
+        "base_model.model.layer.0.attn.lora_A.weight": torch.full((2, 16), float("nan")),
+        "base_model.model.layer.0.attn.lora_B.weight": torch.ones(16, 2)}), ("adapter", "'layer.0.attn.weight'", "NaN")),
+    Case("adapter-given-to-fisher", lambda w, mp: (_adapter(w), ["import-fisher", "--model", w.work / "adapter",
+                                                                 "--values", w.fishers[0], "--out", w.out,
+                                                                 "--num-samples", "1"])[1],
+         ("adapter", "PEFT adapter folder is read on its base")),
     # -------------------------------------------------------------- epimer import-fisher
     Case("import-values-missing", lambda w, mp: ["import-fisher", "--model", w.tasks[0], "--values", w.work / "no.st",
                                                   "--out", w.root / "dest" / "f.safetensors", "--num-samples", "1"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -65,11 +66,20 @@ def _classify(name: str, shape: tuple[int, ...], num_tasks: int) -> TensorKind:
 
 
 
+def open_task(path: Path, base: Checkpoint) -> Checkpoint:
+    """A task model: a checkpoint, or a PEFT LoRA adapter folder read on the base."""
+    from epimer.io.adapter import AdapterCheckpoint, is_adapter_folder
+
+    if is_adapter_folder(Path(path)):
+        return AdapterCheckpoint(Path(path), base)
+    return open_checkpoint(path)
+
+
 def open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None]:
     """Open the base, task and (when the run reads them) Fisher checkpoints of ``config``
     (which has checked that every model has a Fisher file if the run needs them)."""
     base = open_checkpoint(config.base_model)
-    tasks = [open_checkpoint(m.model) for m in config.models]
+    tasks = [open_task(m.model, base) for m in config.models]
     fishers = [open_checkpoint(m.fisher) for m in config.models] if config.needs_fisher else None  # type: ignore[arg-type]
     return base, tasks, fishers
 

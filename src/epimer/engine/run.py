@@ -25,6 +25,7 @@ from epimer.engine.plan import (
 from epimer.engine.stream import Unit, _scratch, _scratch_float, _unit_bytes, pipeline, units
 from epimer.errors import InputError
 from epimer.io.fisher import PROJECTED, check_fisher_values
+from epimer.io.adapter import AdapterCheckpoint
 from epimer.io.reader import Checkpoint, open_checkpoint
 from epimer.io.writer import CheckpointWriter, PlannedTensor
 from epimer.methods.base import MergeMethod, MethodParams, ShardedStream, TensorInputs, TensorResult, linear_theta
@@ -112,6 +113,9 @@ class MergeRun:
         else:  # converted at once, so the raw bytes can go to this thread's reused buffer
             t = self._view(ckpt, name, rows)
         x = t.to(torch.float32) if t.dtype != torch.float32 else t
+        return self._checked(x, ckpt, name, what)
+
+    def _checked(self, x: torch.Tensor, ckpt: Checkpoint, name: str, what: str) -> torch.Tensor:
         if what == "Fisher":  # one check of Fisher values, shared with every Fisher reader
             check_fisher_values(x, ckpt.path, name, ckpt.meta(name).numel)
         elif not self.allow_nonfinite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
@@ -127,6 +131,9 @@ class MergeRun:
         base = self._load_float(self.base, p.name, "base", rows)
         deltas = []
         for task in self.tasks:
+            if isinstance(task, AdapterCheckpoint):  # its τ exactly, not (base + τ) − base rounded
+                deltas.append(self._checked(task.delta(p.name, rows), task, p.name, "task model"))
+                continue
             # get() returns a buffer the engine owns, so the subtraction may run in place.
             deltas.append(self._load_float(task, p.name, "task model", rows).sub_(base))
         fishers = None

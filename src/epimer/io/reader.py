@@ -632,6 +632,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return TorchCheckpoint(p, _read_index(index), index=index)
     if _is_file(p / "pytorch_model.bin"):
         return TorchCheckpoint(p / "pytorch_model.bin")
+    if _is_file(p / "adapter_config.json"):
+        raise InputError(f"{p}: a PEFT adapter folder is read on its base, as a `model:` of a merge config; "
+                         "elsewhere, merge it into its base with PEFT's merge_and_unload first")
     raise InputError(
         f"{p}: no checkpoint found in this folder (expected model.safetensors, "
         "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)"
