@@ -736,6 +736,11 @@ CASES: list[Case] = [
                                                                  "--values", w.fishers[0], "--out", w.out,
                                                                  "--num-samples", "1"])[1],
          ("adapter", "PEFT adapter folder is read on its base")),
+    Case("adapter-output-from-full-models", lambda w, mp: merge_args(w, w.config(), "--adapter-rank", "4"),
+         ("--adapter-rank", "needs every model to be a PEFT LoRA adapter")),
+    Case("adapter-output-with-shards", lambda w, mp: [*_adapter(w), "--adapter-rank", "4", "--shard-size", "1MB"],
+         ("--shard-size", "--adapter-rank")),
+    Case("adapter-output-rank-zero", lambda w, mp: [*_adapter(w), "--adapter-rank", "0"], ("--adapter-rank",)),
     # -------------------------------------------------------------- epimer import-fisher
     Case("import-values-missing", lambda w, mp: ["import-fisher", "--model", w.tasks[0], "--values", w.work / "no.st",
                                                   "--out", w.root / "dest" / "f.safetensors", "--num-samples", "1"],

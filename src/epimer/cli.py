@@ -94,13 +94,17 @@ def parse_size(text: str) -> int:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--strict", is_flag=True, help="Refuse task models holding tensors the base lacks (default: warn).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge tensors holding NaN or Inf instead of refusing.")
+@click.option("--adapter-rank", type=click.IntRange(min=1), default=None,
+              help="Write the merge as a PEFT LoRA adapter of this rank (every model must be a LoRA adapter on the "
+                   "base); each module's truncation error is reported.")
 @click.option("--curvature-dir", type=click.Path(path_type=Path), default=None,
               help="Models with `data:`: keep the basis and Fisher files the merge estimates in this folder "
                    "(default: a temporary folder, removed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @threads_option
 def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, strict: bool,
-          allow_nonfinite: bool, curvature_dir: Path | None, quiet: bool, threads: int | None) -> None:
+          allow_nonfinite: bool, adapter_rank: int | None, curvature_dir: Path | None, quiet: bool,
+          threads: int | None) -> None:
     """Merge the models of CONFIG (YAML) into the folder OUT.
 
     OUT is built under a hidden name beside it and renamed into place when complete. OUT may
@@ -127,6 +131,11 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
     if curvature_dir is not None:
         raise InputError(f"{config}: --curvature-dir keeps the files of the curvature pass, which runs only for "
                          "models given `data:`; no model has it")
+    if adapter_rank is not None:
+        if shard_size:
+            raise InputError("--shard-size applies to full models; a LoRA adapter (--adapter-rank) is one file")
+        _merge_to_adapter(cfg, out, adapter_rank, overwrite, strict, allow_nonfinite, quiet)
+        return
     group = init_from_env()
     quiet = quiet or group.rank != 0  # one progress bar and one summary: rank 0's
     try:
@@ -139,6 +148,24 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
         click.echo(f"scale: auto -> {report.scale_auto:.6g}", err=True)
     if not quiet:
         click.echo(f"merged {len(cfg.models)} model(s) with {cfg.method} into {out}", err=True)
+
+
+def _merge_to_adapter(cfg: Any, out: Path, rank: int, overwrite: bool, strict: bool, allow_nonfinite: bool,
+                      quiet: bool) -> None:
+    from epimer.engine.adapter_out import write_adapter
+    from epimer.engine.run import MergeRun
+    from epimer.progress import RichProgress
+
+    with RichProgress(enabled=not quiet) as progress:
+        run = MergeRun(cfg, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress)
+        try:
+            errors = write_adapter(run, out, rank=rank, overwrite=overwrite)
+        finally:
+            run.close()
+    if not quiet:
+        worst = max(errors.values(), default=0.0)
+        click.echo(f"merged {len(cfg.models)} adapter(s) with {cfg.method} into the LoRA adapter {out} (rank {rank}; "
+                   f"{len(errors)} module(s), worst truncation error {worst:.3g})", err=True)
 
 
 def _merge_with_curvature(cfg: Any, out: Path, size: int | None, overwrite: bool, strict: bool,

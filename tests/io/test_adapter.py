@@ -149,3 +149,71 @@ def test_an_adapter_outside_a_merge_says_how_to_use_it(world) -> None:
 
     with pytest.raises(InputError, match="PEFT adapter folder is read on its base"):
         open_checkpoint(world / "adapter_0")
+
+
+# ------------------------------------------------------------------ output as an adapter
+
+def merge_to_adapter(root, out, models, method, parameters, rank, weights=None):
+    cfg = {"base_model": str(root / "base"), "method": method, "parameters": parameters,
+           "models": [{"model": str(root / m), **({"weight": w} if weights else {})}
+                      for m, w in zip(models, weights or [None] * len(models))]}
+    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["merge", str(out.parent / f"{out.name}.yaml"), "-o", str(out), "-q",
+                                    "--adapter-rank", str(rank)])
+    return res
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_one_adapter_comes_back_as_an_adapter(world, tmp_path, i) -> None:
+    """Weight 1, task arithmetic at scale 1, rank >= the adapter's: the written adapter's ΔW
+    equals the input's to float32 round-off (rsLoRA, rank_pattern, alpha_pattern and
+    modules_to_save included), it reloads with PeftModel.from_pretrained, and its outputs equal
+    the original adapter's."""
+    res = merge_to_adapter(world, tmp_path / "out", [f"adapter_{i}"], "task_arithmetic", {"scale": 1.0}, 8)
+    assert res.exit_code == 0, res.output
+    from epimer.io.adapter import AdapterCheckpoint
+
+    base = open_checkpoint(world / "base")
+    got, want = AdapterCheckpoint(tmp_path / "out", base), AdapterCheckpoint(world / f"adapter_{i}", base)
+    report = __import__("json").loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert max(report["truncation_error"].values()) < 1e-6
+    for n in base.names():
+        d_got, d_want = got.delta(n), want.delta(n)
+        assert torch.allclose(d_got, d_want, rtol=0, atol=1e-6 * (float(d_want.abs().max()) + 1e-3)), n
+    model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "out")
+    ref = peft.PeftModel.from_pretrained(tiny_llama(), world / f"adapter_{i}")
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
+
+
+def test_adapters_merged_into_an_adapter_equal_the_full_merge(world, tmp_path) -> None:
+    """Uneven weights, task arithmetic: the adapter written at a rank that holds the sum of the
+    updates (the sum of the ranks) equals the full-model merge; at a smaller rank the reported
+    truncation error is the relative Frobenius error of each module."""
+    weights = [0.6, 0.1, 0.3]
+    models = [f"adapter_{i}" for i in range(3)]
+    res = merge_to_adapter(world, tmp_path / "ad", models, "task_arithmetic", {"scale": 0.8}, 16, weights)
+    assert res.exit_code == 0, res.output
+    full = merge(world, tmp_path / "full", models, "task_arithmetic", {"scale": 0.8}, weights)
+    from epimer.io.adapter import AdapterCheckpoint
+
+    base = open_checkpoint(world / "base")
+    ad = AdapterCheckpoint(tmp_path / "ad", base)
+    for n in base.names():
+        want = full.get(n) - base.get(n)  # (rounded in float32 at the base's magnitude)
+        tol = 2e-6 * float(want.abs().max()) + 1e-6 * float(base.get(n).abs().max())
+        assert torch.allclose(ad.delta(n), want, rtol=0, atol=tol), n
+    res = merge_to_adapter(world, tmp_path / "low", models, "task_arithmetic", {"scale": 0.8}, 2, weights)
+    assert res.exit_code == 0, res.output
+    low = AdapterCheckpoint(tmp_path / "low", base)
+    errors = __import__("json").loads((tmp_path / "low" / "merge_report.json").read_text())["truncation_error"]
+    name = "model.layers.0.self_attn.q_proj"
+    want = full.get(name + ".weight") - base.get(name + ".weight")
+    measured = float((low.delta(name + ".weight") - want).norm() / want.norm())
+    assert errors[name] > 0.01 and abs(errors[name] - measured) < 1e-4
+
+
+def test_adapter_output_needs_adapter_inputs(world, tmp_path) -> None:
+    res = merge_to_adapter(world, tmp_path / "out", ["full_0", "adapter_1"], "task_arithmetic", {}, 4)
+    assert res.exit_code == 2 and "needs every model to be a PEFT LoRA adapter" in res.output, res.output
+    assert not (tmp_path / "out").exists()
