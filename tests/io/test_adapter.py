@@ -217,3 +217,24 @@ def test_adapter_output_needs_adapter_inputs(world, tmp_path) -> None:
     res = merge_to_adapter(world, tmp_path / "out", ["full_0", "adapter_1"], "task_arithmetic", {}, 4)
     assert res.exit_code == 2 and "needs every model to be a PEFT LoRA adapter" in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_negative_scale_and_no_cross_terms(world, tmp_path) -> None:
+    """The PEFT #3004 cases: a negative combination, and two adapters summed: the result is
+    exactly −ΔW, and ΔW_0 + ΔW_1, never (B_0 + B_1)(A_0 + A_1)."""
+    from epimer.io.adapter import AdapterCheckpoint
+
+    base = open_checkpoint(world / "base")
+    res = merge_to_adapter(world, tmp_path / "neg", ["adapter_0"], "task_arithmetic", {"scale": -1.0}, 8)
+    assert res.exit_code == 0, res.output
+    neg, a0 = AdapterCheckpoint(tmp_path / "neg", base), AdapterCheckpoint(world / "adapter_0", base)
+    # equal weights: task arithmetic's Δ is Σ_t T·w_t τ_t = τ_0 + τ_1 (docs/method.md §2)
+    res = merge_to_adapter(world, tmp_path / "sum", ["adapter_0", "adapter_1"], "task_arithmetic", {"scale": 1.0}, 16,
+                           [0.5, 0.5])
+    assert res.exit_code == 0, res.output
+    both, a1 = AdapterCheckpoint(tmp_path / "sum", base), AdapterCheckpoint(world / "adapter_1", base)
+    for n in base.names():
+        d0, d1 = a0.delta(n), a1.delta(n)
+        tol = 1e-6 * (float(d0.abs().max()) + float(d1.abs().max()) + 1e-3)
+        assert torch.allclose(neg.delta(n), -d0, rtol=0, atol=tol), n
+        assert torch.allclose(both.delta(n), d0 + d1, rtol=0, atol=tol), n
