@@ -127,6 +127,18 @@ def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool) 
                + f"; {results['wall_seconds']:.0f} s", err=True)
 
 
+def _fractions(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--study-fractions")
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise click.BadParameter(f"fractions must lie in (0, 1]; got {text!r}", param_hint="--study-fractions")
+    return values
+
+
 def _methods(values: tuple[str, ...]) -> tuple[str, ...] | None:
     from epimer.registry import available_methods
 
@@ -182,14 +194,17 @@ def bench() -> None:
               help="Run the rank sweep and the Fisher data study on the first N seeds (default 1; 0: none).")
 @click.option("--study-metric", type=click.Choice(["diagonal", "projected"]), default=None,
               help="EpiMer's metric in the studies (default: diagonal).")
+@click.option("--study-fractions", default=None,
+              help="Comma-separated shares of each training split for the Fisher data study "
+                   "(default: 0.001,0.01,0.1,1).")
 @_threads
 @click.option("--no-plots", is_flag=True, help="Tables only.")
 @_quiet
 def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: float | None,
           max_train: int | None, fisher_fraction: float | None, rank_fraction: float | None,
           epimer_metrics: tuple[str, ...], fisher_norms: tuple[str, ...], methods: tuple[str, ...],
-          study_seeds: int | None, study_metric: str | None, threads: int | None, no_plots: bool,
-          quiet: bool) -> None:
+          study_seeds: int | None, study_metric: str | None, study_fractions: str | None, threads: int | None,
+          no_plots: bool, quiet: bool) -> None:
     """The paper's protocol on a pretrained MiniLM and eight text tasks (writes OUT/results.md)."""
     _require("epimer bench text8", not no_plots)
     from epimer.bench.pipeline import TEXT8, config_with
@@ -197,7 +212,8 @@ def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: 
     config = config_with(TEXT8, tasks=_tasks(tasks), seeds=tuple(range(seeds)), steps=steps, lr=lr,
                          max_train=max_train, fisher_fraction=fisher_fraction, rank_fraction=rank_fraction,
                          epimer_metrics=epimer_metrics or None, epimer_fisher_norms=fisher_norms or None,
-                         study_seeds=study_seeds, study_metric=study_metric, methods=_methods(methods))
+                         study_seeds=study_seeds, study_metric=study_metric, methods=_methods(methods),
+                         fisher_fractions=_fractions(study_fractions))
     _run(config, out, threads, quiet, not no_plots)
 
 
