@@ -113,3 +113,23 @@ def test_zero_task_vectors_give_zero_singular_values() -> None:
     basis = tagged_basis([torch.zeros(6, 5), torch.zeros(6, 5)])
     assert torch.all(basis.s == 0)
     assert torch.allclose(basis.u.T @ basis.u, torch.eye(basis.rank), atol=1e-5)
+
+
+def test_svd_of_product_and_the_basis_from_factors() -> None:
+    """The thin SVD of s·B A from QR of the factors equals the dense SVD's (up to the signs
+    of singular pairs), and the tagged basis built from it equals the dense one, in float64,
+    whenever each task's rank reaches the per-task rank k."""
+    from epimer.basis import lift, svd_of_product, tagged_basis
+
+    g = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(40, r, generator=g, dtype=torch.float64),
+                torch.randn(r, 30, generator=g, dtype=torch.float64), s) for r, s in [(6, 0.5), (8, 2.0), (5, 1.0)]]
+    deltas = [s * b @ a for b, a, s in factors]
+    svds = [svd_of_product(b, a, s) for b, a, s in factors]
+    for d, (u, s, vh) in zip(deltas, svds):
+        assert torch.allclose(u @ torch.diag(s) @ vh, d, atol=1e-12)
+        assert torch.allclose(s, torch.linalg.svdvals(d)[: s.numel()], rtol=1e-12)
+    for rank_fraction in (0.25, 0.5):  # k = 2 and 5 <= every task's rank
+        dense, fast = tagged_basis(deltas, rank_fraction), tagged_basis(deltas, rank_fraction, svds)
+        assert torch.allclose(lift(dense.u, dense.v, dense.s), lift(fast.u, fast.v, fast.s), atol=1e-10)
+        assert torch.allclose(dense.s, fast.s, rtol=1e-12)

@@ -67,15 +67,35 @@ class TaggedBasis:
         return self.s.shape[0]
 
 
-def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0) -> TaggedBasis:
-    """Build the per-task tagged basis of docs/method.md §3.1 from T task vectors of shape (m, n)."""
+def svd_of_product(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dtype: torch.dtype = torch.float64
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U (m, r), S (r,), Vh (r, n)) of ``scale · B A`` for B (m, r), A (r, n), without
+    forming the product: QR(B) = Q_B R_B, QR(Aᵀ) = Q_A R_A, then the SVD of the r × r core
+    ``scale · R_B R_Aᵀ``; O((m + n) r²) instead of O(m n min(m, n))."""
+    qb, rb = torch.linalg.qr(b.to(dtype))
+    qa, ra = torch.linalg.qr(a.to(dtype).T)
+    uc, s, vhc = torch.linalg.svd(scale * (rb @ ra.T))
+    return qb @ uc, s, vhc @ qa.T
+
+
+def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
+                 svds: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None) -> TaggedBasis:
+    """Build the per-task tagged basis of docs/method.md §3.1 from T task vectors of shape (m, n).
+
+    ``svds``: per task, its thin SVD when it is known already (a LoRA update's, from its
+    factors: `svd_of_product`), used where it holds at least the k directions kept per task;
+    else the task vector's own SVD is computed."""
     m, n = deltas[0].shape
     num_tasks = len(deltas)
     k = per_task_rank(m, n, num_tasks, rank_fraction)
     dtype = compute_dtype(deltas[0])
     us, ss, vs = [], [], []
-    for tau in deltas:
-        u_t, s_t, vh_t = torch.linalg.svd(tau.to(dtype), full_matrices=False)
+    for t, tau in enumerate(deltas):
+        known = svds[t] if svds is not None else None
+        if known is not None and known[1].numel() >= k:
+            u_t, s_t, vh_t = (x.to(dtype) for x in known)
+        else:
+            u_t, s_t, vh_t = torch.linalg.svd(tau.to(dtype), full_matrices=False)
         us.append(u_t[:, :k])  # (m, k)
         ss.append(s_t[:k])  # (k,)
         vs.append(vh_t[:k].T)  # (n, k)

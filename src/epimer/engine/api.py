@@ -256,7 +256,7 @@ def compute_bases(config: MergeConfig, *, progress: ProgressSink | None = None,
     try:
         def visit(x: TensorInputs) -> None:
             if x.kind == "matrix":
-                bases[x.name] = tagged_basis(x.deltas, rank_fraction)
+                bases[x.name] = tagged_basis(x.deltas, rank_fraction, x.svds)
 
         run.stream(visit, "bases")
         models = models_fingerprint(run.base, run.tasks, matrix_names(run.plan))
@@ -283,7 +283,7 @@ def bases_of_state_dicts(
 
     def visit(x: TensorInputs) -> None:
         if x.kind == "matrix":
-            bases[x.name] = tagged_basis(x.deltas, rank_fraction)
+            bases[x.name] = tagged_basis(x.deltas, rank_fraction, x.svds)
 
     try:
         run.stream(visit, "bases")

@@ -139,12 +139,16 @@ class MergeRun:
         fishers = None
         if self.fishers is not None:
             fishers = tuple(self._load_float(f, p.name, "Fisher", rows) for f in self.fishers)
+        svds = None
+        if rows is None and p.kind == "matrix" and any(isinstance(t, AdapterCheckpoint) for t in self.tasks):
+            found = tuple(t.svd(p.name) if isinstance(t, AdapterCheckpoint) else None for t in self.tasks)
+            svds = found if any(x is not None for x in found) else None
         basis = metrics = None
         if self.bases is not None and p.kind == "matrix":
             basis = self.bases.get(p.name)
             metrics = tuple(self._load_float(f, p.name + PROJECTED, "projected metric", None)
                             for f in self.fishers or ())
-        return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind, basis, metrics)
+        return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind, basis, metrics, svds)
 
     def prepare_stream(self) -> ShardedStream:
         """The stream a method's :meth:`~MergeMethod.prepare` gets (this process's share)."""

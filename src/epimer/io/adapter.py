@@ -115,6 +115,17 @@ class AdapterCheckpoint(Checkpoint):
         b = b if rows is None else b[rows[0]:rows[1]]
         return (b @ a) * m.scale
 
+    def svd(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The thin SVD (float64) of a target module's whole update, from its factors; None for
+        any other tensor."""
+        from epimer.basis import svd_of_product
+
+        m = self.modules.get(name)
+        if m is None:
+            return None
+        u, s, vh = svd_of_product(self.file.get(m.b_key), self.file.get(m.a_key), m.scale)
+        return (vh.T, s, u.T) if m.transpose else (u, s, vh)
+
     def delta(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """τ of one tensor (or rows of it) in float32: the LoRA update, a saved tensor minus the
         base's, or zero."""

@@ -55,6 +55,8 @@ class TensorInputs:
             config names one), else None.
         metrics: each task's projected metric (r, r) on that basis, from its Fisher file
             (``metric: projected``), else None.
+        svds: per task, the thin SVD (U, S, Vh) of its task vector when known without it (a
+            LoRA adapter's update, from its factors), else None; None when no task has one.
     """
 
     name: str
@@ -65,6 +67,7 @@ class TensorInputs:
     kind: TensorKind
     basis: Any = None
     metrics: tuple[torch.Tensor, ...] | None = None
+    svds: tuple[Any, ...] | None = None
 
     @property
     def num_tasks(self) -> int:

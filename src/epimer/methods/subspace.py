@@ -97,7 +97,7 @@ class TsvM(SubspaceMethod):
     Params = TsvMParams
 
     def merge_matrix(self, x: TensorInputs, params: TsvMParams, state: None) -> torch.Tensor | TensorResult:
-        basis = tagged_basis(x.deltas, params.rank_fraction)
+        basis = tagged_basis(x.deltas, params.rank_fraction, x.svds)
         # Proposition 2, case 4: identity metric, singular coordinates, eq. 14 -> Σ_t T·w_t c_t
         # (= s for equal weights)
         coords = [singular_coords(basis, t) for t in range(x.num_tasks)]
@@ -282,7 +282,7 @@ class Epimer(SubspaceMethod):
                                  "model's projected metrics (`epimer fisher --basis`)")
             basis = x.basis
         else:
-            basis = tagged_basis(x.deltas, params.rank_fraction)
+            basis = tagged_basis(x.deltas, params.rank_fraction, x.svds)
         if params.coords == "projected":
             coords = [project(basis.u, basis.v, tau) for tau in x.deltas]
         else:
