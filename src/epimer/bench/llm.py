@@ -1,0 +1,149 @@
+"""Tasks and scoring of the causal-LM benchmark (``epimer bench llm``, work in progress).
+
+The eight text tasks of the offline benchmark (`epimer.bench.data`) become instructions
+whose answers are label words, scored as lm-eval-harness scores multiple choice: the
+log-likelihood of each choice's tokens after the prompt, the highest wins. One task has a
+free-text answer: the name of an emoji, from the emoji lexicon shipped in the vaderSentiment
+sdist (Unicode CLDR short names), scored by exact match of the greedy continuation.
+Fine-tuning and the Fisher use the same prompts with the gold answer as the completion
+(`epimer.curvature.causal_lm`: the loss on the answer's tokens only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from epimer.bench import artifacts
+from epimer.bench.data import TaskData, load_task
+
+#: task -> (instruction, answer word per class in the task's label order); texts are cut to
+#: MAX_WORDS words so that a prompt fits a short context.
+TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vader_tweets": ("Is the sentiment of this tweet negative or positive?", ("negative", "positive")),
+    "vader_movie_reviews": ("Is the sentiment of this movie review negative or positive?", ("negative", "positive")),
+    "vader_amazon_reviews": ("Is the sentiment of this product review negative or positive?",
+                             ("negative", "positive")),
+    "vader_nyt_editorials": ("Is the sentiment of this editorial negative or positive?", ("negative", "positive")),
+    "rt_sentiment": ("Is this movie review negative or positive?", ("negative", "positive")),
+    "rt_subjectivity": ("Is this text a plot summary or a review?", ("summary", "review")),
+    "debate_party": ("Was this said by a Democrat or a Republican?", ("Democrat", "Republican")),
+    "bbc_news": ("What is the topic of this news article: business, entertainment, politics, sport or tech?",
+                 ("business", "entertainment", "politics", "sport", "tech")),
+}
+MAX_WORDS = 48
+EMOJI_TASK = "emoji_names"
+EMOJI_MEMBER = "vaderSentiment-3.3.2/vaderSentiment/emoji_utf8_lexicon.txt"
+
+
+@dataclass(frozen=True)
+class LLMTask:
+    """Prompts and gold answers of one task (or split of it).
+
+    Attributes:
+        name: task name.
+        prompts: the instruction and the input, ending with "Answer:".
+        answers: the gold answer strings (a choice, or the free text).
+        choices: the answer strings to score (multiple choice), or () for free text.
+    """
+
+    name: str
+    prompts: tuple[str, ...]
+    answers: tuple[str, ...]
+    choices: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, indices: Sequence[int]) -> "LLMTask":
+        return LLMTask(self.name, tuple(self.prompts[i] for i in indices), tuple(self.answers[i] for i in indices),
+                       self.choices)
+
+    def samples(self) -> list[dict[str, str]]:
+        """``{"prompt", "completion"}`` samples: the answer (with a leading space) completes the prompt."""
+        return [{"prompt": p, "completion": " " + a} for p, a in zip(self.prompts, self.answers)]
+
+
+def _cut(text: str, words: int = MAX_WORDS) -> str:
+    parts = text.split()
+    return " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
+
+
+def choice_task(data: TaskData) -> LLMTask:
+    """A text-classification task as instructions with label-word answers."""
+    instruction, words = TEMPLATES[data.name]
+    prompts = tuple(f"{instruction}\nText: {_cut(t)}\nAnswer:" for t in data.texts)
+    return LLMTask(data.name, prompts, tuple(words[y] for y in data.labels), words)
+
+
+def emoji_task() -> LLMTask:
+    """Name the emoji: the lexicon's single-character emoji and their names (skin-tone and
+    other multi-character variants left out; a name given to two emoji kept once)."""
+    raw = artifacts.read_member(artifacts.fetch(artifacts.VADER), EMOJI_MEMBER).decode("utf-8")
+    seen: set[str] = set()
+    prompts, answers = [], []
+    for line in raw.splitlines():
+        emoji, _, name = line.partition("\t")
+        name = name.strip()
+        if len(emoji) != 1 or not name or ":" in name or name in seen:
+            continue
+        seen.add(name)
+        prompts.append(f"What is the name of this emoji? {emoji}\nAnswer:")
+        answers.append(name)
+    return LLMTask(EMOJI_TASK, tuple(prompts), tuple(answers))
+
+
+def load_llm_task(name: str) -> LLMTask:
+    return emoji_task() if name == EMOJI_TASK else choice_task(load_task(name))
+
+
+@torch.no_grad()
+def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[str], choices: Sequence[str],
+                  batch_size: int = 16) -> torch.Tensor:
+    """(N, C) log-likelihood of each choice's tokens (with a leading space) after each prompt:
+    Σ_t log p(choice token t | prompt, earlier choice tokens), as lm-eval-harness scores
+    multiple choice. Sequences are right-padded; a causal model's outputs at a position
+    depend only on earlier ones, so padding changes nothing."""
+    device = next(model.parameters()).device
+    rows: list[tuple[list[int], int]] = []  # (token ids, where the choice starts)
+    for p in prompts:
+        head = list(tokenizer(p, add_special_tokens=True)["input_ids"])  # type: ignore[operator]
+        for c in choices:
+            tail = list(tokenizer(" " + c, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+            rows.append((head + tail, len(head)))
+    out = torch.empty(len(rows), dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        length = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        for i, (r, _) in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r)
+        logp = torch.log_softmax(model(input_ids=ids.to(device)).logits.double(), dim=-1)  # (B, L, V)
+        for i, (r, begin) in enumerate(chunk):
+            pos = torch.arange(begin, len(r))
+            out[start + i] = logp[i, pos - 1, torch.tensor(r[begin:])].sum().cpu()
+    return out.reshape(len(prompts), len(choices))
+
+
+def choice_accuracy(model: torch.nn.Module, tokenizer: object, task: LLMTask, batch_size: int = 16) -> float:
+    scores = choice_loglik(model, tokenizer, task.prompts, task.choices, batch_size)
+    gold = torch.tensor([task.choices.index(a) for a in task.answers])
+    return float((scores.argmax(dim=1) == gold).double().mean())
+
+
+@torch.no_grad()
+def exact_match(model: torch.nn.Module, tokenizer: object, task: LLMTask, max_new_tokens: int = 12) -> float:
+    """Share of prompts whose greedy continuation, up to its first line break or the end of
+    sequence, equals the gold answer (surrounding spaces ignored)."""
+    device = next(model.parameters()).device
+    eos = getattr(tokenizer, "eos_token_id", None)
+    hits = 0
+    for prompt, answer in zip(task.prompts, task.answers):
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=device)  # type: ignore
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos if eos is not None
+                             else 0)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
+        hits += text.split("\n")[0].strip() == answer.strip()
+    return hits / max(1, len(task))

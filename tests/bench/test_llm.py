@@ -1,0 +1,83 @@
+"""Tasks and scoring of the causal-LM benchmark: templates for every text task, the emoji
+free-text task read from the pinned vaderSentiment sdist, multiple-choice log-likelihoods
+against a per-row computation (padding changes nothing), exact match, and the samples the
+fine-tuning and the Fisher read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from epimer.bench import artifacts  # noqa: E402
+from epimer.bench.data import TASKS, TaskData  # noqa: E402
+from epimer.bench.llm import (  # noqa: E402
+    TEMPLATES,
+    LLMTask,
+    choice_accuracy,
+    choice_loglik,
+    choice_task,
+    emoji_task,
+    exact_match,
+)
+from epimer.curvature.causal_lm import IGNORE, encode_sample  # noqa: E402
+from tests.bench.test_data import require  # noqa: E402
+from tests.curvature.test_causal_lm import tiny_llama, tiny_tokenizer  # noqa: E402
+
+
+def test_every_text_task_has_a_template() -> None:
+    assert set(TEMPLATES) == set(TASKS)
+    for name, (instruction, words) in TEMPLATES.items():
+        assert instruction.endswith("?") and len(set(words)) == len(words), name
+    data = TaskData("debate_party", ("We will build it. " * 40, "Stronger together."), (1, 0),
+                    ("Democratic", "Republican"))
+    task = choice_task(data)
+    assert task.answers == ("Republican", "Democrat") and task.choices == ("Democrat", "Republican")
+    assert task.prompts[0].startswith("Was this said by a Democrat or a Republican?\nText: We will build it.")
+    assert task.prompts[0].endswith(" ...\nAnswer:") and len(task.prompts[0].split()) < 70
+
+
+def test_emoji_task_from_the_pinned_sdist() -> None:
+    require(artifacts.VADER)
+    task = emoji_task()
+    assert len(task) > 1000 and task.choices == ()
+    pairs = dict(zip(task.prompts, task.answers))
+    assert pairs["What is the name of this emoji? 😀\nAnswer:"] == "grinning face"
+    assert len(set(task.answers)) == len(task)  # one emoji per name
+    assert all(":" not in a for a in task.answers)
+
+
+def _rows_loglik(model, tok, prompt: str, choice: str) -> float:
+    head = tok(prompt, add_special_tokens=True)["input_ids"]
+    tail = tok(" " + choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([head + tail])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return float(sum(logp[len(head) + j - 1, t] for j, t in enumerate(tail)))
+
+
+def test_choice_loglik_is_the_sum_over_the_choice_tokens() -> None:
+    model, tok = tiny_llama(seed=1, attn="sdpa").double(), tiny_tokenizer()
+    task = LLMTask("t", ("hello world\nAnswer:", "the cat sat on the mat\nAnswer:"), ("yes", "no a"), ("yes", "no a"))
+    got = choice_loglik(model, tok, task.prompts, task.choices, batch_size=4)
+    one = choice_loglik(model, tok, task.prompts, task.choices, batch_size=1)
+    assert torch.allclose(got, one, rtol=1e-12, atol=1e-12)  # padding beside longer rows changes nothing
+    for i, p in enumerate(task.prompts):
+        for j, c in enumerate(task.choices):
+            assert abs(float(got[i, j]) - _rows_loglik(model, tok, p, c)) < 1e-9
+    want = float((got.argmax(1) == torch.tensor([0, 1])).double().mean())
+    assert choice_accuracy(model, tok, task) == want
+
+
+def test_exact_match_and_the_training_samples() -> None:
+    model, tok = tiny_llama(seed=2), tiny_tokenizer()
+    prompt = "hello world\nAnswer:"
+    ids = torch.tensor([tok(prompt, add_special_tokens=True)["input_ids"]])
+    greedy = tok.decode(model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)[0, ids.shape[1]:],
+                        skip_special_tokens=True).split("\n")[0].strip()
+    assert exact_match(model, tok, LLMTask("t", (prompt,), (greedy,)), max_new_tokens=3) == 1.0
+    assert exact_match(model, tok, LLMTask("t", (prompt,), (greedy + " cat",)), max_new_tokens=3) == 0.0
+    sample = LLMTask("t", ("the cat\nAnswer:",), ("sat",)).samples()[0]
+    enc = encode_sample(sample, tok, 64, "x")
+    targets = [t for t in enc.labels if t != IGNORE]
+    assert targets == tok(" sat", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
