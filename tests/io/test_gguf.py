@@ -129,23 +129,17 @@ def test_bad_gguf_files_are_refused(tmp_path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
     with pytest.raises(InputError, match="junk.gguf: not a readable GGUF file"):
         open_checkpoint(tmp_path / "junk.gguf")
-    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(InputError, match="architecture 'gpt2' is not supported"):
-        open_checkpoint(tmp_path / "gpt2.gguf")
-    w = gguf.GGUFWriter(str(tmp_path / "odd.gguf"), "llama")
-    w.add_head_count(2)
-    w.add_tensor("blk.0.attn_qkv.weight", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(InputError, match="'blk.0.attn_qkv.weight' has no Hugging Face name"):
-        open_checkpoint(tmp_path / "odd.gguf")
+    for arch, tensor, message in [("gpt2", "token_embd.weight", "architecture 'gpt2' is not supported"),
+                                  ("llama", "blk.0.attn_qkv.weight", "'blk.0.attn_qkv.weight' has no Hugging Face name")]:
+        w = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+        w.add_head_count(2)
+        w.add_tensor(tensor, np.zeros((4, 4), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(InputError, match=message):
+            open_checkpoint(tmp_path / f"{arch}.gguf")
 
 
 def write_full_gguf(path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

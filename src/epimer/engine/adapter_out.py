@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ def write_adapter(run: Any, out: Path, *, rank: int, overwrite: bool = False) ->
     folder; returns each module's truncation error."""
     from epimer.engine.output import check_output
     from epimer.io.fisher import write_safetensors
-    from epimer.io.outdir import default_mode, exchange, os_error_message, partial_name, rename_noreplace
+    from epimer.io.outdir import discard_folder, os_error_message, partial_name, publish_folder
 
     if rank < 1:
         raise InputError(f"--adapter-rank must be at least 1; got {rank}")
@@ -124,13 +122,8 @@ def write_adapter(run: Any, out: Path, *, rank: int, overwrite: bool = False) ->
         lines += [f"| `{m}` | {factors[m + '.weight'][2]} | {e:.3g} |" for m, e in sorted(errors.items())]
         (tmp / "README.md").write_text("\n".join(lines) + "\n")
         (tmp / "merge_report.json").write_text(json.dumps({"truncation_error": errors, "scale": scale}, indent=2) + "\n")
-        os.chmod(tmp, default_mode(folder=True))
-        if out.exists() and overwrite:
-            exchange(tmp, out)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            rename_noreplace(tmp, out)
+        publish_folder(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_folder(tmp)
         raise
     return errors

@@ -182,7 +182,7 @@ def write_merge(
     and renames the folder.
     """
     from epimer import __version__
-    from epimer.io.outdir import default_mode, exchange, os_error_message, partial_name, rename_noreplace
+    from epimer.io.outdir import discard_folder, os_error_message, partial_name, publish_folder
 
     group = run.group
     out = check_output(Path(out), run.config, overwrite) if group.rank == 0 else Path(os.path.abspath(out))
@@ -221,22 +221,13 @@ def write_merge(
         (tmp / "README.md").write_text(model_card(recorded, run.params, run.report, __version__, out))
         if run.report.tensors or run.report.warnings:
             (tmp / "merge_report.json").write_text(json.dumps(run.report.__dict__, indent=2) + "\n")
-        os.chmod(tmp, default_mode(folder=True))
-        if out.exists() and overwrite:
-            exchange(tmp, out)  # tmp now holds the old output
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            rename_noreplace(tmp, out)
+        publish_folder(tmp, out, overwrite)
         group.barrier()
     except OSError as err:  # disk full, quota, read-only: bad environment, not a bug
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_folder(tmp, writer)
         raise InputError(os_error_message(err, tmp, "merged model") + f" (output {out} not written)") from None
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_folder(tmp, writer)
         raise
     return run.report
 

@@ -15,7 +15,6 @@ tensor the table does not name, is refused: no name is guessed.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -156,19 +155,17 @@ def convert_to_folder(path: Path, out: Path, *, overwrite: bool = False, progres
     """Write a GGUF file as a Hugging Face folder (``config.json``, tokenizer files,
     ``model.safetensors`` in float32) that ``AutoModelForCausalLM.from_pretrained`` loads; the
     folder appears whole or not at all. Returns the number of tensors written."""
-    import shutil
     import tempfile
 
     from transformers import AutoTokenizer
 
     from epimer.io.outdir import (
         check_not_over_inputs,
-        default_mode,
+        discard_folder,
         ensure_writable_folder,
-        exchange,
         os_error_message,
         partial_name,
-        rename_noreplace,
+        publish_folder,
     )
     from epimer.io.writer import CheckpointWriter, PlannedTensor
 
@@ -198,20 +195,11 @@ def convert_to_folder(path: Path, out: Path, *, overwrite: bool = False, progres
             writer.close()
             config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            os.chmod(tmp, default_mode(folder=True))
-            if out.exists():
-                exchange(tmp, out)
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                rename_noreplace(tmp, out)
+            publish_folder(tmp, out, overwrite)
         except OSError as err:
-            if writer is not None:
-                writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_folder(tmp, writer)
             raise InputError(os_error_message(err, tmp, "converted model") + f" ({out} not written)") from None
         except BaseException:
-            if writer is not None:
-                writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_folder(tmp, writer)
             raise
     return len(names)

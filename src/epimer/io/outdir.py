@@ -251,3 +251,23 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], what: str) -> No
 def write_text_atomic(path: Path, text: str, what: str) -> None:
     """A small UTF-8 text file, written as :func:`write_atomic` does."""
     write_atomic(path, lambda f: f.write(text.encode("utf-8")), what)
+
+
+def publish_folder(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Put the finished folder ``tmp`` (built beside OUT) in place of OUT with the mode a new
+    folder gets: with ``overwrite``, an atomic exchange with an existing OUT (whose old content
+    is then removed); else a rename that refuses an OUT, even one that appeared meanwhile."""
+    os.chmod(tmp, default_mode(folder=True))
+    if overwrite and out.exists():
+        exchange(tmp, out)  # tmp now holds the old output
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        rename_noreplace(tmp, out)
+
+
+def discard_folder(tmp: Path, writer: object | None = None) -> None:
+    """Abandon a folder being built: stop its writer's background I/O, remove it."""
+    if writer is not None:
+        writer.abort()  # type: ignore[attr-defined]
+    shutil.rmtree(tmp, ignore_errors=True)
+
