@@ -69,6 +69,17 @@ def test_choice_loglik_is_the_sum_over_the_choice_tokens() -> None:
     assert choice_accuracy(model, tok, task) == want
 
 
+def test_single_token_choices_take_one_forward_per_prompt() -> None:
+    """With one-token choices the scores come from one forward of each prompt; they equal
+    the per-row sums."""
+    model, tok = tiny_llama(seed=3, attn="sdpa").double(), tiny_tokenizer()
+    prompts = ("hello world\nAnswer:", "the cat sat on the mat\nAnswer:", "a\nAnswer:")
+    got = choice_loglik(model, tok, prompts, ("yes", "no", "cat"), batch_size=2)
+    for i, p in enumerate(prompts):
+        for j, c in enumerate(("yes", "no", "cat")):
+            assert abs(float(got[i, j]) - _rows_loglik(model, tok, p, c)) < 1e-9
+
+
 def test_exact_match_and_the_training_samples() -> None:
     model, tok = tiny_llama(seed=2), tiny_tokenizer()
     prompt = "hello world\nAnswer:"

@@ -107,6 +107,9 @@ def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[s
     multiple choice. Sequences are right-padded; a causal model's outputs at a position
     depend only on earlier ones, so padding changes nothing."""
     device = next(model.parameters()).device
+    tails = [list(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in choices]  # type: ignore
+    if all(len(t) == 1 for t in tails):  # one token a choice: one forward of each prompt scores them all
+        return _single_token_loglik(model, tokenizer, prompts, [t[0] for t in tails], batch_size, device)
     rows: list[tuple[list[int], int]] = []  # (token ids, where the choice starts)
     for p in prompts:
         head = list(tokenizer(p, add_special_tokens=True)["input_ids"])  # type: ignore[operator]
@@ -125,6 +128,22 @@ def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[s
             pos = torch.arange(begin, len(r))
             out[start + i] = logp[i, pos - 1, torch.tensor(r[begin:])].sum().cpu()
     return out.reshape(len(prompts), len(choices))
+
+
+def _single_token_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[str], tokens: list[int],
+                         batch_size: int, device: torch.device) -> torch.Tensor:
+    heads = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]  # type: ignore[operator]
+    out = torch.empty(len(prompts), len(tokens), dtype=torch.float64)
+    for start in range(0, len(heads), batch_size):
+        chunk = heads[start : start + batch_size]
+        ids = torch.zeros(len(chunk), max(len(h) for h in chunk), dtype=torch.long)
+        for i, h in enumerate(chunk):
+            ids[i, : len(h)] = torch.tensor(h)
+        logits = model(input_ids=ids.to(device)).logits  # (B, L, V)
+        last = torch.tensor([len(h) - 1 for h in chunk], device=logits.device)
+        logp = torch.log_softmax(logits[torch.arange(len(chunk)), last].double(), dim=-1)  # (B, V)
+        out[start : start + len(chunk)] = logp[:, tokens].cpu()
+    return out
 
 
 def choice_accuracy(model: torch.nn.Module, tokenizer: object, task: LLMTask, batch_size: int = 16) -> float:
