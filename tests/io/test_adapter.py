@@ -238,3 +238,40 @@ def test_negative_scale_and_no_cross_terms(world, tmp_path) -> None:
         tol = 1e-6 * (float(d0.abs().max()) + float(d1.abs().max()) + 1e-3)
         assert torch.allclose(neg.delta(n), -d0, rtol=0, atol=tol), n
         assert torch.allclose(both.delta(n), d0 + d1, rtol=0, atol=tol), n
+
+
+def test_lora_factors_from_a_methods_own_svd_equal_the_dense_svds() -> None:
+    """A subspace method's Δ = U diag(c) Vᵀ (orthonormal U, V; c of any sign and order) gives
+    the same rank-R factors, product and truncation error as the SVD of Δ itself."""
+    from epimer.basis import polar
+    from epimer.engine.adapter_out import lora_factors
+
+    g = torch.Generator().manual_seed(0)
+    u = polar(torch.randn(30, 8, generator=g, dtype=torch.float64))
+    v = polar(torch.randn(20, 8, generator=g, dtype=torch.float64))
+    c = torch.randn(8, generator=g, dtype=torch.float64) * torch.arange(8, 0, -1)
+    delta = (u * c) @ v.T
+    for rank in (3, 8, 12):
+        b1, a1, e1, r1 = lora_factors(delta, rank)
+        b2, a2, e2, r2 = lora_factors(delta, rank, (u, c, v))
+        assert (r1, r2) == (min(rank, 20), min(rank, 8))  # the method's form has no zero directions
+        assert torch.allclose(b1 @ a1, b2 @ a2, atol=1e-10) and abs(e1 - e2) < 1e-10
+    assert e2 < 1e-12  # rank 12 >= 8 holds Δ exactly
+
+
+def test_tsv_m_adapter_output_equals_the_full_merge(world, tmp_path) -> None:
+    """TSV-M on adapters, written as an adapter from the method's own factors, equals the
+    full-model merge on the tensors every adapter targets at a reachable rank."""
+    from epimer.io.adapter import AdapterCheckpoint
+
+    models = [f"adapter_{i}" for i in range(3)]
+    res = merge_to_adapter(world, tmp_path / "ad", models, "tsv_m", {"rank_fraction": 0.25}, 32)
+    assert res.exit_code == 0, res.output
+    full = merge(world, tmp_path / "full", models, "tsv_m", {"rank_fraction": 0.25})
+    base = open_checkpoint(world / "base")
+    ad = AdapterCheckpoint(tmp_path / "ad", base)
+    for n in base.names():
+        if "q_proj" in n:
+            want = full.get(n) - base.get(n)
+            tol = 1e-5 * float(want.abs().max()) + 1e-6 * float(base.get(n).abs().max())
+            assert torch.allclose(ad.delta(n), want, rtol=0, atol=tol), n

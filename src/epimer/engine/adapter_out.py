@@ -1,7 +1,8 @@
 """A merge written as a PEFT LoRA adapter (``epimer merge --adapter-rank R``; docs/method.md §4b).
 
 The inputs are LoRA adapters on the base. The merged update of each module the adapters
-target, ``scale · Δ``, is written as LoRA factors of rank ``R`` from its SVD (float64),
+target, ``scale · Δ``, is written as LoRA factors of rank ``R`` from its SVD (float64; the
+subspace methods give theirs, ``U⊥ diag(c) V⊥ᵀ``, so none is computed),
 ``B = U_R √S_R``, ``A = √S_R V_Rᵀ`` with ``lora_alpha = r`` (PEFT's scale 1): exact when R is
 at least the rank of Δ; otherwise the best rank-R approximation, whose relative error
 ``‖Δ − Δ_R‖_F / ‖Δ‖_F`` is reported per module. Tensors the adapters save whole
@@ -25,11 +26,22 @@ from epimer.errors import InputError
 from epimer.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, AdapterCheckpoint
 
 
-def lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """(B (m, r), A (r, n), relative Frobenius error of B A against Δ, r) for r = min(rank, m, n)."""
-    d = delta.to(torch.float64)
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    r = min(rank, s.numel())
+def lora_factors(delta: torch.Tensor, rank: int, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """(B (m, r), A (r, n), relative Frobenius error of B A against Δ, r) for r = min(rank, m, n).
+
+    ``svd``: (U, c, V) with orthonormal U, V and Δ = U diag(c) Vᵀ (a subspace method's own
+    form of its update): then no SVD of Δ is computed; c is sorted by magnitude and its signs
+    moved into U."""
+    if svd is not None:
+        u, c, v = (x.to(torch.float64) for x in svd)
+        order = torch.argsort(c.abs(), descending=True)
+        u, c, v = u[:, order] * torch.sign(c[order]).where(c[order] != 0, torch.ones_like(c[order])), c[order].abs(), \
+            v[:, order]
+        s, vh = c, v.T
+    else:
+        u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    r = min(rank, s.numel(), min(delta.shape))
     root = s[:r].sqrt()
     total = float(s.square().sum())
     err = math.sqrt(float(s[r:].square().sum()) / total) if total > 0 else 0.0
@@ -65,15 +77,18 @@ def write_adapter(run: Any, out: Path, *, rank: int, overwrite: bool = False) ->
     deltas: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     terms = []
-    for p, _rows, last, delta, ab in run.updates(state):
+    for p, _rows, last, res, ab in run.results(state):
         if ab is not None:
             terms.append(ab)
-        parts.setdefault(p.name, []).append(delta)
+        parts.setdefault(p.name, []).append(res.delta)
         if not last:
             continue
         d = torch.cat(parts.pop(p.name)) if len(parts.get(p.name, [])) > 1 else parts.pop(p.name)[0]
         if p.name in targets:
-            b, a, err, r = lora_factors(d.T if fan_in_fan_out else d, rank)
+            svd = res.factors
+            if svd is not None and fan_in_fan_out:  # Δᵀ = V diag(c) Uᵀ
+                svd = (svd[2], svd[1], svd[0])
+            b, a, err, r = lora_factors(d.T if fan_in_fan_out else d, rank, svd)
             factors[p.name] = (b, a, r)
             errors[p.name[: -len(".weight")]] = err
         elif p.name in whole:

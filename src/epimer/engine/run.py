@@ -186,7 +186,7 @@ class MergeRun:
         res = out if isinstance(out, TensorResult) else TensorResult(out)
         if res.delta.shape != x.base.shape:
             raise RuntimeError(f"method {self.method.name!r} returned shape {list(res.delta.shape)} for {p.name!r}")
-        return TensorResult(res.delta.to(torch.float32), res.info), x
+        return TensorResult(res.delta.to(torch.float32), res.info, res.factors), x
 
     def _linear_theta(self, p: TensorPlan, rows: tuple[int, int] | None, coeffs: tuple[float, ...],
                       scale: float) -> torch.Tensor | None:
@@ -283,6 +283,12 @@ class MergeRun:
         """(tensor, row block, last block, Δ, scale terms) for every merged unit this process
         owns, in plan order: Δ is the method's float32 update before the scale, and the terms
         are this unit's share of ``scale: auto`` (docs/method.md §6) when Fishers are read."""
+        for p, rows, last, res, ab in self.results(state):
+            yield p, rows, last, res.delta, ab
+
+    def results(self, state: Any) -> Iterator[tuple[TensorPlan, tuple[int, int] | None, bool, TensorResult,
+                                                  tuple[float, float] | None]]:
+        """As :meth:`updates`, with the method's whole `TensorResult` (Δ and its factors)."""
         from epimer.diagnostics import auto_scale_terms
 
         merged = [p for p in self.own if p.action == "merge"]
@@ -297,7 +303,7 @@ class MergeRun:
         for (p, rows, last), (res, ab) in self._pipe(units(merged, self.blocked), work):
             if res.info:
                 self._record_info(p, rows, res.info)
-            yield p, rows, last, res.delta, ab
+            yield p, rows, last, res, ab
 
     def auto_scale(self, terms: list[tuple[float, float]]) -> float:
         """``scale: auto`` from every process's (num, den) terms, summed exactly, so the value

@@ -80,6 +80,9 @@ class TensorResult:
 
     delta: torch.Tensor
     info: dict[str, float] = field(default_factory=dict)
+    #: (U (m, r), c (r,), V (n, r)) with orthonormal U and V and ``delta = U diag(c) Vᵀ``: an
+    #: SVD of Δ up to the signs and order of c, when the method has one (the subspace methods)
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 Visitor = Callable[[TensorInputs], None]

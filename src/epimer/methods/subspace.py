@@ -102,7 +102,9 @@ class TsvM(SubspaceMethod):
         # (= s for equal weights)
         coords = [singular_coords(basis, t) for t in range(x.num_tasks)]
         geo = Geometry(coords, IDENTITY, lambda c: lift(basis.u, basis.v, c))  # U⊥ diag(c) V⊥ᵀ
-        return TensorResult(geo.merge(x.weights, "frechet_sum").to(x.deltas[0].dtype), _basis_info(basis))
+        c = geo.solve(x.weights, "frechet_sum")
+        return TensorResult(lift(basis.u, basis.v, c).to(x.deltas[0].dtype), _basis_info(basis),
+                            (basis.u, c, basis.v))
 
 
 # ----------------------------------------------------------------------- Iso-C / Iso-CTS
@@ -308,11 +310,12 @@ class Epimer(SubspaceMethod):
         self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
     ) -> torch.Tensor | TensorResult:
         geo, basis, metric = self.geometry(x, params, state)
-        delta = geo.merge(x.weights, params.aggregator).to(x.deltas[0].dtype)
+        c = geo.solve(x.weights, params.aggregator)
+        delta = lift(basis.u, basis.v, c).to(x.deltas[0].dtype)
         info = _basis_info(basis)
         if params.metric == "diagonal" and params.fisher_rank != "exact":
             info["fisher_rel_err"] = metric.fisher_rel_err  # type: ignore[attr-defined]
-        return TensorResult(delta, info)
+        return TensorResult(delta, info, (basis.u, c, basis.v))
 
     def diagnose(
         self, x: TensorInputs, params: EpimerParams, state: tuple[float, ...] | None
