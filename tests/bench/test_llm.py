@@ -92,3 +92,24 @@ def test_exact_match_and_the_training_samples() -> None:
     enc = encode_sample(sample, tok, 64, "x")
     targets = [t for t in enc.labels if t != IGNORE]
     assert targets == tok(" sat", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_batch_loss_is_the_mean_of_the_fisher_per_sample_losses_and_finetuning_learns() -> None:
+    from epimer.curvature.causal_lm import batches, causal_lm_loss
+    from epimer.bench.llm import batch_loss, finetune
+
+    model, tok = tiny_llama(seed=4, attn="sdpa").double(), tiny_tokenizer()
+    task = LLMTask("t", ("hello world\nAnswer:", "the cat\nAnswer:", "a b\nAnswer:"), ("yes", "no", "yes"),
+                   ("yes", "no"))
+    samples = [encode_sample(s, tok, 32, "x") for s in task.samples()]
+    batch = next(batches(samples, 3, 0))
+    each = [float(causal_lm_loss(model, {k: v[i] for k, v in batch.items()})) for i in range(3)]
+    assert abs(float(batch_loss(model, batch)) - sum(each) / 3) < 1e-12
+    model = tiny_llama(seed=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = finetune(model, tok, task, steps=60, lr=1e-2, batch_size=3, max_length=32,
+                      trainable=r"layers\.1\.|lm_head", seed=0)
+    assert losses[-1] < 0.5 * losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("layers.1." in n or "lm_head" in n for n in changed)
+    assert choice_accuracy(model, tok, task) == 1.0

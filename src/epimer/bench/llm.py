@@ -166,3 +166,53 @@ def exact_match(model: torch.nn.Module, tokenizer: object, task: LLMTask, max_ne
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
         hits += text.split("\n")[0].strip() == answer.strip()
     return hits / max(1, len(task))
+
+
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the batch's sequences of each one's mean target-token loss: the per-sample
+    loss of the Fisher (`epimer.curvature.causal_lm.CausalLMLoss`), averaged."""
+    from epimer.curvature.causal_lm import IGNORE
+
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, L-1, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE
+    nll = -torch.log_softmax(logits, dim=-1).gather(2, target.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return ((nll * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
+
+
+def finetune(model: torch.nn.Module, tokenizer: object, task: LLMTask, *, steps: int, lr: float, batch_size: int,
+             max_length: int, trainable: str, seed: int) -> list[float]:
+    """Fine-tune ``model`` in place on the task's prompt → answer samples (the loss on the
+    answer tokens only), AdamW on the parameters whose names match the regular expression
+    ``trainable`` (the others frozen), batches drawn with a seeded generator. Returns the loss
+    of each step."""
+    import re
+
+    from epimer.curvature.causal_lm import batches, encode_sample
+
+    pattern = re.compile(trainable)
+    params = [p for n, p in model.named_parameters() if pattern.search(n)]
+    if not params:
+        raise ValueError(f"no parameter matches {trainable!r}")
+    for n, p in model.named_parameters():
+        p.requires_grad_(bool(pattern.search(n)))
+    samples = [encode_sample(s, tokenizer, max_length, f"{task.name}:{i}") for i, s in enumerate(task.samples())]
+    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(samples), (batch_size,), generator=g).tolist()
+        batch = next(batches([samples[i] for i in idx], batch_size, pad))
+        loss = batch_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return losses
