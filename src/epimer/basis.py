@@ -53,6 +53,10 @@ class TaggedBasis:
         s: (r,) the kept singular values of the task that owns each atom.
         owner: (r,) int64, the task index (0-based, order of the inputs) owning each atom.
         k: atoms per task; r = T · k.
+        deficient: how many tasks' updates have fewer than k numerically non-zero singular
+            values (`numerical_rank`): their extra atoms are arbitrary directions of zero
+            singular value, and the orthogonalisation mixes them into the others, so the merge
+            of this tensor depends on rounding (docs/method.md §4b).
     """
 
     u: torch.Tensor
@@ -60,11 +64,21 @@ class TaggedBasis:
     s: torch.Tensor
     owner: torch.Tensor
     k: int
+    deficient: int = 0
 
     @property
     def rank(self) -> int:
         """r, the dimension of the subspace."""
         return self.s.shape[0]
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """Singular values above ``max(m, n) · eps · σ_max`` (numpy's matrix_rank rule), eps of
+    float32 (the dtype task vectors are computed in)."""
+    if not s.numel() or float(s.max()) == 0.0:
+        return 0
+    tol = max(shape) * torch.finfo(torch.float32).eps * float(s.max())
+    return int((s > tol).sum())
 
 
 def svd_of_product(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dtype: torch.dtype = torch.float64
@@ -90,12 +104,14 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
     k = per_task_rank(m, n, num_tasks, rank_fraction)
     dtype = compute_dtype(deltas[0])
     us, ss, vs = [], [], []
+    deficient = 0
     for t, tau in enumerate(deltas):
         known = svds[t] if svds is not None else None
         if known is not None and known[1].numel() >= k:
             u_t, s_t, vh_t = (x.to(dtype) for x in known)
         else:
             u_t, s_t, vh_t = torch.linalg.svd(tau.to(dtype), full_matrices=False)
+        deficient += numerical_rank(s_t, (m, n)) < k
         us.append(u_t[:, :k])  # (m, k)
         ss.append(s_t[:k])  # (k,)
         vs.append(vh_t[:k].T)  # (n, k)
@@ -106,6 +122,7 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
         s=torch.cat(ss),
         owner=owner,
         k=k,
+        deficient=deficient,
     )
 
 

@@ -275,3 +275,31 @@ def test_tsv_m_adapter_output_equals_the_full_merge(world, tmp_path) -> None:
             want = full.get(n) - base.get(n)
             tol = 1e-5 * float(want.abs().max()) + 1e-6 * float(base.get(n).abs().max())
             assert torch.allclose(ad.delta(n), want, rtol=0, atol=tol), n
+
+
+def test_ill_posed_subspace_merges_are_warned_about(world, tmp_path) -> None:
+    """TSV-M on LoRA updates at the default rank_fraction, and Iso-C on a rank-deficient sum,
+    say so (stderr and merge_report.json); full-rank task vectors give no warning."""
+    import json
+
+    for method, words in (("tsv_m", "lower rank than the tsv_m directions"), ("iso_c", "rank-deficient sum")):
+        out = tmp_path / method
+        merge(world, out, [f"adapter_{i}" for i in range(3)], method, {})
+        report = json.loads((out / "merge_report.json").read_text())
+        assert any(words in w and "depends on rounding" in w for w in report["warnings"]), method
+    from epimer.basis import tagged_basis
+
+    torch.manual_seed(0)
+    full = [torch.randn(24, 16) for _ in range(3)]
+    low = [torch.randn(24, 2) @ torch.randn(2, 16) for _ in range(3)]
+    assert tagged_basis(full, 1.0).deficient == 0  # k = 5 <= rank 16
+    assert tagged_basis(low, 1.0).deficient == 3  # rank 2 < k = 5
+    assert tagged_basis(low, 0.375).deficient == 0  # k = 2
+
+
+def test_the_warning_reaches_the_command_line(world, tmp_path) -> None:
+    cfg = {"base_model": str(world / "base"), "method": "tsv_m",
+           "models": [str(world / f"adapter_{i}") for i in range(2)]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0 and "warning:" in res.output and "lower rank_fraction" in res.output, res.output

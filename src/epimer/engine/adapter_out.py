@@ -96,6 +96,7 @@ def write_adapter(run: Any, out: Path, *, rank: int, overwrite: bool = False) ->
         elif bool((d != 0).any()):
             raise InputError(f"tensor {p.name!r}: the merged update is not zero, and no adapter targets it or saves it "
                              "whole, so a LoRA adapter cannot hold it; write a full model (drop --adapter-rank)")
+    run.warn_ill_posed()
     scale = run.method.scale(run.params)
     if scale == "auto":
         scale = run.auto_scale(terms)

@@ -220,6 +220,28 @@ class MergeRun:
             "`dtype:`, or pass --allow-nonfinite"
         )
 
+    def warn_ill_posed(self) -> None:
+        """One warning when the subspace method's merge of some tensors depends on rounding:
+        task updates of lower rank than the directions kept per task (TSV-M, EpiMer), or a
+        rank-deficient sum under a flattened spectrum (Iso-C); docs/method.md §4b."""
+        tasks = {n: int(v["rank_deficient_tasks"]) for n, v in self.report.tensors.items()
+                 if v.get("rank_deficient_tasks")}
+        sums = [n for n, v in self.report.tensors.items() if v.get("rank_deficient_sum")]
+        if tasks:
+            name, count = next(iter(tasks.items()))
+            msg = (f"{len(tasks)} tensor(s) have task updates of lower rank than the {self.method.name} directions "
+                   f"kept per task (e.g. {name!r}: {count} of {len(self.tasks)} tasks), so their merge depends on "
+                   "rounding (docs/method.md §4b); lower rank_fraction (LoRA updates: at most rank x tasks / "
+                   "min(m, n))")
+        elif sums:
+            msg = (f"{len(sums)} tensor(s) have a rank-deficient sum of task updates (e.g. {sums[0]!r}); "
+                   f"{self.method.name}'s flattened spectrum lifts arbitrary null directions there, so their merge "
+                   "depends on rounding (docs/method.md §4b)")
+        else:
+            return
+        self.report.warnings.append(msg)
+        self.progress.log("warning: " + msg)
+
     def _record_info(self, p: TensorPlan, rows: tuple[int, int] | None, info: dict[str, float]) -> None:
         if rows is None:
             self.report.tensors[p.name] = dict(info)
@@ -273,6 +295,7 @@ class MergeRun:
                 yield p.name, theta
                 if last:
                     self.progress.advance(p.in_bytes)
+            self.warn_ill_posed()
         finally:
             self.progress.finish()
             if spill is not None:

@@ -36,6 +36,7 @@ from epimer.basis import (
     TaggedBasis,
     compute_dtype,
     lift,
+    numerical_rank,
     polar,
     project,
     singular_coords,
@@ -75,7 +76,10 @@ class SubspaceMethod(MergeMethod):
 
 
 def _basis_info(basis: TaggedBasis) -> dict[str, float]:
-    return {"k": float(basis.k), "r": float(basis.rank)}
+    info = {"k": float(basis.k), "r": float(basis.rank)}
+    if basis.deficient:  # reported (and warned about) only where it happens
+        info["rank_deficient_tasks"] = float(basis.deficient)
+    return info
 
 
 # --------------------------------------------------------------------------------- TSV-M
@@ -132,9 +136,12 @@ class IsoC(SubspaceMethod):
     description = "Isotropic merging in the common subspace: task-arithmetic sum with a flattened spectrum (Marczak et al. 2025)."
     Params = IsoCParams
 
-    def merge_matrix(self, x: TensorInputs, params: IsoCParams, state: None) -> torch.Tensor:
+    def merge_matrix(self, x: TensorInputs, params: IsoCParams, state: None) -> TensorResult:
         p, sigma, qh = _sum_svd(x)
-        return (sigma.mean() * (p @ qh)).to(x.deltas[0].dtype)
+        delta = (sigma.mean() * (p @ qh)).to(x.deltas[0].dtype)
+        # a rank-deficient sum: the flattened spectrum lifts arbitrary null directions
+        short = numerical_rank(sigma, tuple(x.base.shape)) < sigma.numel()
+        return TensorResult(delta, {"rank_deficient_sum": 1.0} if short else {})
 
 
 class IsoCtsParams(ScaledParams):
