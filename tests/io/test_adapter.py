@@ -303,3 +303,35 @@ def test_the_warning_reaches_the_command_line(world, tmp_path) -> None:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     res = CliRunner().invoke(main, ["merge", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "out"), "-q"])
     assert res.exit_code == 0 and "warning:" in res.output and "lower rank_fraction" in res.output, res.output
+
+
+def test_epimer_on_adapters_equals_epimer_on_the_merged_models(world, tmp_path) -> None:
+    """The same Fisher files serve an adapter and its merged model (an adapter reads as base +
+    (B A)·s, computed as PEFT computes it, so the fingerprints agree); EpiMer then merges both
+    alike on the tensors every adapter targets at a reachable rank."""
+    from epimer.fingerprint import combine, tensor_blocks
+    from epimer.io.fisher import save_fisher, tensor_fingerprints
+
+    g = torch.Generator().manual_seed(7)
+    for i in range(3):
+        full = open_checkpoint(world / f"full_{i}")
+        sd = {n: full.get(n) for n in full.names()}
+        fisher = {n: torch.rand(v.shape, generator=g) + 0.1 for n, v in sd.items()}
+        per = tensor_fingerprints(fisher, lambda n: tuple(sd[n].shape), tensor_blocks(sd))
+        save_fisher(tmp_path / f"f{i}.safetensors", fisher, num_samples=8, estimator="empirical", seed=0,
+                    fraction=1.0, model_fingerprint=combine(per), tensor_fingerprints=per)
+    outs = {}
+    for kind in ("adapter", "full"):
+        cfg = {"base_model": str(world / "base"), "method": "epimer", "parameters": {"rank_fraction": 0.25},
+               "models": [{"model": str(world / f"{kind}_{i}"), "fisher": str(tmp_path / f"f{i}.safetensors")}
+                          for i in range(3)]}
+        (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump(cfg))
+        res = CliRunner().invoke(main, ["merge", str(tmp_path / f"{kind}.yaml"), "-o", str(tmp_path / kind), "-q"])
+        assert res.exit_code == 0, res.output
+        outs[kind] = open_checkpoint(tmp_path / kind)
+    base = open_checkpoint(world / "base")
+    for n in base.names():
+        if "q_proj" in n:
+            want = outs["full"].get(n) - base.get(n)
+            tol = 1e-5 * float(want.abs().max()) + 1e-6 * float(base.get(n).abs().max())
+            assert torch.allclose(outs["adapter"].get(n) - base.get(n), want, rtol=0, atol=tol), n
