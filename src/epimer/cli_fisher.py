@@ -577,8 +577,8 @@ def run_fisher(
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def fisher_command(ctx: click.Context, **options: Any) -> None:
-    """Estimate the diagonal empirical Fisher of a classifier or causal LM (per-sample squared
-    gradients; docs/method.md §4), and with --basis its projected metrics (§3.4).
+    """Estimate the diagonal empirical Fisher of a model of the --task family (per-sample
+    squared gradients; docs/method.md §4), and with --basis its projected metrics (§3.4).
 
     Under torchrun (WORLD_SIZE > 1) the samples are split across processes and rank 0
     writes the file.
