@@ -211,7 +211,7 @@ def finetune(model: torch.nn.Module, tokenizer: object, task: LLMTask, *, steps:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
