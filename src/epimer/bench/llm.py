@@ -99,6 +99,24 @@ def load_llm_task(name: str) -> LLMTask:
     return emoji_task() if name == EMOJI_TASK else choice_task(load_task(name))
 
 
+def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+              ) -> torch.Tensor:
+    """The logits at positions ``(rows[k], cols[k])`` of a causal LM's output, (K, V).
+
+    A Llama-style model (``model.model`` the decoder, ``model.lm_head`` the output layer, no
+    logit scaling) runs its decoder and applies the output layer at those positions only: with
+    a 49k-word vocabulary the full logits cost more than the decoder on CPU. Other models
+    take their full logits."""
+    cfg = getattr(model, "config", None)
+    plain = (hasattr(model, "model") and isinstance(getattr(model, "lm_head", None), torch.nn.Linear)
+             and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
+             and getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2", "qwen3", "smollm3"))
+    if not plain:
+        return model(input_ids=input_ids).logits[rows, cols]
+    hidden = model.model(input_ids=input_ids).last_hidden_state  # type: ignore[operator]
+    return model.lm_head(hidden[rows, cols])  # type: ignore[operator]
+
+
 @torch.no_grad()
 def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[str], choices: Sequence[str],
                   batch_size: int = 16) -> torch.Tensor:
@@ -123,10 +141,15 @@ def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[s
         ids = torch.zeros(len(chunk), length, dtype=torch.long)
         for i, (r, _) in enumerate(chunk):
             ids[i, : len(r)] = torch.tensor(r)
-        logp = torch.log_softmax(model(input_ids=ids.to(device)).logits.double(), dim=-1)  # (B, L, V)
+        rows_, cols, targets = [], [], []
         for i, (r, begin) in enumerate(chunk):
-            pos = torch.arange(begin, len(r))
-            out[start + i] = logp[i, pos - 1, torch.tensor(r[begin:])].sum().cpu()
+            rows_ += [i] * (len(r) - begin)
+            cols += list(range(begin - 1, len(r) - 1))
+            targets += r[begin:]
+        logits = logits_at(model, ids.to(device), torch.tensor(rows_, device=device), torch.tensor(cols, device=device))
+        picked = torch.log_softmax(logits.double(), dim=-1)[torch.arange(len(targets)), torch.tensor(targets)].cpu()
+        which = torch.tensor(rows_)
+        out[start : start + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, which, picked)
     return out.reshape(len(prompts), len(choices))
 
 
@@ -139,9 +162,9 @@ def _single_token_loglik(model: torch.nn.Module, tokenizer: object, prompts: Seq
         ids = torch.zeros(len(chunk), max(len(h) for h in chunk), dtype=torch.long)
         for i, h in enumerate(chunk):
             ids[i, : len(h)] = torch.tensor(h)
-        logits = model(input_ids=ids.to(device)).logits  # (B, L, V)
-        last = torch.tensor([len(h) - 1 for h in chunk], device=logits.device)
-        logp = torch.log_softmax(logits[torch.arange(len(chunk)), last].double(), dim=-1)  # (B, V)
+        last = torch.tensor([len(h) - 1 for h in chunk], device=device)
+        logits = logits_at(model, ids.to(device), torch.arange(len(chunk), device=device), last)  # (B, V)
+        logp = torch.log_softmax(logits.double(), dim=-1)
         out[start : start + len(chunk)] = logp[:, tokens].cpu()
     return out
 
@@ -153,19 +176,39 @@ def choice_accuracy(model: torch.nn.Module, tokenizer: object, task: LLMTask, ba
 
 
 @torch.no_grad()
-def exact_match(model: torch.nn.Module, tokenizer: object, task: LLMTask, max_new_tokens: int = 12) -> float:
+def exact_match(model: torch.nn.Module, tokenizer: object, task: LLMTask, max_new_tokens: int = 12,
+                batch_size: int = 16) -> float:
     """Share of prompts whose greedy continuation, up to its first line break or the end of
-    sequence, equals the gold answer (surrounding spaces ignored)."""
+    sequence, equals the gold answer (surrounding spaces ignored). Prompts are generated in
+    batches, left-padded with an attention mask (as one prompt alone within round-off)."""
+    return sum(a.strip() == g.strip() for a, g in zip(greedy_answers(model, tokenizer, task.prompts, max_new_tokens,
+                                                                     batch_size), task.answers)) / max(1, len(task))
+
+
+@torch.no_grad()
+def greedy_answers(model: torch.nn.Module, tokenizer: object, prompts: Sequence[str], max_new_tokens: int = 12,
+                   batch_size: int = 16) -> list[str]:
+    """Each prompt's greedy continuation up to its first line break (special tokens dropped)."""
     device = next(model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
-    hits = 0
-    for prompt, answer in zip(task.prompts, task.answers):
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=device)  # type: ignore
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos if eos is not None
-                             else 0)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
-        hits += text.split("\n")[0].strip() == answer.strip()
-    return hits / max(1, len(task))
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    heads = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]  # type: ignore[operator]
+    answers = []
+    for start in range(0, len(heads), batch_size):
+        chunk = heads[start : start + batch_size]
+        width = max(len(h) for h in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, h in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(h):] = torch.tensor(h)
+            mask[i, width - len(h):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),  # type: ignore[operator]
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        for row in out[:, width:]:
+            text = tokenizer.decode(row, skip_special_tokens=True)  # type: ignore[attr-defined]
+            answers.append(text.split("\n")[0].strip())
+    return answers
 
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -173,13 +216,16 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     loss of the Fisher (`epimer.curvature.causal_lm.CausalLMLoss`), averaged."""
     from epimer.curvature.causal_lm import IGNORE
 
-    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, L-1, V)
+    ids = batch["input_ids"]
+    target = batch["labels"][:, 1:]
+    rows, cols = (target != IGNORE).nonzero(as_tuple=True)  # position t predicts token t + 1
+    logits = logits_at(model, ids, rows, cols)  # (K, V): the target positions only
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    target = batch["labels"][:, 1:]
-    keep = target != IGNORE
-    nll = -torch.log_softmax(logits, dim=-1).gather(2, target.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return ((nll * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
+    nll = -torch.log_softmax(logits, dim=-1).gather(1, target[rows, cols].unsqueeze(1)).squeeze(1)
+    per_row = torch.zeros(ids.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    count = torch.zeros(ids.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, torch.ones_like(nll))
+    return (per_row / count.clamp(min=1)).mean()
 
 
 def finetune(model: torch.nn.Module, tokenizer: object, task: LLMTask, *, steps: int, lr: float, batch_size: int,

@@ -52,6 +52,11 @@ class Row:
     auto_avg: list[float] = field(default_factory=list)
     auto_scales: list[float] = field(default_factory=list)
     auto_worst: list[float] = field(default_factory=list)
+    title: str = ""  # the displayed name, where it is not `display(label)`
+
+    @property
+    def name(self) -> str:
+        return self.title or display(self.label)
 
 
 def _add(row: Row, entry: dict[str, Any]) -> None:
@@ -65,7 +70,8 @@ def _add(row: Row, entry: dict[str, Any]) -> None:
 def rows(results: dict[str, Any]) -> list[Row]:
     """Reference rows, then every method in the order of the run, aggregated over seeds."""
     needs = {m["label"]: m["needs_fisher"] for m in results["methods"]}
-    out: dict[str, Row] = {"pretrained": Row("pretrained", "reference"), "finetuned": Row("finetuned", "reference")}
+    titles = results.get("reference_titles", {})  # the causal-LM benchmark's base has no probe heads
+    out: dict[str, Row] = {r: Row(r, "reference", title=titles.get(r, "")) for r in ("pretrained", "finetuned")}
     for run in results["runs"]:
         for ref in ("pretrained", "finetuned"):
             _add(out[ref], run["references"][ref])
@@ -135,7 +141,7 @@ def comparison(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         body.append([f"*{title}*"] + [""] * (len(header) - 1))
         for r in members:
-            body.append([display(r.label), fmt(r.avg), fmt(r.normalized), fmt(r.worst), _scales(r.scales),
+            body.append([r.name, fmt(r.avg), fmt(r.normalized), fmt(r.worst), _scales(r.scales),
                          fmt(r.auto_avg), _scales(r.auto_scales), _seconds(r.merge_seconds)])
     if not any(r.auto_avg for r in rows(results)):  # scale: auto was not scored: drop its empty column
         col = header.index("Avg acc, scale auto")
@@ -179,34 +185,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["Normalized: mean over tasks of merged / fine-tuned test accuracy. Merge s: median wall "
               "time of one merge (scale 1) with `merge_state_dicts`.", ""]
 
-    lines += ["## Test accuracy per task (paper Table 6)", ""]
-    header = ["Method", *tasks, "Avg"]
-    body = [[display(r.label), *(fmt(r.per_task.get(t, [])) for t in tasks), fmt(r.avg)] for r in all_rows]
-    lines += _table(header, body)
-
-    lines += ["## Worst-task accuracy (paper Table 4)", ""]
-    body = []
-    for r in all_rows:
-        if r.group == "reference":
-            continue
-        worst_names = sorted({m["worst_task"] for run in results["runs"] for m in run["methods"]
-                              if m["label"] == r.label})
-        body.append([display(r.label), fmt(r.worst), ", ".join(worst_names), fmt(r.auto_worst)])
-    header = ["Method", "Worst task acc", "Worst task", "Worst, scale auto"]
-    if not any(r.auto_worst for r in all_rows):
-        header, body = header[:-1], [b[:-1] for b in body]
-    lines += _table(header, body)
-
-    sweep_methods = [m for m in results["runs"][0]["methods"] if m["sweep"]]
-    if sweep_methods:
-        scales = [p["scale"] for p in sweep_methods[0]["sweep"]]
-        lines += ["## Scale sweep: average validation accuracy (paper Table 3)", ""]
-        body = []
-        for m in sweep_methods:
-            per_scale = [[p["val_avg"] for run in results["runs"] for mm in run["methods"] if mm["label"] == m["label"]
-                          for p in mm["sweep"] if p["scale"] == s] for s in scales]
-            body.append([display(m["label"]), *(fmt(v) for v in per_scale)])
-        lines += _table(["Method", *(f"{s:g}" for s in scales)], body)
+    lines += _per_task_lines(results, all_rows, "Test accuracy per task (paper Table 6)")
+    lines += _worst_lines(results, all_rows)
+    lines += _sweep_lines(results)
+    lines += paired_lines(results)
 
     lines += ["## Per-task models", ""]
     body = []
@@ -221,6 +203,72 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["![per-task test accuracy](per_task.png)", "", "![scale sweep](scale_sweep.png)", ""]
     lines += _study_lines(results)
     return "\n".join(lines)
+
+
+def _per_task_lines(results: dict[str, Any], all_rows: Sequence[Row], title: str) -> list[str]:
+    tasks = results["config"]["tasks"]
+    header = ["Method", *tasks, "Avg"]
+    body = [[r.name, *(fmt(r.per_task.get(t, [])) for t in tasks), fmt(r.avg)] for r in all_rows]
+    return [f"## {title}", "", *_table(header, body)]
+
+
+def _worst_lines(results: dict[str, Any], all_rows: Sequence[Row], unit: str = "accuracy") -> list[str]:
+    body = []
+    for r in all_rows:
+        if r.group == "reference":
+            continue
+        worst_names = sorted({m["worst_task"] for run in results["runs"] for m in run["methods"]
+                              if m["label"] == r.label})
+        body.append([r.name, fmt(r.worst), ", ".join(worst_names), fmt(r.auto_worst)])
+    header = ["Method", f"Worst task {unit[:3] if unit == 'accuracy' else unit}", "Worst task", "Worst, scale auto"]
+    if not any(r.auto_worst for r in all_rows):
+        header, body = header[:-1], [b[:-1] for b in body]
+    return [f"## Worst-task {unit} (paper Table 4)", "", *_table(header, body)]
+
+
+def _sweep_lines(results: dict[str, Any], unit: str = "accuracy") -> list[str]:
+    sweep_methods = [m for m in results["runs"][0]["methods"] if m["sweep"]]
+    if not sweep_methods:
+        return []
+    scales = [p["scale"] for p in sweep_methods[0]["sweep"]]
+    body = []
+    for m in sweep_methods:
+        per_scale = [[p["val_avg"] for run in results["runs"] for mm in run["methods"] if mm["label"] == m["label"]
+                      for p in mm["sweep"] if p["scale"] == s] for s in scales]
+        body.append([display(m["label"]), *(fmt(v) for v in per_scale)])
+    return [f"## Scale sweep: average validation {unit} (paper Table 3)", "",
+            *_table(["Method", *(f"{s:g}" for s in scales)], body)]
+
+
+def paired_lines(results: dict[str, Any], reference: str = "tsv_m") -> list[str]:
+    """Paired per-seed differences against ``reference`` (same fine-tuned models, Fishers and
+    splits in each seed): each method's average and worst-task test score minus the
+    reference's, in points, per seed and as mean ± sd over the seeds."""
+    runs = [r for r in results["runs"] if r]
+    if not runs or reference not in {m["label"] for m in runs[0]["methods"]}:
+        return []
+    lines = [f"## Paired differences against {display(reference)} (points, per seed: {[r['seed'] for r in runs]})", "",
+             "| Method | Avg: per seed | Avg: mean ± sd | Worst task: per seed | Worst: mean ± sd |",
+             "|---|---|---:|---|---:|"]
+
+    def cells(xs: list[float]) -> tuple[str, str]:
+        if not xs:
+            return "–", "–"
+        m, s = mean_std(xs)
+        return ", ".join(f"{x:+.1f}" for x in xs), f"{m:+.1f}" + (f" ± {s:.1f}" if s is not None else "")
+
+    for label in [m["label"] for m in runs[0]["methods"]]:
+        if label == reference:
+            continue
+        d_avg, d_worst = [], []
+        for r in runs:
+            by = {m["label"]: m for m in r["methods"]}
+            if label in by and reference in by:
+                d_avg.append(100 * (by[label]["avg"] - by[reference]["avg"]))
+                d_worst.append(100 * (by[label]["worst"] - by[reference]["worst"]))
+        (ea, ma), (ew, mw) = cells(d_avg), cells(d_worst)
+        lines.append(f"| {display(label)} | {ea} | {ma} | {ew} | {mw} |")
+    return lines + [""]
 
 
 def _study_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -306,7 +354,7 @@ def plot_per_task(results: dict[str, Any], path: Path) -> None:
     for i, r in enumerate(all_rows):
         means = [mean_std(r.per_task[t])[0] for t in tasks]
         xs = [j + (i - (len(all_rows) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, means, width, label=display(r.label), color=cmap(i % 20))
+        ax.bar(xs, means, width, label=r.name, color=cmap(i % 20))
     lowest = min(mean_std(r.per_task[t])[0] for r in all_rows for t in tasks)
     floor = max(0.0, math.floor((lowest - 0.05) * 10) / 10)  # differences of a few points stay visible
     ax.set_xticks(range(len(tasks)))
@@ -409,3 +457,83 @@ def write_report(results: dict[str, Any], out: Path, *, plots: bool = True) -> N
             plot_rank_sweep(results, out / "rank_sweep.png")
             plot_kappa_gain(results, out / "kappa_gain.png")
             plot_fisher_fraction(results, out / "fisher_fraction.png")
+
+
+# ------------------------------------------------------------------------------ the causal-LM benchmark
+
+
+def _llm_config_lines(results: dict[str, Any]) -> list[str]:
+    cfg = results["config"]
+    ft, fs = cfg["finetune"], cfg["fisher"]
+    env = results["environment"]
+    trained = next((len(r.get("merged", [])) for r in results["runs"]), 0)
+    return [
+        f"- Model: {results['model']}; tasks ({len(cfg['tasks'])}): {', '.join(cfg['tasks'])}; seeds: "
+        f"{', '.join(str(r['seed']) for r in results['runs'])} of {list(cfg['seeds'])}.",
+        f"- Fine-tuning from the base: {ft['steps']} AdamW steps, batch {ft['batch_size']}, lr {ft['lr']:g}, "
+        f"max length {ft['max_length']} tokens, training split capped at {ft['max_train'] or 'none'}; loss on the "
+        f"answer tokens only; trained: parameters matching `{ft['trainable']}` ({trained} tensors), the rest "
+        "frozen and left out of every merge.",
+        f"- Curvature: {fs['estimator']} Fisher (diagonal, and projected on the merge's bases) on {fs['samples']} "
+        f"training prompts per task (seed {fs['seed']}), causal-LM loss on the answer tokens. rank_fraction "
+        f"{cfg['rank_fraction']:g} for TSV-M and EpiMer.",
+        f"- Scores: label-word log-likelihood (multiple choice) for the classification tasks, exact match of the "
+        f"greedy answer (at most {cfg['max_new_tokens']} tokens, first line) for the free-text task. Scale chosen "
+        f"on validation ({cfg['max_val']} prompts per task) from {sorted(set(cfg['scale_grid']) | {1.0})}; test "
+        f"at that scale ({cfg['max_test']} prompts per task).",
+        f"- Machine: {env['system']} {env['machine']}, {env.get('cpus', '?')} CPUs, {env['torch_threads']} torch "
+        f"threads; epimer {env['epimer']}, torch {env['torch']}, transformers {env['transformers']}, Python "
+        f"{env['python']}. Wall time {results.get('wall_seconds', 0.0):.0f} s.",
+    ]
+
+
+def llm_markdown(results: dict[str, Any]) -> str:
+    """``results.md`` of ``epimer bench llm``."""
+    tasks = results["config"]["tasks"]
+    all_rows = rows(results)
+    lines = ["# Causal-LM merging benchmark results", "", *_llm_config_lines(results), ""]
+    lines += ["## Average test score", "", *_table(*comparison(results))]
+    lines += ["Avg acc: mean over tasks of the test score (accuracy, or exact match for the free-text task). "
+              "Normalized: mean over tasks of merged / fine-tuned score. Merge s: median wall time of one merge "
+              "(scale 1) with `merge_updates`. The base row is the model before fine-tuning (zero-shot).", ""]
+    lines += _per_task_lines(results, all_rows, "Test score per task")
+    lines += _worst_lines(results, all_rows, "score")
+    lines += paired_lines(results)
+    lines += _sweep_lines(results, "score")
+    lines += ["## Per-task models", ""]
+    body = []
+    for t in tasks:
+        info = [run["tasks"][t] for run in results["runs"]]
+        base = [run["references"]["pretrained"]["test"][t] for run in results["runs"]]
+        tuned = [run["references"]["finetuned"]["test"][t] for run in results["runs"]]
+        ft = [i["finetune"] for i in info]
+        body.append([t, "free text" if not info[0]["choices"] else " / ".join(info[0]["choices"]),
+                     str(info[0]["n_train"]), str(info[0]["n_val"]), str(info[0]["n_test"]), fmt(base), fmt(tuned),
+                     f"{_mean_of([f['loss_first'] for f in ft]):.2f} → {_mean_of([f['loss_last_10'] for f in ft]):.2f}",
+                     f"{_mean_of([f['seconds'] for f in ft]):.0f}"])
+    lines += _table(["Task", "Answers", "Train", "Val", "Test", "Base test", "Fine-tuned test",
+                     "Loss first → last 10", "Fine-tune s"], body)
+    example = next((r["example"] for r in results["runs"] if r.get("example")), None)
+    if example:
+        lines += [f"## One merged model answering ({display(example['label'])}, scale {example['scale']:g})", "",
+                  f"Written to `{example['folder']}`, reloaded with `AutoModelForCausalLM.from_pretrained`, greedy "
+                  "decoding, the first test prompt of each task:", ""]
+        body = [[a["task"], a["prompt"].replace("\n", " ⏎ ")[:90] + ("…" if len(a["prompt"]) > 90 else ""),
+                 a["gold"], a["answer"]] for a in example["answers"]]
+        lines += _table(["Task", "Prompt", "Gold", "Answer"], [[c.replace("|", "\\|") for c in b] for b in body])
+    lines += ["![per-task test score](per_task.png)", "", "![scale sweep](scale_sweep.png)", ""]
+    return "\n".join(lines)
+
+
+def _mean_of(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def write_llm_report(results: dict[str, Any], out: Path, *, plots: bool = True) -> None:
+    """``results.json``, ``results.md`` and (with ``plots``) the PNG figures of ``epimer bench llm``."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    _write_text(out / "results.md", llm_markdown(results))
+    if plots:
+        plot_per_task(results, out / "per_task.png")
+        plot_scale_sweep(results, out / "scale_sweep.png")
