@@ -50,10 +50,18 @@ def make_inputs(
     )
 
 
+def with_paper_norm(method_name: str, raw: dict[str, Any] | None) -> dict[str, Any]:
+    """``raw`` with EpiMer's ``fisher_norm`` set to the paper's ``none`` when it names none."""
+    return {"fisher_norm": "none", **(raw or {})} if method_name == "epimer" else dict(raw or {})
+
+
 def run(method_name: str, raw: dict[str, Any] | None, tensors: Sequence[TensorInputs]) -> list[TensorResult]:
-    """prepare once (streaming ``tensors`` as often as asked), then merge each tensor."""
+    """prepare once (streaming ``tensors`` as often as asked), then merge each tensor.
+
+    EpiMer runs as the paper states it (``fisher_norm: none``) unless ``raw`` names a norm:
+    the float64 references here implement the paper's formulas."""
     method = get_method(method_name)
-    params = method.parse_params(raw)
+    params = method.parse_params(with_paper_norm(method_name, raw))
 
     def stream(visitor: Any) -> None:
         for x in tensors:

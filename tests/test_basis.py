@@ -133,3 +133,35 @@ def test_svd_of_product_and_the_basis_from_factors() -> None:
         dense, fast = tagged_basis(deltas, rank_fraction), tagged_basis(deltas, rank_fraction, svds)
         assert torch.allclose(lift(dense.u, dense.v, dense.s), lift(fast.u, fast.v, fast.s), atol=1e-10)
         assert torch.allclose(dense.s, fast.s, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (6, 9)])
+@pytest.mark.parametrize("fails", [1, 2])
+def test_svd_falls_back_when_lapack_does_not_converge(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int],
+                                                      fails: int) -> None:
+    """When torch's SVD raises (LAPACK did not converge) the float64 retry, then the Gram
+    eigendecomposition, give a thin SVD: orthonormal factors, descending values, x rebuilt,
+    in x's dtype; a rank-deficient x gets orthonormal completions of its null vectors."""
+    from epimer import basis as basis_mod
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g)  # rank 3
+    real, calls = torch.linalg.svd, []
+
+    def flaky(a: torch.Tensor, full_matrices: bool = True) -> tuple[torch.Tensor, ...]:
+        calls.append(a.dtype)
+        if len(calls) <= fails:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = basis_mod.svd(x)
+    assert calls[:2] == [torch.float32, torch.float64][: len(calls[:2])]
+    k = min(shape)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+    assert torch.all(s[:-1] >= s[1:]) and float(s[3:].abs().max()) < 1e-3 * float(s[0])
+    assert torch.allclose(u.T @ u, torch.eye(k), atol=1e-5) and torch.allclose(vh @ vh.T, torch.eye(k), atol=1e-5)
+    assert torch.allclose(u * s @ vh, x, atol=1e-4 * float(x.abs().max()))
+    monkeypatch.setattr(torch.linalg, "svd", real)
+    assert torch.allclose(s[:3], torch.linalg.svd(x.double())[1][:3].float(), rtol=1e-5)

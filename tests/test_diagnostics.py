@@ -12,7 +12,7 @@ from epimer import get_method
 from epimer.curvature.metric import projected_metric
 from epimer.diagnostics import auto_scale_terms, error_bound, heterogeneity, objective
 from epimer.basis import project, tagged_basis
-from tests.reference import make_inputs, np64, random_case, ref_epimer, run
+from tests.reference import make_inputs, np64, random_case, ref_epimer, run, with_paper_norm
 
 SETTINGS = settings(max_examples=12, deadline=None, database=None)
 UNEVEN = [0.5, 0.3, 0.2]
@@ -20,7 +20,7 @@ UNEVEN = [0.5, 0.3, 0.2]
 
 def _diagnose(x, raw: dict) -> dict[str, float]:
     method = get_method("epimer")
-    params = method.parse_params(raw)
+    params = method.parse_params(with_paper_norm("epimer", raw))
     return method.diagnose(x, params, None)
 
 
@@ -212,7 +212,7 @@ def test_diagnose_describes_the_merge_that_was_made(fisher_rank, aggregator: str
     # structured, near-low-rank Fishers, different per task (the rank-s approximation matters)
     fishers = [{"w": (torch.rand(shape[0], 1, generator=g) @ torch.rand(1, shape[1], generator=g))
                 * torch.exp(0.3 * torch.randn(shape, generator=g)) + 0.01} for _ in range(3)]
-    params = {"fisher_rank": fisher_rank, "aggregator": aggregator, "eps": 1e-3}
+    params = {"fisher_rank": fisher_rank, "aggregator": aggregator, "eps": 1e-3, "fisher_norm": "none"}
     merged = merge_state_dicts(base, tasks, "epimer", params, weights=UNEVEN, fishers=fishers)
     diag = diagnose_state_dicts(base, tasks, fishers, params, weights=UNEVEN)["tensors"]["w"]
 

@@ -51,7 +51,7 @@ def setup(tmp_path_factory) -> dict:
     cfg = {"base_model": "base", "basis": "bases.safetensors",
            "models": [{"model": f"task_{t}", "fisher": f"task_{t}.fisher.safetensors", "weight": w}
                       for t, w in enumerate([0.5, 0.3, 0.2])],
-           "method": "epimer", "parameters": {"metric": "projected", "rank_fraction": 0.5},
+           "method": "epimer", "parameters": {"metric": "projected", "rank_fraction": 0.5, "fisher_norm": "none"},
            "exclude": ["embeddings", "classifier", "pooler"]}
     (root / "c.yaml").write_text(yaml.safe_dump(cfg))
     code, out = cli("basis", root / "c.yaml", "-q")

@@ -36,10 +36,51 @@ def per_task_rank(m: int, n: int, num_tasks: int, rank_fraction: float) -> int:
     return max(1, math.floor(rank_fraction * min(m, n) / num_tasks + 1e-9))
 
 
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``x = U diag(s) Vᴴ`` (descending s), in ``x``'s dtype, that does not fail.
+
+    LAPACK's divide-and-conquer SVD (torch's CPU driver) can refuse to converge on
+    ill-conditioned inputs with many repeated singular values (seen on float32 task vectors
+    of a few fine-tuning steps: ``linalg.svd: The algorithm failed to converge``). Then the
+    SVD is retried in float64, and if that fails too it is taken from the eigendecomposition
+    of the Gram matrix in float64 (exact in exact arithmetic; singular values below
+    ``sqrt(eps)·s_max`` lose relative accuracy, and their singular vectors are completed to an
+    orthonormal set)."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = _gram_svd(x.to(torch.float64))
+    return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
+def _gram_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.shape[0] < x.shape[1]:
+        u, s, vh = _gram_svd(x.T)
+        return vh.T, s, u.T
+    lam, v = torch.linalg.eigh(x.T @ x)  # ascending
+    lam, v = lam.flip(0), v.flip(1)
+    s = lam.clamp(min=0).sqrt()
+    u = x @ v
+    # the Gram matrix squares the condition number: values below sqrt(eps)·s_max are noise
+    tol = float(s[0]) * x.shape[1] * math.sqrt(torch.finfo(x.dtype).eps) if s.numel() else 0.0
+    k = int((s > tol).sum()) if tol > 0 else 0
+    u = u[:, :k] / s[:k]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    fill = torch.randn(x.shape[0], x.shape[1] - k, generator=g, dtype=x.dtype).to(x.device)
+    q, r = torch.linalg.qr(torch.cat([u, fill], dim=1))  # orthonormal; the first k columns are u's
+    d = torch.diagonal(r)
+    u = q * torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+    return u, s, v.T
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ`` (thin SVD): the orthonormal matrix
     nearest to ``x`` in Frobenius norm (orthogonal Procrustes). ``x``: (m, r), r <= m."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = svd(x)
     return p @ qh  # (m, r)
 
 
@@ -88,7 +129,7 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dtype: 
     ``scale · R_B R_Aᵀ``; O((m + n) r²) instead of O(m n min(m, n))."""
     qb, rb = torch.linalg.qr(b.to(dtype))
     qa, ra = torch.linalg.qr(a.to(dtype).T)
-    uc, s, vhc = torch.linalg.svd(scale * (rb @ ra.T))
+    uc, s, vhc = svd(scale * (rb @ ra.T))
     return qb @ uc, s, vhc @ qa.T
 
 
@@ -110,7 +151,7 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
         if known is not None and known[1].numel() >= k:
             u_t, s_t, vh_t = (x.to(dtype) for x in known)
         else:
-            u_t, s_t, vh_t = torch.linalg.svd(tau.to(dtype), full_matrices=False)
+            u_t, s_t, vh_t = svd(tau.to(dtype))
         deficient += numerical_rank(s_t, (m, n)) < k
         us.append(u_t[:, :k])  # (m, k)
         ss.append(s_t[:k])  # (k,)

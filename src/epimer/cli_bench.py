@@ -140,6 +140,18 @@ def _fractions(text: str | None) -> tuple[float, ...] | None:
     return values
 
 
+def _scales(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint="--study-scales") from None
+    if not values or any(not v > 0 for v in values):
+        raise click.BadParameter(f"scales must be positive numbers, got {text!r}", param_hint="--study-scales")
+    return values
+
+
 def _methods(values: tuple[str, ...]) -> tuple[str, ...] | None:
     from epimer.registry import available_methods
 
@@ -198,14 +210,16 @@ def bench() -> None:
 @click.option("--study-fractions", default=None,
               help="Comma-separated shares of each training split for the Fisher data study "
                    "(default: 0.001,0.01,0.1,1).")
+@click.option("--study-scales", default=None,
+              help="Comma-separated scales tried on validation for every study row (default: 0.7,1,1.5).")
 @_threads
 @click.option("--no-plots", is_flag=True, help="Tables only.")
 @_quiet
 def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: float | None,
           max_train: int | None, fisher_fraction: float | None, rank_fraction: float | None,
           epimer_metrics: tuple[str, ...], fisher_norms: tuple[str, ...], methods: tuple[str, ...],
-          study_seeds: int | None, study_metric: str | None, study_fractions: str | None, threads: int | None,
-          no_plots: bool, quiet: bool) -> None:
+          study_seeds: int | None, study_metric: str | None, study_fractions: str | None,
+          study_scales: str | None, threads: int | None, no_plots: bool, quiet: bool) -> None:
     """The paper's protocol on a pretrained MiniLM and eight text tasks (writes OUT/results.md)."""
     _require("epimer bench text8", not no_plots)
     from epimer.bench.pipeline import TEXT8, config_with
@@ -214,7 +228,7 @@ def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: 
                          max_train=max_train, fisher_fraction=fisher_fraction, rank_fraction=rank_fraction,
                          epimer_metrics=epimer_metrics or None, epimer_fisher_norms=fisher_norms or None,
                          study_seeds=study_seeds, study_metric=study_metric, methods=_methods(methods),
-                         fisher_fractions=_fractions(study_fractions))
+                         fisher_fractions=_fractions(study_fractions), study_grid=_scales(study_scales))
     _run(config, out, threads, quiet, not no_plots)
 
 

@@ -193,7 +193,7 @@ def test_benchmark_end_to_end_and_resumed_from_the_caches(tiny_lm: Path, tmp_pat
 
     # the merged example: a Hugging Face folder that from_pretrained loads, equal to base + s·Δ
     ex = run["example"]
-    assert ex["label"] == "epimer" and [a["task"] for a in ex["answers"]] == list(TASKS)
+    assert ex["label"] == "epimer (fisher_norm=global)" and [a["task"] for a in ex["answers"]] == list(TASKS)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(ex["folder"])
     base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_lm)).state_dict()
     sd = reloaded.state_dict()

@@ -209,7 +209,7 @@ def test_one_metric_solve_equals_the_solve_over_each_task_metric(aggregator: str
     deltas, fishers, *_ = _case(21, (14, 11))
     x = make_inputs("w", deltas, fishers, UNEVEN)
     method = get_method("epimer")
-    params = method.parse_params({"fisher_rank": "exact", "aggregator": aggregator, "eps": 1e-3})
+    params = method.parse_params({"fisher_rank": "exact", "aggregator": aggregator, "eps": 1e-3, "fisher_norm": "none"})
     geo, _, metric = method.geometry(x, params, None)
     direct = frechet_merge(geo.coords, Dense(metric.matrices()), x.weights, aggregator)
     fast = geo.solve(x.weights, aggregator)
@@ -226,7 +226,7 @@ def test_factored_merge_solves_with_the_per_task_factored_metrics(aggregator: st
     deltas, fishers, *_ = _case(22, (14, 11))
     x = make_inputs("w", [d.double() for d in deltas], [f.double() for f in fishers], UNEVEN)
     method = get_method("epimer")
-    params = method.parse_params({"fisher_rank": 2, "aggregator": aggregator})
+    params = method.parse_params({"fisher_rank": 2, "aggregator": aggregator, "fisher_norm": "none"})
     geo, basis, metric = method.geometry(x, params, None)
     hs = []
     for f in x.fishers:
@@ -314,7 +314,7 @@ def test_defaults_and_validation() -> None:
     epimer = get_method("epimer")
     p = epimer.parse_params({})
     assert (p.rank_fraction, p.scale, p.aggregator, p.coords, p.eps, p.fisher_rank, p.fisher_norm, p.vector_rule) == (
-        1.0, 1.0, "frechet_sum", "projected", 1e-6, 4, "none", "mean",
+        1.0, 1.0, "frechet_sum", "projected", 1e-6, 4, "global", "mean",
     )
     assert epimer.parse_params({"fisher_rank": "exact", "scale": "auto"}).fisher_rank == "exact"
     for bad in ({"fisher_rank": 0}, {"fisher_rank": "fast"}, {"aggregator": "median"}, {"rank_fraction": 0},
@@ -355,5 +355,5 @@ def test_merge_results_are_tensor_results_with_info() -> None:
     deltas, fishers, *_ = _case(15)
     x = make_inputs("w", deltas, fishers)
     method = get_method("epimer")
-    r = method.merge(x, method.parse_params({}), None)
+    r = method.merge(x, method.parse_params({"fisher_norm": "none"}), None)  # global needs prepare()
     assert isinstance(r, TensorResult) and set(r.info) >= {"k", "r", "fisher_rel_err"}

@@ -133,7 +133,8 @@ class LLMBenchConfig:
         epimer_fisher_norms, epimer_metrics: EpiMer's rows (each metric × each norm).
         eval_batch_size: prompts per forward pass when scoring.
         max_new_tokens: greedy tokens generated for the free-text task.
-        example: the method whose merged model is written, reloaded and shown answering.
+        example: the row (label) whose merged model is written, reloaded and shown answering
+            (default: EpiMer with its default settings).
     """
 
     tasks: tuple[str, ...] = LLM_TASKS
@@ -149,7 +150,7 @@ class LLMBenchConfig:
     epimer_metrics: tuple[str, ...] = ("diagonal", "projected")
     eval_batch_size: int = 16
     max_new_tokens: int = 10
-    example: str = "epimer"
+    example: str = "epimer (fisher_norm=global)"
 
     def __post_init__(self) -> None:
         if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
@@ -241,17 +242,19 @@ def score(model: torch.nn.Module, tokenizer: Any, task: LLMTask, config: LLMBenc
 # ------------------------------------------------------------------------------ models
 
 
-def load_causal_lm(model_path: Path) -> torch.nn.Module:
-    """A causal LM folder in float32, eval mode (sdpa attention)."""
+def load_causal_lm(model_path: Path, attn: str = "sdpa") -> torch.nn.Module:
+    """A causal LM folder in float32, eval mode. ``attn="eager"`` for the curvature passes:
+    torch.func's vmap has no batching rule for the fused CPU attention and would loop."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_path), torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32, attn_implementation=attn,
+                                                local_files_only=True).eval()
 
 
 def load_llm_tokenizer(model_path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_path))
+    return AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
 
 
 def _digest(task: LLMTask) -> str:
@@ -372,7 +375,13 @@ class _Seed:
     model: torch.nn.Module
     tokenizer: Any
     model_path: Path
+    curvature_model: torch.nn.Module | None = None  # eager attention, for the Fisher passes
     projected: dict[str, Any] = field(default_factory=dict)
+
+    def curvature(self) -> torch.nn.Module:
+        if self.curvature_model is None:
+            self.curvature_model = load_causal_lm(self.model_path, attn="eager")
+        return self.curvature_model
 
     @property
     def trained_names(self) -> list[str]:
@@ -401,10 +410,9 @@ def _projected(ctx: _Seed, config: LLMBenchConfig, exclude: list[str], progress:
         with progress.stage(f"seed {ctx.seed}: projected Fisher on the merge's bases", len(ctx.models)) as advance:
             for i, m in enumerate(ctx.models, start=1):
                 with progress.task(m.task, i, len(ctx.models)):
-                    metrics.append(task_curvature(m, ctx.model, ctx.base, ctx.splits[m.task].train, config.fisher,
-                                                  config.finetune, ctx.tokenizer, bases))
+                    metrics.append(task_curvature(m, ctx.curvature(), ctx.base, ctx.splits[m.task].train,
+                                                  config.fisher, config.finetune, ctx.tokenizer, bases))
                 advance(1)
-        _load_weights(ctx.model, {n: ctx.base[n] for n in ctx.trained_names})
         ctx.projected[key] = (bases, metrics)
     return ctx.projected[key]
 
@@ -487,7 +495,7 @@ def run_seed(config: LLMBenchConfig, seed: int, *, model_path: Path, data: Mappi
     with progress.stage(f"seed {seed}: Fisher", len(models)) as advance:
         for i, m in enumerate(models, start=1):
             with progress.task(m.task, i, len(models)):
-                ctx.fishers.append(task_curvature(m, model, base, splits[m.task].train, config.fisher,
+                ctx.fishers.append(task_curvature(m, ctx.curvature(), base, splits[m.task].train, config.fisher,
                                                   config.finetune, tokenizer))
             advance(1)
     trained = ctx.trained_names
@@ -515,7 +523,7 @@ def run_seed(config: LLMBenchConfig, seed: int, *, model_path: Path, data: Mappi
         else:
             progress.log(f"{spec.label}: from the cache ({key})")
         rows.append(row)
-        if example_dir is not None and example is None and spec.method == config.example:
+        if example_dir is not None and example is None and spec.label == config.example:
             example = _example(ctx, config, spec, row, delta, example_dir, progress)
     info = {t: {"n_train": len(splits[t].train), "n_train_too_long": dropped[t], "n_val": len(splits[t].val), "n_test": len(splits[t].test),
                 "choices": list(splits[t].train.choices), "finetune": {k: v for k, v in m.info.items()

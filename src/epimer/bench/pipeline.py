@@ -168,7 +168,7 @@ DEMO = BenchConfig(
     max_val=48,
     max_test=128,
     scale_grid=(0.5, 1.0, 1.5),
-    epimer_fisher_norms=("none",),
+    epimer_fisher_norms=("global",),  # EpiMer's default
     auto_scale=False,
     study_seeds=0,
 )

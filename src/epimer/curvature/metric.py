@@ -33,7 +33,7 @@ from typing import Any, Literal, Union
 import torch
 
 from epimer.frechet import Metric, combine, spd_solve
-from epimer.basis import lift, project
+from epimer.basis import lift, project, svd
 
 #: ``fisher_rank``: "exact", or the rank s of the factored fast path.
 FisherRank = Union[Literal["exact"], int]
@@ -110,7 +110,7 @@ def top_singular(fisher: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     m, n = fisher.shape
     width = rank + _OVERSAMPLE
     if 4 * width >= min(m, n):
-        p, lam, gh = torch.linalg.svd(fisher, full_matrices=False)
+        p, lam, gh = svd(fisher)
         return p[:, :rank], lam[:rank], gh[:rank].T
     gen = torch.Generator(device=fisher.device).manual_seed(0)
     omega = torch.randn(n, width, generator=gen, dtype=fisher.dtype, device=fisher.device)
@@ -118,7 +118,7 @@ def top_singular(fisher: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     for _ in range(_POWER_ITERS):
         z, _ = torch.linalg.qr(fisher.T @ q)  # (n, width)
         q, _ = torch.linalg.qr(fisher @ z)  # (m, width)
-    ub, lam, gh = torch.linalg.svd(q.T @ fisher, full_matrices=False)  # (width, n) = Ub Λ Gᵀ
+    ub, lam, gh = svd(q.T @ fisher)  # (width, n) = Ub Λ Gᵀ
     return (q @ ub[:, :rank]), lam[:rank], gh[:rank].T
 
 

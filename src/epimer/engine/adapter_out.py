@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from epimer.basis import svd as thin_svd
 from epimer.errors import InputError
 from epimer.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, AdapterCheckpoint
 
@@ -40,7 +41,7 @@ def lora_factors(delta: torch.Tensor, rank: int, svd: tuple[torch.Tensor, torch.
             v[:, order]
         s, vh = c, v.T
     else:
-        u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+        u, s, vh = thin_svd(delta.to(torch.float64))
     r = min(rank, s.numel(), min(delta.shape))
     root = s[:r].sqrt()
     total = float(s.square().sum())

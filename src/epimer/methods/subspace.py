@@ -40,6 +40,7 @@ from epimer.basis import (
     polar,
     project,
     singular_coords,
+    svd,
     tagged_basis,
 )
 
@@ -123,7 +124,7 @@ def _isotropic(us: list[torch.Tensor], vs: list[torch.Tensor], ss: list[torch.Te
 
 def _sum_svd(x: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of M = Σ_t T·w_t τ_t (= Σ_t τ_t for equal weights), in float32 or float64."""
-    return torch.linalg.svd(task_sum(x).to(compute_dtype(x.deltas[0])), full_matrices=False)
+    return svd(task_sum(x).to(compute_dtype(x.deltas[0])))
 
 
 class IsoCParams(ScaledParams):
@@ -178,7 +179,7 @@ class IsoCts(SubspaceMethod):
         us, vs, ss = [u_c], [vh[:k_c].T], [s[:k_c]]
         for tau in x.deltas:
             tau = tau.to(dtype)
-            u_t, s_t, vh_t = torch.linalg.svd(tau - u_c @ (u_c.T @ tau), full_matrices=False)
+            u_t, s_t, vh_t = svd(tau - u_c @ (u_c.T @ tau))
             us.append(u_t[:, :n_t])
             vs.append(vh_t[:n_t].T)
             ss.append(s_t[:n_t])
@@ -227,10 +228,11 @@ class EpimerParams(ScaledParams):
         "F_t approximations is reported per tensor (fisher_rel_err).",
     )
     fisher_norm: Literal["none", "global", "tensor"] = Field(
-        "none",
-        description="Divide each task's F_t by its mean over the whole model (global) or over "
-        "the tensor (tensor), so tasks weigh by curvature shape rather than loss scale; none "
-        "is the paper.",
+        "global",
+        description="Divide each task's F_t by its mean over the whole model (global, the default: "
+        "on the 3-seed text benchmark it tied TSV-M on average and beat it on the worst task, where "
+        "none lost 2.5 points) or over the tensor (tensor), so tasks weigh by curvature shape rather "
+        "than loss scale; none is the paper.",
     )
     metric: Literal["diagonal", "projected"] = Field(
         "diagonal",
