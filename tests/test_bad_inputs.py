@@ -776,6 +776,15 @@ CASES: list[Case] = [
         ("dest", "Read-only")),
     Case("diagnose-json-over-config", lambda w, mp: [
         "diagnose", w.config("epimer", fisher=True), "--json", w.work / "c.yaml", "-q"], ("is the config file",)),
+    # -------------------------------------------------------------- --device
+    Case("merge-device-cuda-without-gpu", lambda w, mp: (mp.setattr(torch.cuda, "is_available", lambda: False), [
+        *merge_args(w, w.config("tsv_m")), "--device", "cuda"])[1], ("--device cuda", "no CUDA device")),
+    Case("merge-device-unknown", lambda w, mp: [*merge_args(w, w.config("tsv_m")), "--device", "tpu"],
+         ("--device tpu",)),
+    Case("merge-device-mps", lambda w, mp: [*merge_args(w, w.config("tsv_m")), "--device", "mps"],
+         ("--device mps", "cpu or cuda")),
+    Case("diagnose-device-cuda-without-gpu", lambda w, mp: (mp.setattr(torch.cuda, "is_available", lambda: False), [
+        "diagnose", w.config("epimer", fisher=True), "--device", "cuda:1", "-q"])[1], ("--device cuda:1",)),
 ]
 
 

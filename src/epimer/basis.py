@@ -70,7 +70,7 @@ def _gram_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     k = int((s > tol).sum()) if tol > 0 else 0
     u = u[:, :k] / s[:k]
     g = torch.Generator(device="cpu").manual_seed(0)
-    fill = torch.randn(x.shape[0], x.shape[1] - k, generator=g, dtype=x.dtype).to(x.device)
+    fill = torch.randn(x.shape[0], x.shape[1] - k, generator=g, dtype=x.dtype, device="cpu").to(x.device)
     q, r = torch.linalg.qr(torch.cat([u, fill], dim=1))  # orthonormal; the first k columns are u's
     d = torch.diagonal(r)
     u = q * torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
@@ -156,7 +156,7 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
         us.append(u_t[:, :k])  # (m, k)
         ss.append(s_t[:k])  # (k,)
         vs.append(vh_t[:k].T)  # (n, k)
-    owner = torch.arange(num_tasks).repeat_interleave(k)  # (r,)
+    owner = torch.arange(num_tasks, device=ss[0].device).repeat_interleave(k)  # (r,)
     return TaggedBasis(
         u=polar(torch.cat(us, dim=1)),  # (m, r)
         v=polar(torch.cat(vs, dim=1)),  # (n, r)

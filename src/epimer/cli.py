@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from epimer import __version__
-from epimer.cli_options import set_threads, threads_option
+from epimer.cli_options import device_option, set_threads, threads_option
 from epimer.errors import InputError
 
 
@@ -102,9 +102,10 @@ def parse_size(text: str) -> int:
                    "(default: a temporary folder, removed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @threads_option
+@device_option
 def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, strict: bool,
           allow_nonfinite: bool, adapter_rank: int | None, curvature_dir: Path | None, quiet: bool,
-          threads: int | None) -> None:
+          threads: int | None, device: str) -> None:
     """Merge the models of CONFIG (YAML) into the folder OUT.
 
     OUT is built under a hidden name beside it and renamed into place when complete. OUT may
@@ -122,11 +123,15 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
 
     from epimer.cli_curvature import estimates_curvature
 
+    from epimer.engine.run import resolve_device
+
     set_threads(threads)
     cfg = load_config(config)
+    resolve_device(device)  # a device that cannot be used is refused before any work
     size = parse_size(shard_size) if shard_size else None
     if estimates_curvature(cfg):
-        _merge_with_curvature(cfg, out, size, overwrite, strict, allow_nonfinite, curvature_dir, quiet, threads)
+        _merge_with_curvature(cfg, out, size, overwrite, strict, allow_nonfinite, curvature_dir, quiet, threads,
+                              device)
         return
     if curvature_dir is not None:
         raise InputError(f"{config}: --curvature-dir keeps the files of the curvature pass, which runs only for "
@@ -134,14 +139,14 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
     if adapter_rank is not None:
         if shard_size:
             raise InputError("--shard-size applies to full models; a LoRA adapter (--adapter-rank) is one file")
-        _merge_to_adapter(cfg, out, adapter_rank, overwrite, strict, allow_nonfinite, quiet)
+        _merge_to_adapter(cfg, out, adapter_rank, overwrite, strict, allow_nonfinite, quiet, device)
         return
     group = init_from_env()
     quiet = quiet or group.rank != 0  # one progress bar and one summary: rank 0's
     try:
         with RichProgress(enabled=not quiet) as progress:
             report = merge_to_folder(cfg, out, shard_size=size, overwrite=overwrite, strict=strict,
-                                     allow_nonfinite=allow_nonfinite, progress=progress, group=group)
+                                     allow_nonfinite=allow_nonfinite, progress=progress, group=group, device=device)
     finally:
         shutdown(group)
     if report.scale_auto is not None and group.rank == 0:
@@ -151,13 +156,13 @@ def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, stri
 
 
 def _merge_to_adapter(cfg: Any, out: Path, rank: int, overwrite: bool, strict: bool, allow_nonfinite: bool,
-                      quiet: bool) -> None:
+                      quiet: bool, device: str = "cpu") -> None:
     from epimer.engine.adapter_out import write_adapter
     from epimer.engine.run import MergeRun
     from epimer.progress import RichProgress
 
     with RichProgress(enabled=not quiet) as progress:
-        run = MergeRun(cfg, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress)
+        run = MergeRun(cfg, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress, device=device)
         try:
             errors = write_adapter(run, out, rank=rank, overwrite=overwrite)
         finally:
@@ -169,7 +174,8 @@ def _merge_to_adapter(cfg: Any, out: Path, rank: int, overwrite: bool, strict: b
 
 
 def _merge_with_curvature(cfg: Any, out: Path, size: int | None, overwrite: bool, strict: bool,
-                          allow_nonfinite: bool, curvature_dir: Path | None, quiet: bool, threads: int | None) -> None:
+                          allow_nonfinite: bool, curvature_dir: Path | None, quiet: bool, threads: int | None,
+                          device: str = "cpu") -> None:
     """``epimer merge`` of a config whose models name their data: the curvature pass, then the
     merge; OUT records the config as written (data, not the pass's files)."""
     from epimer.cli_curvature import curvature_folder, with_estimated_curvature
@@ -185,7 +191,7 @@ def _merge_with_curvature(cfg: Any, out: Path, size: int | None, overwrite: bool
         estimated = with_estimated_curvature(cfg, folder, threads=threads, quiet=quiet, overwrite=overwrite)
         with RichProgress(enabled=not quiet) as progress:
             report = merge_to_folder(estimated, out, shard_size=size, overwrite=overwrite, strict=strict,
-                                     allow_nonfinite=allow_nonfinite, progress=progress, record=cfg)
+                                     allow_nonfinite=allow_nonfinite, progress=progress, record=cfg, device=device)
     if report.scale_auto is not None:
         click.echo(f"scale: auto -> {report.scale_auto:.6g}", err=True)
     if not quiet:
@@ -326,8 +332,9 @@ def methods(as_json: bool) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Use tensors holding NaN or Inf instead of refusing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @threads_option
+@device_option
 def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bool, quiet: bool,
-             threads: int | None) -> None:
+             threads: int | None, device: str) -> None:
     """Curvature heterogeneity and error bound (docs/method.md §5) of CONFIG's models, per tensor.
 
     kappa = J(c̄) − J(c*) is what curvature-aware merging gains over flat merging in the
@@ -345,8 +352,11 @@ def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bo
 
     from epimer.io.outdir import check_not_over_inputs, ensure_writable_folder, write_text_atomic
 
+    from epimer.engine.run import resolve_device
+
     set_threads(threads)
     cfg = load_config(config)
+    resolve_device(device)
     if json_path is not None:  # before the work, not after it
         if json_path.is_dir():
             raise InputError(f"{json_path}: --json is a folder; give a file name such as diagnostics.json")
@@ -356,10 +366,10 @@ def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bo
         with curvature_folder(None, None) as folder:
             estimated = with_estimated_curvature(cfg, folder, threads=threads, quiet=quiet)
             with RichProgress(enabled=not quiet) as progress:
-                result = run_diagnose(estimated, progress=progress, allow_nonfinite=allow_nonfinite)
+                result = run_diagnose(estimated, progress=progress, allow_nonfinite=allow_nonfinite, device=device)
     else:
         with RichProgress(enabled=not quiet) as progress:
-            result = run_diagnose(cfg, progress=progress, allow_nonfinite=allow_nonfinite)
+            result = run_diagnose(cfg, progress=progress, allow_nonfinite=allow_nonfinite, device=device)
     if json_path is not None:
         write_text_atomic(json_path, json.dumps(result, indent=2) + "\n", "--json file")
     table = Table(title=f"EpiMer diagnostics of {config} (worst tensors by kappa first)", title_justify="left")

@@ -37,6 +37,15 @@ def threads_option(f: Any) -> Any:
     )(f)
 
 
+def device_option(f: Any) -> Any:
+    """The ``--device`` option of ``merge`` and ``diagnose``."""
+    return click.option(
+        "--device", default="cpu", show_default=True,
+        help="Where the maths runs: cpu, cuda, cuda:N, or auto (the GPU when torch sees one). Tensors stream "
+             "from disk to the device one at a time and their results back.",
+    )(f)
+
+
 def require_packages(command: str, extra: str, *packages: str) -> None:
     """Refuse (InputError) to run ``command`` when an optional package it needs is not
     installed, naming the extra that brings it: checked before any work, so the user reads

@@ -208,9 +208,9 @@ class ProjectedFisher(Metric):
             hs = self.matrices()
             return combine(hs, weights.tolist()), combine([h @ c.to(torch.float64) for h, c in zip(hs, coords)], pull)
         u, v = self.u, self.v
-        f_bar = torch.zeros(u.shape[0], v.shape[0], dtype=u.dtype)  # (m, n)
+        f_bar = torch.zeros(u.shape[0], v.shape[0], dtype=u.dtype, device=u.device)  # (m, n)
         pulled = torch.zeros_like(f_bar)  # Σ_t a_t F_t ⊙ B c_t, projected once below
-        rhs = torch.zeros(u.shape[1], dtype=torch.float64)  # (r,)
+        rhs = torch.zeros(u.shape[1], dtype=torch.float64, device=u.device)  # (r,)
         jitter = 0.0
         for t, (w, a) in enumerate(zip(weights.tolist(), pull)):
             f = self.fisher(t).to(u.dtype)

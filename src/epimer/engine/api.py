@@ -32,6 +32,7 @@ def merge_to_folder(
     progress: ProgressSink | None = None,
     group: Group = SINGLE,
     record: MergeConfig | None = None,
+    device: str | None = None,
 ) -> MergeReport:
     """Python API of ``epimer merge``: validate, merge and write OUT (``group``: this
     process's place among torchrun's merge processes, `epimer.distributed.init_from_env`).
@@ -40,7 +41,8 @@ def merge_to_folder(
     out_path = Path(os.path.abspath(out))
     if group.rank == 0:
         check_output(out_path, config, overwrite)  # refuse before any reading
-    run = MergeRun(config, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress, group=group)
+    run = MergeRun(config, strict=strict, allow_nonfinite=allow_nonfinite, progress=progress, group=group,
+                   device=device)
     try:
         return write_merge(run, out_path, shard_size=shard_size, overwrite=overwrite, record=record)
     finally:
@@ -114,6 +116,7 @@ def merge_state_dicts(
     exclude: list[str] | None = None,
     dtype: str | None = None,
     bases: MemoryBases | None = None,
+    device: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method; returns the merged state dict.
 
@@ -124,7 +127,7 @@ def merge_state_dicts(
     """
     cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, dtype, "merge_state_dicts",
                           bases)
-    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False, bases=bases)
+    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False, bases=bases, device=device)
     parts: dict[str, list[torch.Tensor]] = {}
     with tempfile.TemporaryDirectory() as tmp, closing(run.tensors(Path(tmp))) as merged:
         for name, t in merged:  # large tensors come in row blocks
@@ -142,6 +145,7 @@ def merge_updates(
     fishers: list[dict[str, torch.Tensor]] | None = None,
     exclude: list[str] | None = None,
     bases: MemoryBases | None = None,
+    device: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], float | None]:
     """The method's update Δ (float32, before the scale) of every merged tensor, and the
     data-free ``scale: auto`` when Fisher dicts are given (None otherwise, or where Δ has no
@@ -150,7 +154,7 @@ def merge_updates(
     (``parameters``' own ``scale`` is ignored here). ``bases``: the tagged bases of
     ``metric: projected``, each Fisher dict then holding ``NAME::projected`` metrics on them."""
     cfg, cks = _in_memory(base, models, method, parameters, weights, fishers, exclude, None, "merge_updates", bases)
-    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False, bases=bases)
+    run = MergeRun(cfg, checkpoints=cks, verify_fishers=False, bases=bases, device=device)
     if fishers and run.fishers is None:  # the method reads no Fisher: open them for the scale terms
         run.fishers = cks[2]
         check_fishers(cfg, run.plan, run.tasks, run.fishers, verify=False)
@@ -182,17 +186,18 @@ def diagnose_state_dicts(
     *,
     weights: list[float] | None = None,
     exclude: list[str] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """`diagnose` (docs/method.md §5, EpiMer with ``parameters``) on in-memory state dicts."""
     cfg, cks = _in_memory(base, models, "epimer", parameters, weights, fishers, exclude, None, "diagnose_state_dicts")
-    return diagnose(cfg, checkpoints=cks)
+    return diagnose(cfg, checkpoints=cks, device=device)
 
 
 # ---------------------------------------------------------------------- diagnostics
 
 def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow_nonfinite: bool = False,
              checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
-             ) -> dict[str, Any]:
+             device: str | None = None) -> dict[str, Any]:
     """docs/method.md §5 per matrix tensor and in total, without writing a model.
 
     The diagnostics are those of the EpiMer geometry: with ``method: epimer`` its parameters
@@ -211,7 +216,7 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
         keep = {k: v for k, v in config.parameters.items() if k == "rank_fraction"}
         config = config.model_copy(update={"method": "epimer", "parameters": keep})
     run = MergeRun(config, allow_nonfinite=allow_nonfinite, progress=progress, checkpoints=checkpoints,
-                   verify_fishers=checkpoints is None)
+                   verify_fishers=checkpoints is None, device=device)
     try:
         method = run.method
         state = method.prepare(run.params, run.prepare_stream())

@@ -37,6 +37,45 @@ def scaled_update(base: torch.Tensor, delta: torch.Tensor, scale: float, dtype: 
     return theta.to(dtype)
 
 
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device the maths runs on: ``cpu``, ``cuda`` / ``cuda:N``, or ``auto`` (the GPU when
+    torch sees one, else the CPU). A CUDA device torch cannot use is refused (InputError)."""
+    if name is None or str(name) == "cpu":
+        return torch.device("cpu")
+    if str(name) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type != "cuda":
+        raise InputError(f"--device {name}: merges run on cpu or cuda; use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False: a "
+                         "CPU build of torch, or no GPU); use --device cpu or auto")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def inputs_to(x: TensorInputs, device: torch.device) -> TensorInputs:
+    """``x`` with every tensor (task vectors, Fishers, basis, metrics, known SVDs) on ``device``."""
+    import dataclasses
+
+    def move(t: Any) -> Any:
+        return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+
+    basis = x.basis
+    if basis is not None:
+        basis = dataclasses.replace(basis, **{f.name: move(getattr(basis, f.name)) for f in dataclasses.fields(basis)})
+    return TensorInputs(
+        x.name, move(x.base), tuple(move(d) for d in x.deltas), move(x.weights),
+        tuple(move(f) for f in x.fishers) if x.fishers is not None else None, x.kind, basis,
+        tuple(move(h) for h in x.metrics) if x.metrics is not None else None,
+        tuple(tuple(move(t) for t in s) if s is not None else None for s in x.svds) if x.svds is not None else None,
+    )
+
+
 class MergeRun:
     """A validated merge, ready to stream. Opening it checks every input before any work.
 
@@ -52,6 +91,10 @@ class MergeRun:
             it owns (`epimer.distributed.partition`, balanced by bytes read).
         bases: in-memory tagged bases (`MemoryBases`) for ``metric: projected`` instead of the
             config's basis file.
+        device: where the methods' maths runs (`resolve_device`: cpu, cuda[:N], auto). Tensors
+            are read on the CPU, each tensor's inputs moved to the device, its Δ moved back:
+            device memory holds one tensor's inputs and work at a time. Methods with a linear
+            fast path (task arithmetic, weight averaging) stream on the CPU, memory-bound.
     """
 
     def __init__(
@@ -65,7 +108,9 @@ class MergeRun:
         verify_fishers: bool = True,
         group: Group = SINGLE,
         bases: Any = None,
+        device: str | torch.device | None = None,
     ) -> None:
+        self.device = resolve_device(device)
         tune_allocator()  # streaming reuses block buffers: keep freed memory for reuse
         self.config = config
         self.group = group
@@ -148,7 +193,8 @@ class MergeRun:
             basis = self.bases.get(p.name)
             metrics = tuple(self._load_float(f, p.name + PROJECTED, "projected metric", None)
                             for f in self.fishers or ())
-        return TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind, basis, metrics, svds)
+        x = TensorInputs(p.name, base, tuple(deltas), self.weights, fishers, p.kind, basis, metrics, svds)
+        return x if self.device.type == "cpu" else inputs_to(x, self.device)
 
     def prepare_stream(self) -> ShardedStream:
         """The stream a method's :meth:`~MergeMethod.prepare` gets (this process's share)."""
@@ -186,7 +232,10 @@ class MergeRun:
         res = out if isinstance(out, TensorResult) else TensorResult(out)
         if res.delta.shape != x.base.shape:
             raise RuntimeError(f"method {self.method.name!r} returned shape {list(res.delta.shape)} for {p.name!r}")
-        return TensorResult(res.delta.to(torch.float32), res.info, res.factors), x
+        factors = res.factors
+        if factors is not None and self.device.type != "cpu":
+            factors = tuple(f.cpu() if isinstance(f, torch.Tensor) else f for f in factors)
+        return TensorResult(res.delta.to(device="cpu", dtype=torch.float32), res.info, factors), x
 
     def _linear_theta(self, p: TensorPlan, rows: tuple[int, int] | None, coeffs: tuple[float, ...],
                       scale: float) -> torch.Tensor | None:
@@ -201,7 +250,7 @@ class MergeRun:
         if acc is None:
             return None
         shape = p.shape if rows is None else (rows[1] - rows[0], *p.shape[1:])
-        return torch.empty(shape, dtype=p.out_dtype).copy_(acc.view(shape))
+        return torch.empty(shape, dtype=p.out_dtype, device="cpu").copy_(acc.view(shape))
 
     def _check_output(self, p: TensorPlan, theta: torch.Tensor) -> torch.Tensor:
         """Refuse a merged tensor that is not finite in the output dtype (the scale or the

@@ -32,7 +32,7 @@ def _scratch(nbytes: int, slot: str = "read") -> torch.Tensor:
     """This thread's reusable uint8 buffer ``slot``, grown to at least ``nbytes``."""
     buf = getattr(_SCRATCH, slot, None)
     if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
         setattr(_SCRATCH, slot, buf)
     return buf
 

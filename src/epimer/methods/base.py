@@ -263,7 +263,7 @@ def sum_factors(weights: torch.Tensor) -> torch.Tensor:
     """(T,) float64 ``T · w_t``: the pull of ``frechet_sum`` (`epimer.frechet.pull_weights`), 1
     per task for equal weights, where docs/method.md §2/3.3 sum task vectors unweighted; custom
     ``weight``s count through it, in every summing method alike."""
-    return torch.tensor(pull_weights(weights, "frechet_sum"), dtype=torch.float64)
+    return torch.tensor(pull_weights(weights, "frechet_sum"), dtype=torch.float64, device="cpu")
 
 
 def task_factors(x: TensorInputs) -> torch.Tensor:

@@ -47,7 +47,7 @@ def keep_mask(shape: torch.Size, density: float, seed: int) -> torch.Tensor:
     model as a CPU run.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(shape, generator=gen, dtype=torch.float32) < density
+    return torch.rand(shape, generator=gen, dtype=torch.float32, device="cpu") < density
 
 
 def drop_and_rescale(x: torch.Tensor, density: float, seed: int) -> torch.Tensor:

@@ -104,7 +104,8 @@ def trim(x: torch.Tensor, threshold: Threshold) -> torch.Tensor:
             return x.clone()
         # hardshrink keeps |x| > λ; with λ the float just below the threshold that is exactly
         # |x| >= threshold, in one pass (a compare-and-multiply takes three, at 6× the cost)
-        below = torch.nextafter(torch.tensor(threshold, dtype=x.dtype), torch.tensor(0.0, dtype=x.dtype))
+        below = torch.nextafter(torch.tensor(threshold, dtype=x.dtype, device="cpu"),
+                                torch.tensor(0.0, dtype=x.dtype, device="cpu"))
         return torch.nn.functional.hardshrink(x, float(below))
     # NaN fails |x| < threshold and would survive masked_fill: compare the other way round
     return x.masked_fill(~(x.abs() >= threshold), 0.0)
@@ -241,15 +242,15 @@ class StreamingKthLargest:
         """Replace this pass's counts by their sum over processes (``all_sum``), so that every
         process selects from the histogram of the whole stream."""
         if which == "high":
-            counts = self._high if self._high is not None else torch.zeros(_BINS, dtype=torch.int64)
+            counts = self._high if self._high is not None else torch.zeros(_BINS, dtype=torch.int64, device="cpu")
             self._high = all_sum(counts.to(torch.int64))
-            self.numel = int(all_sum(torch.tensor([self.numel], dtype=torch.int64)).item())
+            self.numel = int(all_sum(torch.tensor([self.numel], dtype=torch.int64, device="cpu")).item())
             if self._window is not None:
                 low = self._window_low
-                low = low if low is not None else torch.zeros(self._window[1] * _BINS, dtype=torch.int64)
+                low = low if low is not None else torch.zeros(self._window[1] * _BINS, dtype=torch.int64, device="cpu")
                 self._window_low = all_sum(low.to(torch.int64))
         elif self._bin is not None:
-            counts = self._low if self._low is not None else torch.zeros(_BINS, dtype=torch.int64)
+            counts = self._low if self._low is not None else torch.zeros(_BINS, dtype=torch.int64, device="cpu")
             self._low = all_sum(counts.to(torch.int64))
 
     def result(self) -> Threshold:
@@ -259,7 +260,7 @@ class StreamingKthLargest:
         if self._bin is None or self._low is None:
             raise RuntimeError("result() before both passes have run")
         low, _ = _locate(self._low.cpu(), self._rank_in_bin)
-        bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
+        bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32, device="cpu")
         return float(bits.view(torch.float32).item())
 
 
@@ -278,7 +279,7 @@ def _count_from(bits: torch.Tensor, start: int, length: int) -> torch.Tensor:
 def _locate(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """Bin holding the k-th largest of a histogram (highest bin first), and its rank inside it."""
     from_top = counts.flip(0).cumsum(0)  # from_top[i]: entries in bins >= len - 1 - i
-    i = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
+    i = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype, device=from_top.device)).item())
     above = int(from_top[i - 1]) if i > 0 else 0
     return counts.numel() - 1 - i, k - above
 
