@@ -128,28 +128,27 @@ def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool) 
                + f"; {results['wall_seconds']:.0f} s", err=True)
 
 
-def _fractions(text: str | None) -> tuple[float, ...] | None:
+def _numbers(text: str | None, option: str, low: float, high: float | None) -> tuple[float, ...] | None:
+    """A comma-separated list of numbers in (low, high] (high None: unbounded), or None."""
     if text is None:
         return None
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--study-fractions")
-    if not values or any(not 0 < v <= 1 for v in values):
-        raise click.BadParameter(f"fractions must lie in (0, 1]; got {text!r}", param_hint="--study-fractions")
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+    if not values or any(not (v > low and (high is None or v <= high)) for v in values):
+        where = f"({low:g}, {high:g}]" if high is not None else f"above {low:g}"
+        raise click.BadParameter(f"values must lie {'in ' if high is not None else ''}{where}; got {text!r}",
+                                 param_hint=option)
     return values
+
+
+def _fractions(text: str | None) -> tuple[float, ...] | None:
+    return _numbers(text, "--study-fractions", 0.0, 1.0)
 
 
 def _scales(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint="--study-scales") from None
-    if not values or any(not v > 0 for v in values):
-        raise click.BadParameter(f"scales must be positive numbers, got {text!r}", param_hint="--study-scales")
-    return values
+    return _numbers(text, "--study-scales", 0.0, None)
 
 
 def _methods(values: tuple[str, ...]) -> tuple[str, ...] | None:

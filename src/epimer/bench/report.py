@@ -153,7 +153,6 @@ def comparison(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _config_lines(results: dict[str, Any]) -> list[str]:
     cfg = results["config"]
     ft, fs = cfg["finetune"], cfg["fisher"]
-    env = results["environment"]
     seeds = ", ".join(str(s) for s in cfg["seeds"])
     return [
         f"- Model: `{results['model']}`; tasks ({len(cfg['tasks'])}): {', '.join(cfg['tasks'])}; seeds: {seeds}.",
@@ -167,11 +166,15 @@ def _config_lines(results: dict[str, Any]) -> list[str]:
         f"- Scale chosen on validation (average accuracy over tasks, at most {cfg['max_val'] or 'all'} texts "
         f"per task) from {sorted(set(cfg['scale_grid']) | {1.0})}; test accuracy at that scale (at most "
         f"{cfg['max_test'] or 'all'} texts per task).",
-        f"- Machine: {env['system']} {env['machine']}, {env.get('cpus', '?')} CPUs, {env['torch_threads']} torch "
-        f"threads; epimer "
-        f"{env['epimer']}, torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}. "
-        f"Wall time {results.get('wall_seconds', 0.0):.0f} s.",
+        _machine_line(results),
     ]
+
+
+def _machine_line(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    return (f"- Machine: {env['system']} {env['machine']}, {env.get('cpus', '?')} CPUs, {env['torch_threads']} torch "
+            f"threads; epimer {env['epimer']}, torch {env['torch']}, transformers {env['transformers']}, Python "
+            f"{env['python']}. Wall time {results.get('wall_seconds', 0.0):.0f} s.")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -465,7 +468,6 @@ def write_report(results: dict[str, Any], out: Path, *, plots: bool = True) -> N
 def _llm_config_lines(results: dict[str, Any]) -> list[str]:
     cfg = results["config"]
     ft, fs = cfg["finetune"], cfg["fisher"]
-    env = results["environment"]
     trained = next((len(r.get("merged", [])) for r in results["runs"]), 0)
     return [
         f"- Model: {results['model']}; tasks ({len(cfg['tasks'])}): {', '.join(cfg['tasks'])}; seeds: "
@@ -481,9 +483,7 @@ def _llm_config_lines(results: dict[str, Any]) -> list[str]:
         f"greedy answer (at most {cfg['max_new_tokens']} tokens, first line) for the free-text task. Scale chosen "
         f"on validation ({cfg['max_val']} prompts per task) from {sorted(set(cfg['scale_grid']) | {1.0})}; test "
         f"at that scale ({cfg['max_test']} prompts per task).",
-        f"- Machine: {env['system']} {env['machine']}, {env.get('cpus', '?')} CPUs, {env['torch_threads']} torch "
-        f"threads; epimer {env['epimer']}, torch {env['torch']}, transformers {env['transformers']}, Python "
-        f"{env['python']}. Wall time {results.get('wall_seconds', 0.0):.0f} s.",
+        _machine_line(results),
     ]
 
 
