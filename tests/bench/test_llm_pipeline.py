@@ -284,3 +284,17 @@ def test_command_line_quick_mode(tiny_lm: Path, tmp_path: Path, monkeypatch: pyt
     assert "Merged model on 3 tasks" in result.output
     bad = CliRunner().invoke(main, ["bench", "llm", "--quick", "--out", str(out), "--tasks", "nope"])
     assert bad.exit_code == 2 and "unknown task(s) ['nope']" in bad.output
+
+
+def test_training_prompts_that_do_not_fit_are_left_out_and_counted(tiny_lm: Path) -> None:
+    tok = lp.load_llm_tokenizer(tiny_lm)
+    long = LLMTask("t", ("short\nAnswer:", "word " * 80 + "\nAnswer:", "mid one\nAnswer:"), ("good", "bad", "good"),
+                   ("good", "bad"))
+    splits = lp.LLMSplits(long, long.subset([0]), long.subset([1]))
+    fitted, dropped = lp.fit_training_split(splits, tok, 40)
+    assert dropped == 1 and fitted.train.prompts == (long.prompts[0], long.prompts[2])
+    assert fitted.test == splits.test  # scoring keeps every prompt
+    from epimer.errors import InputError
+
+    with pytest.raises(InputError, match="no training prompt fits"):
+        lp.fit_training_split(splits, tok, 2)
