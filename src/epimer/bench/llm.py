@@ -117,6 +117,13 @@ def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, rows: torch.Tenso
     return model.lm_head(hidden[rows, cols])  # type: ignore[operator]
 
 
+def by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices with similar lengths (sorted, longest first): padding, and so the
+    work spent on it, stays small. Callers put each result back at its index."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[str], choices: Sequence[str],
                   batch_size: int = 16) -> torch.Tensor:
@@ -135,8 +142,8 @@ def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[s
             tail = list(tokenizer(" " + c, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
             rows.append((head + tail, len(head)))
     out = torch.empty(len(rows), dtype=torch.float64)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    for batch in by_length([len(r) for r, _ in rows], batch_size):
+        chunk = [rows[i] for i in batch]
         length = max(len(ids) for ids, _ in chunk)
         ids = torch.zeros(len(chunk), length, dtype=torch.long)
         for i, (r, _) in enumerate(chunk):
@@ -149,7 +156,7 @@ def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[s
         logits = logits_at(model, ids.to(device), torch.tensor(rows_, device=device), torch.tensor(cols, device=device))
         picked = torch.log_softmax(logits.double(), dim=-1)[torch.arange(len(targets)), torch.tensor(targets)].cpu()
         which = torch.tensor(rows_)
-        out[start : start + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, which, picked)
+        out[batch] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, which, picked)
     return out.reshape(len(prompts), len(choices))
 
 
@@ -157,15 +164,15 @@ def _single_token_loglik(model: torch.nn.Module, tokenizer: object, prompts: Seq
                          batch_size: int, device: torch.device) -> torch.Tensor:
     heads = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]  # type: ignore[operator]
     out = torch.empty(len(prompts), len(tokens), dtype=torch.float64)
-    for start in range(0, len(heads), batch_size):
-        chunk = heads[start : start + batch_size]
+    for batch in by_length([len(h) for h in heads], batch_size):
+        chunk = [heads[i] for i in batch]
         ids = torch.zeros(len(chunk), max(len(h) for h in chunk), dtype=torch.long)
         for i, h in enumerate(chunk):
             ids[i, : len(h)] = torch.tensor(h)
         last = torch.tensor([len(h) - 1 for h in chunk], device=device)
         logits = logits_at(model, ids.to(device), torch.arange(len(chunk), device=device), last)  # (B, V)
         logp = torch.log_softmax(logits.double(), dim=-1)
-        out[start : start + len(chunk)] = logp[:, tokens].cpu()
+        out[batch] = logp[:, tokens].cpu()
     return out
 
 
@@ -194,9 +201,9 @@ def greedy_answers(model: torch.nn.Module, tokenizer: object, prompts: Sequence[
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (eos if eos is not None else 0)
     heads = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]  # type: ignore[operator]
-    answers = []
-    for start in range(0, len(heads), batch_size):
-        chunk = heads[start : start + batch_size]
+    answers = [""] * len(heads)
+    for batch in by_length([len(h) for h in heads], batch_size):
+        chunk = [heads[i] for i in batch]
         width = max(len(h) for h in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -205,9 +212,9 @@ def greedy_answers(model: torch.nn.Module, tokenizer: object, prompts: Sequence[
             mask[i, width - len(h):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),  # type: ignore[operator]
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        for row in out[:, width:]:
+        for i, row in zip(batch, out[:, width:]):
             text = tokenizer.decode(row, skip_special_tokens=True)  # type: ignore[attr-defined]
-            answers.append(text.split("\n")[0].strip())
+            answers[i] = text.split("\n")[0].strip()
     return answers
 
 

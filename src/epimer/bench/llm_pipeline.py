@@ -141,8 +141,8 @@ class LLMBenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     finetune: LLMFinetuneSettings = field(default_factory=LLMFinetuneSettings)
     fisher: LLMFisherSettings = field(default_factory=LLMFisherSettings)
-    max_val: int = 60
-    max_test: int = 200
+    max_val: int = 40
+    max_test: int = 150
     scale_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     rank_fraction: float = 1.0
     methods: tuple[str, ...] | None = None
