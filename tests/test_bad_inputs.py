@@ -776,6 +776,12 @@ CASES: list[Case] = [
         ("dest", "Read-only")),
     Case("diagnose-json-over-config", lambda w, mp: [
         "diagnose", w.config("epimer", fisher=True), "--json", w.work / "c.yaml", "-q"], ("is the config file",)),
+    # -------------------------------------------------------------- epimer bench llm --model
+    Case("bench-llm-model-gguf-file", lambda w, mp: (
+        (w.root / "m.gguf").write_bytes(b"GGUF"), ["bench", "llm", "--out", w.out, "--model", w.root / "m.gguf"])[1],
+        ("m.gguf", "epimer convert-gguf")),
+    Case("bench-llm-model-not-hf-folder", lambda w, mp: ["bench", "llm", "--out", w.out, "--model", w.work],
+         ("work", "no config.json")),
     # -------------------------------------------------------------- --device
     Case("merge-device-cuda-without-gpu", lambda w, mp: (mp.setattr(torch.cuda, "is_available", lambda: False), [
         *merge_args(w, w.config("tsv_m")), "--device", "cuda"])[1], ("--device cuda", "no CUDA device")),

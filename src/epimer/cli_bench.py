@@ -283,6 +283,14 @@ def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, task
         require_packages("epimer bench llm", "gguf", "gguf")
     from epimer.bench.llm import EMOJI_TASK
     from epimer.bench.llm_pipeline import LLM, QUICK, run_llm_benchmark
+    from epimer.errors import InputError
+
+    if model_path is not None and model_path.is_file():
+        raise InputError(f"{model_path}: --model takes a causal LM folder (config.json, weights, tokenizer); convert "
+                         f"a GGUF file first with `epimer convert-gguf {model_path} -o DIR`")
+    if model_path is not None and not (model_path / "config.json").is_file():
+        raise InputError(f"{model_path}: no config.json; --model takes a Hugging Face causal LM folder "
+                         "(save_pretrained's layout, with its tokenizer)")
 
     config = QUICK if quick else LLM
     names = [n.strip() for v in tasks for n in v.split(",") if n.strip()]
