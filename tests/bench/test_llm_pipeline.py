@@ -206,12 +206,13 @@ def test_benchmark_end_to_end_and_resumed_from_the_caches(tiny_lm: Path, tmp_pat
         assert heading in text, heading
     assert (out / "per_task.png").stat().st_size > 0 and json.loads((out / "results.json").read_text())["runs"]
 
-    # a second run reads every model, Fisher and row from the caches
+    # a second run reads every model, Fisher, reference and method row from the caches
     def forbidden(*args, **kwargs):
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(lp, "finetune", forbidden)
     monkeypatch.setattr(lp, "_run_method", forbidden)
+    monkeypatch.setattr(lp, "score", forbidden)  # the reference rows too come from the cache
     import epimer.curvature.fisher as fisher_mod
 
     monkeypatch.setattr(fisher_mod, "fisher_sums", forbidden)

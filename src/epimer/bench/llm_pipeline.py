@@ -458,11 +458,13 @@ def _run_method(spec: Any, ctx: _Seed, config: LLMBenchConfig, ft_test: Mapping[
 
 
 def _row_key(config: LLMBenchConfig, ctx: _Seed, spec: Any) -> str:
+    """The cache key of a method's row (``spec``), or of the reference rows (``"references"``)."""
     from epimer import __version__
 
+    what = spec if isinstance(spec, str) else asdict(spec)
     return cache_key({"llm-row": ROW_VERSION, "epimer": __version__, "seed": ctx.seed,
                       "models": [m.folder.name for m in ctx.models], "fisher": config.fisher.key(),
-                      "spec": asdict(spec), "max_val": config.max_val, "max_test": config.max_test,
+                      "spec": what, "max_val": config.max_val, "max_test": config.max_test,
                       "grid": config.grid, "max_new_tokens": config.max_new_tokens})
 
 
@@ -499,18 +501,25 @@ def run_seed(config: LLMBenchConfig, seed: int, *, model_path: Path, data: Mappi
                                                   config.finetune, tokenizer))
             advance(1)
     trained = ctx.trained_names
-    with progress.stage(f"seed {seed}: reference rows", 1 + len(models)) as advance:
-        pre_val, pre_test = _scores(ctx, {n: base[n] for n in trained}, "val", config), \
-            _scores(ctx, {n: base[n] for n in trained}, "test", config)
-        advance(1)
-        ft_val, ft_test = {}, {}
-        for m in models:
-            _load_weights(model, {**{n: base[n] for n in trained}, **m.trained})
-            ft_val[m.task] = score(model, tokenizer, splits[m.task].val, config)
-            ft_test[m.task] = score(model, tokenizer, splits[m.task].test, config)
+    ref_key = _row_key(config, ctx, "references")
+    references = _cached_row(cache_root, ref_key)
+    if references is None:
+        with progress.stage(f"seed {seed}: reference rows", 1 + len(models)) as advance:
+            pre_val, pre_test = _scores(ctx, {n: base[n] for n in trained}, "val", config), \
+                _scores(ctx, {n: base[n] for n in trained}, "test", config)
             advance(1)
-    references = {"pretrained": {"val": pre_val, "test": pre_test, **_summary(pre_test, ft_test)},
-                  "finetuned": {"val": ft_val, "test": ft_test, **_summary(ft_test, ft_test)}}
+            ft_val, ft_test = {}, {}
+            for m in models:
+                _load_weights(model, {**{n: base[n] for n in trained}, **m.trained})
+                ft_val[m.task] = score(model, tokenizer, splits[m.task].val, config)
+                ft_test[m.task] = score(model, tokenizer, splits[m.task].test, config)
+                advance(1)
+        references = {"pretrained": {"val": pre_val, "test": pre_test, **_summary(pre_test, ft_test)},
+                      "finetuned": {"val": ft_val, "test": ft_test, **_summary(ft_test, ft_test)}}
+        _store_row(cache_root, ref_key, references)
+    else:
+        progress.log(f"seed {seed}: reference rows from the cache ({ref_key})")
+    ft_test = references["finetuned"]["test"]
     rows = []
     example: dict[str, Any] | None = None
     for spec in method_specs(config):  # type: ignore[arg-type]  # the same fields as the text benchmark's
