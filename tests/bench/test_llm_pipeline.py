@@ -277,11 +277,13 @@ def test_command_line_quick_mode(tiny_lm: Path, tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(lp, "QUICK", replace(small, finetune=replace(small.finetune, max_length=800)))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["bench", "llm", "--quick", "--model", str(tiny_lm), "--out", str(out), "-q",
-                                       "--methods", "task_arithmetic,tsv_m,epimer", "--no-plots"])
+                                       "--methods", "task_arithmetic,tsv_m,epimer", "--epimer-metric", "diagonal",
+                                       "--fisher-norm", "global", "--no-plots"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["tasks"] == list(lp.QUICK.tasks) and len(results["runs"]) == 1
-    assert [m["method"] for m in results["runs"][0]["methods"]][:2] == ["task_arithmetic", "tsv_m"]
+    assert [m["label"] for m in results["runs"][0]["methods"]] == ["task_arithmetic", "tsv_m",
+                                                                    "epimer (fisher_norm=global)"]
     assert "Merged model on 3 tasks" in result.output
     bad = CliRunner().invoke(main, ["bench", "llm", "--quick", "--out", str(out), "--tasks", "nope"])
     assert bad.exit_code == 2 and "unknown task(s) ['nope']" in bad.output
