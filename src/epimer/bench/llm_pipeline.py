@@ -607,5 +607,5 @@ def run_llm_benchmark(config: LLMBenchConfig, out: Path | None = None, *, model_
                                         progress=progress, example_dir=example_dir))
         results["wall_seconds"] = time.perf_counter() - start
         if out is not None:
-            report.write_llm_report(results, Path(out), plots=plots)
+            report.write_report(results, Path(out), plots=plots)
     return results

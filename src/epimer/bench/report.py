@@ -449,10 +449,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_report(results: dict[str, Any], out: Path, *, plots: bool = True) -> None:
-    """Write ``results.json``, ``results.md`` and (with ``plots``) the PNG figures into ``out``."""
+    """Write ``results.json``, ``results.md`` and (with ``plots``) the PNG figures into ``out``
+    (the causal-LM benchmark's own tables when ``results["benchmark"]`` is ``"llm"``)."""
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    _write_text(out / "results.md", markdown(results))
+    _write_text(out / "results.md", llm_markdown(results) if results.get("benchmark") == "llm" else markdown(results))
     if plots:
         plot_per_task(results, out / "per_task.png")
         plot_scale_sweep(results, out / "scale_sweep.png")
@@ -527,13 +528,3 @@ def llm_markdown(results: dict[str, Any]) -> str:
 
 def _mean_of(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def write_llm_report(results: dict[str, Any], out: Path, *, plots: bool = True) -> None:
-    """``results.json``, ``results.md`` and (with ``plots``) the PNG figures of ``epimer bench llm``."""
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    _write_text(out / "results.md", llm_markdown(results))
-    if plots:
-        plot_per_task(results, out / "per_task.png")
-        plot_scale_sweep(results, out / "scale_sweep.png")
