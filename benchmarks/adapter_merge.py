@@ -127,10 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.build_only:
+        build(args.work, args.hidden, args.layers, args.inter, args.vocab, args.tasks, args.rank)
+        return 0
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     t0 = time.perf_counter()
-    build(args.work, args.hidden, args.layers, args.inter, args.vocab, args.tasks, args.rank)
+    # Built in a child process: each merge is forked from this one, and a child's peak resident
+    # memory (wait4's ru_maxrss) keeps the pages of the process it was forked from until exec,
+    # so this process must stay small for the figures to be the merges' own.
+    subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--build-only"],
+                   check=True)
     build_s = time.perf_counter() - t0
     # k = rank·(min(m, n) / hidden) <= rank on every projection: the merge is well posed
     rf = args.rank * args.tasks / args.hidden
