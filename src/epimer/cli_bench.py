@@ -9,7 +9,7 @@ first checks that they are installed and names the extra to install.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,10 @@ def _require(command: str, plots: bool) -> None:
     require_packages(command, "bench", "transformers", *(["matplotlib"] if plots else []))
 
 
-def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool) -> None:
+def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool,
+         runner: Callable[..., dict[str, Any]] | None = None, title: str | None = None) -> None:
+    """Run a benchmark (``runner``: `run_benchmark` by default) with progress bars, print its
+    table (headed ``title``) and where the report is."""
     from epimer.bench.pipeline import run_benchmark
     from epimer.cli_options import set_threads
 
@@ -121,8 +124,8 @@ def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool) 
         pass
     progress = _progress(quiet)
     with progress.bar:
-        results = run_benchmark(config, out, progress=progress, plots=plots)
-    _print_table(results)
+        results = (runner or run_benchmark)(config, out, progress=progress, plots=plots)
+    _print_table(results, title)
     click.echo(f"report: {out / 'results.md'} (tables), {out / 'results.json'} (all figures)"
                + (", per_task.png, scale_sweep.png" if plots else "")
                + f"; {results['wall_seconds']:.0f} s", err=True)
@@ -164,13 +167,13 @@ def _methods(values: tuple[str, ...]) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def _tasks(values: tuple[str, ...]) -> tuple[str, ...] | None:
+def _tasks(values: tuple[str, ...], valid: Sequence[str] = tuple(TASKS)) -> tuple[str, ...] | None:
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     if not names:
         return None
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in valid]
     if unknown:
-        raise click.BadParameter(f"unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}", param_hint="--tasks")
+        raise click.BadParameter(f"unknown task(s) {unknown}; valid tasks: {', '.join(valid)}", param_hint="--tasks")
     return tuple(names)
 
 
@@ -280,9 +283,9 @@ def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, task
     """
     from dataclasses import replace
 
-    from epimer.cli_options import require_packages, set_threads
+    from epimer.cli_options import require_packages
 
-    require_packages("epimer bench llm", "bench", "transformers", *(["matplotlib"] if not no_plots else []))
+    _require("epimer bench llm", not no_plots)
     if model_path is None:
         require_packages("epimer bench llm", "gguf", "gguf")
     from epimer.bench.llm import EMOJI_TASK
@@ -297,18 +300,14 @@ def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, task
                          "(save_pretrained's layout, with its tokenizer)")
 
     config = QUICK if quick else LLM
-    names = [n.strip() for v in tasks for n in v.split(",") if n.strip()]
-    unknown = [n for n in names if n not in (*TASKS, EMOJI_TASK)]
-    if unknown:
-        raise click.BadParameter(f"unknown task(s) {unknown}; valid tasks: {', '.join((*TASKS, EMOJI_TASK))}",
-                                 param_hint="--tasks")
+    names, chosen = _tasks(tasks, (*TASKS, EMOJI_TASK)), _methods(methods)
     changes: dict[str, Any] = {}
     if names:
-        changes["tasks"] = tuple(names)
+        changes["tasks"] = names
     if seeds is not None:
         changes["seeds"] = tuple(range(seeds))
-    if _methods(methods) is not None:
-        changes["methods"] = _methods(methods)
+    if chosen is not None:
+        changes["methods"] = chosen
     if epimer_metrics:
         changes["epimer_metrics"] = tuple(epimer_metrics)
     if fisher_norms:
@@ -318,18 +317,15 @@ def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, task
     if fisher_samples is not None:
         changes["fisher"] = replace(config.fisher, samples=fisher_samples)
     config = replace(config, **changes)
-    set_threads(threads)
-    try:
+    try:  # generation settings and weight-loading notes would drown the progress lines
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover - very old transformers
         pass
-    progress = _progress(quiet)
-    with progress.bar:
-        results = run_llm_benchmark(config, out, model_path=model_path, progress=progress, plots=not no_plots)
-    _print_table(results, f"Merged {'model' if model_path else 'SmolLM2-135M'} on {len(config.tasks)} tasks, "
-                          "test score")
-    click.echo(f"report: {out / 'results.md'} (tables), {out / 'results.json'} (all figures); "
-               f"{results['wall_seconds']:.0f} s", err=True)
+
+    def runner(cfg: Any, report: Path, **kwargs: Any) -> dict[str, Any]:
+        return run_llm_benchmark(cfg, report, model_path=model_path, **kwargs)
+
+    _run(config, out, threads, quiet, not no_plots, runner,
+         f"Merged {'model' if model_path else 'SmolLM2-135M'} on {len(config.tasks)} tasks, test score")
