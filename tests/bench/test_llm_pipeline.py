@@ -239,7 +239,7 @@ def test_fisher_files_cover_the_trained_tensors(tiny_lm: Path, tmp_path: Path) -
     assert set(fisher) == set(models[0].trained)
     fresh = lp.load_causal_lm(tiny_lm)
     lp._load_weights(fresh, {**base, **models[0].trained})
-    data, count = lp._fisher_batches(models[0], splits["sent"].train, config.fisher, config.finetune, tok)
+    data, count = lp._fisher_batches(splits["sent"].train, config.fisher, config.finetune, tok)
     assert count == 6
     want = estimate_fisher(fresh, data, causal_lm_loss, params=sorted(models[0].trained), chunk_size=2,
                            linear_probes=False)

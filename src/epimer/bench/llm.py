@@ -117,6 +117,15 @@ def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, rows: torch.Tenso
     return model.lm_head(hidden[rows, cols])  # type: ignore[operator]
 
 
+def pad_id(tokenizer: object) -> int:
+    """The padding token: the tokenizer's pad token, else its end of sequence, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Batches of indices with similar lengths (sorted, longest first): padding, and so the
     work spent on it, stays small. Callers put each result back at its index."""
@@ -197,9 +206,7 @@ def greedy_answers(model: torch.nn.Module, tokenizer: object, prompts: Sequence[
                    batch_size: int = 16) -> list[str]:
     """Each prompt's greedy continuation up to its first line break (special tokens dropped)."""
     device = next(model.parameters()).device
-    eos = getattr(tokenizer, "eos_token_id", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else (eos if eos is not None else 0)
+    pad = pad_id(tokenizer)
     heads = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]  # type: ignore[operator]
     answers = [""] * len(heads)
     for batch in by_length([len(h) for h in heads], batch_size):
@@ -252,7 +259,7 @@ def finetune(model: torch.nn.Module, tokenizer: object, task: LLMTask, *, steps:
     for n, p in model.named_parameters():
         p.requires_grad_(bool(pattern.search(n)))
     samples = [encode_sample(s, tokenizer, max_length, f"{task.name}:{i}") for i, s in enumerate(task.samples())]
-    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+    pad = pad_id(tokenizer)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     losses = []

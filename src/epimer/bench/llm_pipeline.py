@@ -49,6 +49,7 @@ from epimer.bench.llm import (
     exact_match,
     finetune,
     greedy_answers,
+    pad_id,
 )
 from epimer.bench.pipeline import (
     Progress,
@@ -308,7 +309,7 @@ def task_model(model_path: Path, base_fp: str, splits: LLMSplits, seed: int, set
     return LLMTaskModel(splits.train.name, folder, trained, info)
 
 
-def _fisher_batches(task: LLMTaskModel, train: LLMTask, fs: LLMFisherSettings, settings: LLMFinetuneSettings,
+def _fisher_batches(train: LLMTask, fs: LLMFisherSettings, settings: LLMFinetuneSettings,
                     tokenizer: Any) -> tuple[list[dict[str, torch.Tensor]], int]:
     from epimer.curvature.causal_lm import batches, encode_sample
 
@@ -316,8 +317,7 @@ def _fisher_batches(task: LLMTaskModel, train: LLMTask, fs: LLMFisherSettings, s
                                                                             min(fs.samples, len(train))))
     rows = train.subset(chosen).samples()
     samples = [encode_sample(r, tokenizer, settings.max_length, f"{train.name}:{i}") for i, r in zip(chosen, rows)]
-    pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
-    return list(batches(samples, fs.batch_size, pad)), len(samples)
+    return list(batches(samples, fs.batch_size, pad_id(tokenizer))), len(samples)
 
 
 def task_curvature(task: LLMTaskModel, model: torch.nn.Module, base: StateDict, train: LLMTask,
@@ -327,9 +327,10 @@ def task_curvature(task: LLMTaskModel, model: torch.nn.Module, base: StateDict, 
     projected full-Fisher metrics on ``bases`` (`epimer.engine.MemoryBases`), with the
     causal-LM loss on the answer tokens of a seeded sample of training prompts; cached in
     the task's folder. ``model`` is a loaded causal LM whose weights this sets to the task's."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from epimer.curvature.causal_lm import causal_lm_loss
+    from epimer.io.fisher import write_safetensors
     from epimer.curvature.fisher import estimate_fisher, estimate_projected_metrics
 
     tag = f"fisher-{cache_key(fs.key())}" + (f"-projected-{bases.digest[:16]}" if bases is not None else "")
@@ -337,7 +338,7 @@ def task_curvature(task: LLMTaskModel, model: torch.nn.Module, base: StateDict, 
     if path.is_file():
         return load_file(str(path))
     _load_weights(model, {**base, **task.trained})
-    data, _count = _fisher_batches(task, train, fs, settings, tokenizer)
+    data, _count = _fisher_batches(train, fs, settings, tokenizer)
     names = sorted(task.trained)
     if bases is None:
         out = estimate_fisher(model, data, causal_lm_loss, params=names, estimator=fs.estimator, seed=fs.seed,
@@ -346,10 +347,8 @@ def task_curvature(task: LLMTaskModel, model: torch.nn.Module, base: StateDict, 
         wanted = {n: (b.u, b.v) for n in bases.names if n in task.trained for b in [bases.get(n)]}
         out, _ = estimate_projected_metrics(model, data, causal_lm_loss, wanted, params=names,
                                             estimator=fs.estimator, seed=fs.seed, chunk_size=fs.chunk_size)
-    out = {n: t.float().contiguous() for n, t in out.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(out, str(tmp))
-    tmp.replace(path)
+    out = {n: out[n].float().contiguous() for n in sorted(out)}
+    write_safetensors(path, out, {"format": "epimer-llm-curvature-cache"}, "curvature cache")
     return out
 
 
@@ -442,11 +441,11 @@ def _run_method(spec: Any, ctx: _Seed, config: LLMBenchConfig, ft_test: Mapping[
     sweep = []
     with progress.stage(f"{spec.label}: scale on validation", len(grid)) as advance:
         for s in grid:
-            val = _scores(ctx, _at_scale(ctx, delta, s if spec.has_scale else 1.0), "val", config)
+            val = _scores(ctx, _at_scale(ctx, delta, s), "val", config)
             sweep.append({"scale": s, "val": val, "val_avg": _mean(list(val.values()))})
             advance(1)
     best = max(sweep, key=lambda r: r["val_avg"])  # the first of equal values
-    chosen = best["scale"] if spec.has_scale else 1.0
+    chosen = best["scale"]  # 1.0 for a method without a scale
     test = _scores(ctx, _at_scale(ctx, delta, chosen), "test", config)
     row = {"label": spec.label, "method": spec.method, "params": spec.params, "has_scale": spec.has_scale,
            "merge_seconds": merge_seconds, "scale": chosen if spec.has_scale else None,

@@ -510,8 +510,9 @@ def llm_markdown(results: dict[str, Any]) -> str:
         ft = [i["finetune"] for i in info]
         body.append([t, "free text" if not info[0]["choices"] else " / ".join(info[0]["choices"]),
                      str(info[0]["n_train"]), str(info[0]["n_val"]), str(info[0]["n_test"]), fmt(base), fmt(tuned),
-                     f"{_mean_of([f['loss_first'] for f in ft]):.2f} → {_mean_of([f['loss_last_10'] for f in ft]):.2f}",
-                     f"{_mean_of([f['seconds'] for f in ft]):.0f}"])
+                     f"{mean_std([f['loss_first'] for f in ft])[0]:.2f} → "
+                     f"{mean_std([f['loss_last_10'] for f in ft])[0]:.2f}",
+                     f"{mean_std([f['seconds'] for f in ft])[0]:.0f}"])
     lines += _table(["Task", "Answers", "Train", "Val", "Test", "Base test", "Fine-tuned test",
                      "Loss first → last 10", "Fine-tune s"], body)
     example = next((r["example"] for r in results["runs"] if r.get("example")), None)
@@ -524,7 +525,3 @@ def llm_markdown(results: dict[str, Any]) -> str:
         lines += _table(["Task", "Prompt", "Gold", "Answer"], [[c.replace("|", "\\|") for c in b] for b in body])
     lines += ["![per-task test score](per_task.png)", "", "![scale sweep](scale_sweep.png)", ""]
     return "\n".join(lines)
-
-
-def _mean_of(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
