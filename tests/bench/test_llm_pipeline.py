@@ -17,7 +17,15 @@ transformers = pytest.importorskip("transformers")
 from epimer.bench import llm as llm_mod  # noqa: E402
 from epimer.bench import llm_pipeline as lp  # noqa: E402
 from epimer.bench.data import TaskData  # noqa: E402
-from epimer.bench.llm import LLMTask, batch_loss, exact_match, greedy_answers, logits_at  # noqa: E402
+from epimer.bench.llm import (  # noqa: E402
+    FrozenPrefix,
+    LLMTask,
+    batch_loss,
+    choice_loglik,
+    greedy_answers,
+    greedy_match,
+    logits_at,
+)
 from epimer.curvature.causal_lm import IGNORE  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -120,8 +128,61 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(tiny_lm: Path) -> Non
     batched = greedy_answers(model, tok, task.prompts, 5, batch_size=4)
     alone = greedy_answers(model, tok, task.prompts, 5, batch_size=1)
     assert batched == alone and len(batched) == 7
-    hits = sum(a == g for a, g in zip(alone, task.answers)) / 7
-    assert exact_match(model, tok, task, 5, batch_size=3) == hits
+
+
+def _tiny_deeper(tiny_lm: Path, tmp_path: Path) -> Path:
+    """The tiny model's tokenizer on a 4-block Llama."""
+    tok = lp.load_llm_tokenizer(tiny_lm)
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    return tmp_path
+
+
+def test_frozen_prefix_scores_equal_the_full_model_and_follow_weight_changes(tiny_lm: Path, tmp_path: Path) -> None:
+    folder = _tiny_deeper(tiny_lm, tmp_path)
+    model, tok = lp.load_causal_lm(folder).double(), lp.load_llm_tokenizer(folder)
+    prompts = TASKS["sent"].prompts[:9]
+    free = TASKS["names"].subset(range(9))
+    for start in (1, 3):
+        prefix = FrozenPrefix(model, start)
+        for _ in range(2):  # the second pass reads the cache
+            assert torch.allclose(choice_loglik(model, tok, prompts, ("good", "bad", "red apple"), 4, prefix),
+                                  choice_loglik(model, tok, prompts, ("good", "bad", "red apple"), 4),
+                                  rtol=1e-10, atol=1e-10)
+            assert torch.allclose(choice_loglik(model, tok, prompts, ("good", "bad"), 4, prefix),
+                                  choice_loglik(model, tok, prompts, ("good", "bad"), 4), rtol=1e-10, atol=1e-10)
+        assert greedy_match(model, tok, free, 4, prefix) == greedy_match(model, tok, free, 4)
+    prefix = FrozenPrefix(model, 2)
+    before = choice_loglik(model, tok, prompts, ("good", "bad"), 4, prefix)
+    assert len(prefix._cache) == 3
+    with torch.no_grad():  # a change above the prefix: the cache stays and the scores follow
+        model.model.layers[3].mlp.down_proj.weight.mul_(3.0)
+    top = choice_loglik(model, tok, prompts, ("good", "bad"), 4, prefix)
+    assert len(prefix._cache) == 3 and not torch.allclose(top, before)
+    assert torch.allclose(top, choice_loglik(model, tok, prompts, ("good", "bad"), 4), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # a change below it: the cache is dropped, never read stale
+        model.model.layers[0].self_attn.q_proj.weight.mul_(-2.0)
+        model.model.embed_tokens.weight.add_(0.1)
+    low = choice_loglik(model, tok, prompts, ("good", "bad"), 4, prefix)
+    assert torch.allclose(low, choice_loglik(model, tok, prompts, ("good", "bad"), 4), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(low, top)
+
+
+def test_frozen_prefix_refuses_what_it_cannot_score_exactly(tiny_lm: Path) -> None:
+    model = lp.load_causal_lm(tiny_lm)
+    for start in (0, 2):
+        with pytest.raises(ValueError, match="start must be in 1..1"):
+            FrozenPrefix(model, start)
+    with pytest.raises(ValueError, match="Llama-style"):
+        FrozenPrefix(torch.nn.Linear(2, 2), 1)
+    assert lp.frozen_prefix(model, ["model.layers.1.mlp.up_proj.weight"]).start == 1
+    assert lp.frozen_prefix(model, ["model.layers.0.mlp.up_proj.weight"]) is None  # nothing below to cache
+    assert lp.frozen_prefix(model, ["model.layers.1.mlp.up_proj.weight", "lm_head.weight"]) is None
+    assert lp.frozen_prefix(model, []) is None
 
 
 # ------------------------------------------------------------------------------ splits

