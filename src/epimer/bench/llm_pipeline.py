@@ -68,12 +68,12 @@ from epimer.errors import InputError
 StateDict = dict[str, torch.Tensor]
 
 #: The benchmark's tasks: five classification tasks of the text benchmark (sentiment of
-#: movie and product reviews, subjectivity, news topic, party of a debate speaker) and a
-#: free-text one, the debate speaker's surname (generated, scored by exact match). Texts are
-#: shared between tasks of one source (debate_party's statements are debate_speaker's
-#: candidates' statements; rt_subjectivity's reviews are rt_sentiment's), with other
-#: questions, as in the text benchmark.
-LLM_TASKS = ("rt_sentiment", "rt_subjectivity", "bbc_news", "vader_amazon_reviews", "debate_party", "debate_speaker")
+#: movie reviews, product reviews and tweets, subjectivity, news topic) and a free-text one,
+#: the debate speaker's surname (generated, scored by exact match). debate_party is left out:
+#: its statements are debate_speaker's, and its fine-tuned model barely beat the base (.640
+#: against .573 on seed 0). rt_subjectivity's reviews are rt_sentiment's texts, asked
+#: another question, as in the text benchmark.
+LLM_TASKS = ("rt_sentiment", "rt_subjectivity", "bbc_news", "vader_amazon_reviews", "vader_tweets", "debate_speaker")
 RECIPE_VERSION = 1
 ROW_VERSION = 2  # 2: free text scored by greedy_match
 
