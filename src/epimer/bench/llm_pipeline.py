@@ -151,7 +151,7 @@ class LLMBenchConfig:
     fisher: LLMFisherSettings = field(default_factory=LLMFisherSettings)
     max_val: int = 40
     max_test: int = 150
-    scale_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+    scale_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
     rank_fraction: float = 1.0
     methods: tuple[str, ...] | None = None
     epimer_fisher_norms: tuple[str, ...] = ("none", "global")
