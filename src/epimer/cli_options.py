@@ -11,16 +11,25 @@ import click
 from epimer.errors import InputError
 
 
-def set_threads(threads: int | None) -> None:
-    """``--threads N``: torch's intra-op threads (SVDs, solves, products; the merge's row-block
-    workers follow them) and, where the process has not started any parallel work yet, its
-    inter-op threads. None leaves torch's choice (every core)."""
+def set_threads(threads: int | str | None) -> None:
+    """``--threads``: ``auto`` (the default) follows the cores other processes leave free
+    (`epimer.engine.cores`: measured before each tensor of a merge); ``N`` fixes torch's
+    intra-op threads (SVDs, solves, products; the merge's row-block workers follow them) and,
+    where the process has not started any parallel work yet, its inter-op threads. None
+    leaves torch's choice (every core)."""
+    from epimer.engine import cores
+
     if threads is None:
+        cores.follow_load(False)
         return
-    if threads < 1:
-        raise InputError(f"--threads must be at least 1; got {threads}")
+    if threads == "auto":
+        cores.follow_load(True)
+        return
+    if not isinstance(threads, int) or threads < 1:
+        raise InputError(f"--threads must be a whole number of at least 1, or auto; got {threads!r}")
     import torch
 
+    cores.follow_load(False)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(threads)
@@ -28,12 +37,33 @@ def set_threads(threads: int | None) -> None:
         pass
 
 
+class _Threads(click.ParamType):
+    """``auto`` or a whole number of at least 1."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif str(value).strip().lower() == "auto":
+            return "auto"
+        else:
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is neither a whole number nor auto", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is less than 1", param, ctx)
+        return number
+
+
 def threads_option(f: Any) -> Any:
-    """The ``--threads N`` option of every command that computes."""
+    """The ``--threads N|auto`` option of every command that computes."""
     return click.option(
-        "--threads", type=click.IntRange(min=1), default=None,
-        help="CPU threads for the maths (default: all cores). On a machine busy with other work, "
-             "fewer threads than cores avoids oversubscription (SVD merges were seen to slow 5-10x).",
+        "--threads", type=_Threads(), default="auto", show_default=True,
+        help="CPU threads for the maths. auto: the cores other processes leave free, measured before "
+             "each tensor of a merge (on a busy machine, more threads than free cores slow SVD merges "
+             "many times over). N: exactly N threads (for timings).",
     )(f)
 
 

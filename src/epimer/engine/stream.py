@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from epimer.engine import cores
 from epimer.engine.plan import TensorPlan
 
 #: Row blocks of elementwise methods hold about this many entries (2 MB per float32 input):
@@ -80,11 +81,16 @@ def pipeline(units: list[Unit], work: Callable[[Unit], Any], blocked: bool, work
     worker count. Whole tensors (other methods) are worked on one at a time, with all
     intra-op threads, since holding two would double the memory.
     """
+    load = cores.active()  # --threads auto: the thread count follows the free cores
     if not blocked or len(units) < 2:
         for u in units:
+            if load is not None:
+                load.threads()
             yield u, work(u)
         return
     threads = torch.get_num_threads()
+    if load is not None:
+        workers = load.threads() or workers
     workers = max(2, workers)
     pending: deque[tuple[Unit, Future[Any]]] = deque()
     torch.set_num_threads(1)
