@@ -305,10 +305,8 @@ def test_the_warning_reaches_the_command_line(world, tmp_path) -> None:
     assert res.exit_code == 0 and "warning:" in res.output and "lower rank_fraction" in res.output, res.output
 
 
-def test_epimer_on_adapters_equals_epimer_on_the_merged_models(world, tmp_path) -> None:
-    """The same Fisher files serve an adapter and its merged model (an adapter reads as base +
-    (B A)·s, computed as PEFT computes it, so the fingerprints agree); EpiMer then merges both
-    alike on the tensors every adapter targets at a reachable rank."""
+def _fisher_files(world, tmp_path) -> None:
+    """f0..f2.safetensors: random positive Fishers of the three merged models, fingerprinted."""
     from epimer.fingerprint import combine, tensor_blocks
     from epimer.io.fisher import save_fisher, tensor_fingerprints
 
@@ -320,6 +318,38 @@ def test_epimer_on_adapters_equals_epimer_on_the_merged_models(world, tmp_path) 
         per = tensor_fingerprints(fisher, lambda n: tuple(sd[n].shape), tensor_blocks(sd))
         save_fisher(tmp_path / f"f{i}.safetensors", fisher, num_samples=8, estimator="empirical", seed=0,
                     fraction=1.0, model_fingerprint=combine(per), tensor_fingerprints=per)
+
+
+def test_adapter_output_computes_the_auto_scale_terms_only_for_scale_auto(world, tmp_path, monkeypatch) -> None:
+    """The terms of ``scale: auto`` cost a float64 pass over every task vector and Fisher (on a
+    1B layout they made EpiMer's adapter output slower than its full output): computed for
+    ``scale: auto`` alone."""
+    import epimer.diagnostics as diagnostics
+
+    _fisher_files(world, tmp_path)
+    calls: list[int] = []
+    real = diagnostics.auto_scale_terms
+    monkeypatch.setattr(diagnostics, "auto_scale_terms", lambda *a: (calls.append(1), real(*a))[1])
+    for scale, out in ((1.0, "fixed"), ("auto", "auto")):
+        cfg = {"base_model": str(world / "base"), "method": "epimer",
+               "parameters": {"rank_fraction": 0.25, "scale": scale},
+               "models": [{"model": str(world / f"adapter_{i}"), "fisher": str(tmp_path / f"f{i}.safetensors")}
+                          for i in range(3)]}
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(cfg))
+        res = CliRunner().invoke(main, ["merge", str(tmp_path / f"{out}.yaml"), "-o", str(tmp_path / out), "-q",
+                                        "--adapter-rank", "16"])
+        assert res.exit_code == 0, res.output
+        assert (len(calls) > 0) == (scale == "auto"), (scale, len(calls))
+    scales = [__import__("json").loads((tmp_path / o / "merge_report.json").read_text())["scale"]
+              for o in ("fixed", "auto")]
+    assert scales[0] == 1.0 and scales[1] > 0 and scales[1] != 1.0
+
+
+def test_epimer_on_adapters_equals_epimer_on_the_merged_models(world, tmp_path) -> None:
+    """The same Fisher files serve an adapter and its merged model (an adapter reads as base +
+    (B A)·s, computed as PEFT computes it, so the fingerprints agree); EpiMer then merges both
+    alike on the tensors every adapter targets at a reachable rank."""
+    _fisher_files(world, tmp_path)
     outs = {}
     for kind in ("adapter", "full"):
         cfg = {"base_model": str(world / "base"), "method": "epimer", "parameters": {"rank_fraction": 0.25},

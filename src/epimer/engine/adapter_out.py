@@ -78,7 +78,8 @@ def write_adapter(run: Any, out: Path, *, rank: int, overwrite: bool = False) ->
     deltas: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     terms = []
-    for p, _rows, last, res, ab in run.results(state):
+    auto = run.method.scale(run.params) == "auto"
+    for p, _rows, last, res, ab in run.results(state, terms=auto):
         if ab is not None:
             terms.append(ab)
         parts.setdefault(p.name, []).append(res.delta)

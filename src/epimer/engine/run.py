@@ -358,16 +358,18 @@ class MergeRun:
         for p, rows, last, res, ab in self.results(state):
             yield p, rows, last, res.delta, ab
 
-    def results(self, state: Any) -> Iterator[tuple[TensorPlan, tuple[int, int] | None, bool, TensorResult,
-                                                  tuple[float, float] | None]]:
-        """As :meth:`updates`, with the method's whole `TensorResult` (Δ and its factors)."""
+    def results(self, state: Any, terms: bool = True) -> Iterator[tuple[TensorPlan, tuple[int, int] | None, bool,
+                                                                     TensorResult, tuple[float, float] | None]]:
+        """As :meth:`updates`, with the method's whole `TensorResult` (Δ and its factors);
+        ``terms=False`` skips the ``scale: auto`` terms (None), which cost a float64 pass over
+        every task vector and Fisher of the tensor."""
         from epimer.diagnostics import auto_scale_terms
 
         merged = [p for p in self.own if p.action == "merge"]
 
         def work(u: Unit) -> tuple[TensorResult, tuple[float, float] | None]:
             res, x = self._delta(u[0], state, u[1])
-            if x.fishers is None:
+            if x.fishers is None or not terms:
                 return res, None
             a, b = auto_scale_terms(res.delta, x.deltas, x.fishers, x.weights)
             return res, (float(a), float(b))
