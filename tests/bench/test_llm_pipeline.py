@@ -92,7 +92,7 @@ def tiny_config(**changes) -> lp.LLMBenchConfig:
         finetune=lp.LLMFinetuneSettings(steps=3, lr=1e-3, batch_size=4, max_length=64, max_train=40,
                                         trainable=r"^model\.layers\.1\.(self_attn|mlp)\.\w+_proj\.weight$"),
         fisher=lp.LLMFisherSettings(samples=6, batch_size=4, chunk_size=2),
-        max_val=5, max_test=6, scale_grid=(0.5, 1.0), max_new_tokens=4)
+        max_val=5, max_test=6, scale_grid=(0.5, 1.0), scale_extension=(2.0,), max_new_tokens=4)
     return replace(cfg, **changes)
 
 
@@ -246,7 +246,10 @@ def test_benchmark_end_to_end_and_resumed_from_the_caches(tiny_lm: Path, tmp_pat
         assert set(m["test"]) == set(TASKS) and all(0.0 <= v <= 1.0 for v in m["test"].values())
         assert m["avg"] == pytest.approx(sum(m["test"].values()) / 3)
         if m["has_scale"]:
-            assert m["scale"] in (0.5, 1.0) and [p["scale"] for p in m["sweep"]] == [0.5, 1.0]
+            scales = [p["scale"] for p in m["sweep"]]
+            grid_best = max(m["sweep"][:2], key=lambda p: p["val_avg"])
+            # the grid, extended to 2 exactly when its best is its top
+            assert scales == ([0.5, 1.0, 2.0] if grid_best["scale"] == 1.0 else [0.5, 1.0]), (m["label"], scales)
             best = max(m["sweep"], key=lambda p: p["val_avg"])
             assert m["scale"] == best["scale"]
     for t, info in run["tasks"].items():
@@ -362,3 +365,45 @@ def test_training_prompts_that_do_not_fit_are_left_out_and_counted(tiny_lm: Path
 
     with pytest.raises(InputError, match="no training prompt fits"):
         lp.fit_training_split(splits, tok, 2)
+
+
+def test_the_scale_sweep_extends_upward_while_its_best_is_at_its_top(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    config = tiny_config(scale_grid=(1.0, 2.0, 4.0), scale_extension=(8.0, 16.0, 32.0))
+    peak = {"value": 8.0}
+    evaluated: list[tuple[str, float]] = []
+
+    def scores(ctx, state, split, cfg):  # a validation score that peaks at peak["value"]
+        s = state["s"]
+        evaluated.append((split, s))
+        return {t: 1.0 - abs(s - peak["value"]) / 100 for t in cfg.tasks}
+
+    monkeypatch.setattr(lp, "_scores", scores)
+    monkeypatch.setattr(lp, "_at_scale", lambda ctx, delta, s: {"s": s})
+    merges: list[int] = []
+    monkeypatch.setattr(lp, "_merge", lambda spec, ctx, cfg, progress: (merges.append(1), ({"d": 1}, 2.5))[1])
+    spec = SimpleNamespace(label="m", method="tsv_m", params={}, has_scale=True)
+    ft = {t: 1.0 for t in config.tasks}
+    progress = lp.Progress()
+    row, _ = lp._run_method(spec, None, config, ft, progress)
+    assert [p["scale"] for p in row["sweep"]] == [1.0, 2.0, 4.0, 8.0, 16.0] and row["scale"] == 8.0
+    assert evaluated[-1] == ("test", 8.0) and len(merges) == 1
+    peak["value"] = 3.5  # best at the top, the next scale worse: one step, then stop
+    row, _ = lp._run_method(spec, None, config, ft, progress)
+    assert [p["scale"] for p in row["sweep"]] == [1.0, 2.0, 4.0, 8.0] and row["scale"] == 4.0
+    peak["value"] = 2.2  # inside the grid: no extension
+    row, _ = lp._run_method(spec, None, config, ft, progress)
+    assert [p["scale"] for p in row["sweep"]] == [1.0, 2.0, 4.0] and row["scale"] == 2.0
+    peak["value"] = 100.0  # beyond the extension: reported at its last scale
+    row, _ = lp._run_method(spec, None, config, ft, progress)
+    assert [p["scale"] for p in row["sweep"]][-1] == 32.0 and row["scale"] == 32.0
+    # a cached row whose sweep stopped at the grid's top is merged again and finished
+    peak["value"] = 16.0
+    stopped = {**row, "sweep": row["sweep"][:3], "scale": 4.0, "merge_seconds": 9.0}
+    merges.clear()
+    done, delta = lp._extend_cached(spec, stopped, None, config, ft, progress)
+    assert delta is not None and len(merges) == 1 and done["scale"] == 16.0 and done["merge_seconds"] == 9.0
+    assert [p["scale"] for p in done["sweep"]] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    again, delta = lp._extend_cached(spec, done, None, config, ft, progress)  # complete: untouched
+    assert again is done and delta is None and len(merges) == 1

@@ -136,6 +136,9 @@ class LLMBenchConfig:
         seeds: one round of splits, fine-tuning, curvature and merges per seed.
         max_val, max_test: prompts scored per task on validation (scale choice) and test.
         scale_grid: scales tried on validation (1.0 always included).
+        scale_extension: larger scales tried in turn, while the best validation score is at
+            the largest scale tried so far (a method is never reported at the grid's edge
+            unless it is at the extension's last scale too).
         rank_fraction: TSV-M's and EpiMer's matched rank_fraction.
         methods: method names (None: every registered method).
         epimer_fisher_norms, epimer_metrics: EpiMer's rows (each metric × each norm).
@@ -152,6 +155,7 @@ class LLMBenchConfig:
     max_val: int = 40
     max_test: int = 150
     scale_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+    scale_extension: tuple[float, ...] = (12.0, 16.0, 24.0, 32.0)
     rank_fraction: float = 1.0
     methods: tuple[str, ...] | None = None
     epimer_fisher_norms: tuple[str, ...] = ("none", "global")
@@ -188,6 +192,7 @@ QUICK = LLMBenchConfig(
     max_val=6,
     max_test=8,
     scale_grid=(0.5, 1.0),
+    scale_extension=(2.0,),
     max_new_tokens=6,
 )
 
@@ -459,17 +464,33 @@ def _merge(spec: Any, ctx: _Seed, config: LLMBenchConfig, progress: Progress) ->
     return delta, time.perf_counter() - start
 
 
-def _run_method(spec: Any, ctx: _Seed, config: LLMBenchConfig, ft_test: Mapping[str, float],
-                progress: Progress) -> tuple[dict[str, Any], StateDict]:
-    delta, merge_seconds = _merge(spec, ctx, config, progress)
-    grid = config.grid if spec.has_scale else [1.0]
-    sweep = []
-    with progress.stage(f"{spec.label}: scale on validation", len(grid)) as advance:
-        for s in grid:
-            val = _scores(ctx, _at_scale(ctx, delta, s), "val", config)
-            sweep.append({"scale": s, "val": val, "val_avg": _mean(list(val.values()))})
-            advance(1)
-    best = max(sweep, key=lambda r: r["val_avg"])  # the first of equal values
+def _sweep_point(ctx: _Seed, delta: Mapping[str, torch.Tensor], s: float, config: LLMBenchConfig) -> dict[str, Any]:
+    val = _scores(ctx, _at_scale(ctx, delta, s), "val", config)
+    return {"scale": s, "val": val, "val_avg": _mean(list(val.values()))}
+
+
+def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(sweep, key=lambda r: r["val_avg"])  # the first of equal values
+
+
+def _needs_extension(sweep: list[dict[str, Any]], config: LLMBenchConfig) -> float | None:
+    """The next scale of ``config.scale_extension`` to try, while the best validation score is
+    at the largest scale tried; None when the sweep is complete."""
+    top = max(p["scale"] for p in sweep)
+    if _best(sweep)["scale"] != top:
+        return None
+    return next((s for s in config.scale_extension if s > top), None)
+
+
+def _finish_row(spec: Any, ctx: _Seed, config: LLMBenchConfig, ft_test: Mapping[str, float], sweep: list,
+                delta: Mapping[str, torch.Tensor], merge_seconds: float, progress: Progress) -> dict[str, Any]:
+    """The row from a validation sweep over the grid: extended upward while its best is at its
+    top (`_needs_extension`), then the test split at the chosen scale."""
+    if spec.has_scale:
+        while (s := _needs_extension(sweep, config)) is not None:
+            progress.log(f"{spec.label}: best validation score at the largest scale tried; trying {s:g}")
+            sweep.append(_sweep_point(ctx, delta, s, config))
+    best = _best(sweep)
     chosen = best["scale"]  # 1.0 for a method without a scale
     test = _scores(ctx, _at_scale(ctx, delta, chosen), "test", config)
     row = {"label": spec.label, "method": spec.method, "params": spec.params, "has_scale": spec.has_scale,
@@ -478,7 +499,30 @@ def _run_method(spec: Any, ctx: _Seed, config: LLMBenchConfig, ft_test: Mapping[
            **_summary(test, ft_test)}
     progress.log(f"{spec.label}: scale {row['scale']}, val {row['val_avg']:.3f}, test avg {row['avg']:.3f}, "
                  f"worst {row['worst']:.3f}, merge {merge_seconds:.1f} s")
-    return row, delta
+    return row
+
+
+def _run_method(spec: Any, ctx: _Seed, config: LLMBenchConfig, ft_test: Mapping[str, float],
+                progress: Progress) -> tuple[dict[str, Any], StateDict]:
+    delta, merge_seconds = _merge(spec, ctx, config, progress)
+    grid = config.grid if spec.has_scale else [1.0]
+    sweep = []
+    with progress.stage(f"{spec.label}: scale on validation", len(grid)) as advance:
+        for s in grid:
+            sweep.append(_sweep_point(ctx, delta, s, config))
+            advance(1)
+    return _finish_row(spec, ctx, config, ft_test, sweep, delta, merge_seconds, progress), delta
+
+
+def _extend_cached(spec: Any, row: dict[str, Any], ctx: _Seed, config: LLMBenchConfig,
+                   ft_test: Mapping[str, float], progress: Progress) -> tuple[dict[str, Any], StateDict | None]:
+    """A cached row whose sweep stopped at its top (computed before the extension existed, or
+    interrupted): merged again and finished (the merge is deterministic; the row keeps its
+    first merge time). Complete rows come back unchanged."""
+    if not row["has_scale"] or _needs_extension(row["sweep"], config) is None:
+        return row, None
+    delta, _ = _merge(spec, ctx, config, progress)
+    return _finish_row(spec, ctx, config, ft_test, list(row["sweep"]), delta, row["merge_seconds"], progress), delta
 
 
 def _row_key(config: LLMBenchConfig, ctx: _Seed, spec: Any) -> str:
@@ -556,6 +600,9 @@ def run_seed(config: LLMBenchConfig, seed: int, *, model_path: Path, data: Mappi
             _store_row(cache_root, key, row)
         else:
             progress.log(f"{spec.label}: from the cache ({key})")
+            row, delta = _extend_cached(spec, row, ctx, config, ft_test, progress)
+            if delta is not None:
+                _store_row(cache_root, key, row)
         rows.append(row)
         if example_dir is not None and example is None and spec.label == config.example:
             example = _example(ctx, config, spec, row, delta, example_dir, progress)

@@ -233,14 +233,20 @@ def _sweep_lines(results: dict[str, Any], unit: str = "accuracy") -> list[str]:
     sweep_methods = [m for m in results["runs"][0]["methods"] if m["sweep"]]
     if not sweep_methods:
         return []
-    scales = [p["scale"] for p in sweep_methods[0]["sweep"]]
-    body = []
+    scales = sorted({p["scale"] for run in results["runs"] for m in run["methods"] for p in m["sweep"]})
+    body, partial = [], False
     for m in sweep_methods:
-        per_scale = [[p["val_avg"] for run in results["runs"] for mm in run["methods"] if mm["label"] == m["label"]
-                      for p in mm["sweep"] if p["scale"] == s] for s in scales]
-        body.append([display(m["label"]), *(fmt(v) for v in per_scale)])
+        runs = [mm for run in results["runs"] for mm in run["methods"] if mm["label"] == m["label"]]
+        per_scale = [[p["val_avg"] for mm in runs for p in mm["sweep"] if p["scale"] == s] for s in scales]
+        cells = []
+        for v in per_scale:
+            cells.append(fmt(v) + (" †" if 0 < len(v) < len(runs) else ""))
+            partial |= 0 < len(v) < len(runs)
+        body.append([display(m["label"]), *cells])
+    note = (["", "†: tried on some seeds only: a sweep is extended to larger scales only while its best "
+                 "validation score is at the largest scale tried."] if partial else [])
     return [f"## Scale sweep: average validation {unit} (paper Table 3)", "",
-            *_table(["Method", *(f"{s:g}" for s in scales)], body)]
+            *_table(["Method", *(f"{s:g}" for s in scales)], body), *note]
 
 
 def paired_lines(results: dict[str, Any], reference: str = "tsv_m") -> list[str]:
