@@ -486,10 +486,13 @@ def _llm_config_lines(results: dict[str, Any]) -> list[str]:
         f"- Curvature: {fs['estimator']} Fisher (diagonal, and projected on the merge's bases) on {fs['samples']} "
         f"training prompts per task (seed {fs['seed']}), causal-LM loss on the answer tokens. rank_fraction "
         f"{cfg['rank_fraction']:g} for TSV-M and EpiMer.",
-        f"- Scores: label-word log-likelihood (multiple choice) for the classification tasks, exact match of the "
-        f"greedy answer (at most {cfg['max_new_tokens']} tokens, first line) for the free-text task. Scale chosen "
-        f"on validation ({cfg['max_val']} prompts per task) from {sorted(set(cfg['scale_grid']) | {1.0})}; test "
-        f"at that scale ({cfg['max_test']} prompts per task).",
+        "- Scores: label-word log-likelihood (multiple choice) for the classification tasks; for the free-text "
+        "task, exact match: the gold answer and the end of sequence are the greedy token at every step "
+        "(lm-eval-harness's is_greedy). Scale chosen on validation "
+        f"({cfg['max_val']} prompts per task) from {sorted(set(cfg['scale_grid']) | {1.0})}"
+        + (f", extended in turn to {list(cfg['scale_extension'])} while the best is the largest scale tried"
+           if cfg.get("scale_extension") else "")
+        + f"; test at that scale ({cfg['max_test']} prompts per task).",
         _machine_line(results),
     ]
 
