@@ -407,3 +407,17 @@ def test_the_scale_sweep_extends_upward_while_its_best_is_at_its_top(monkeypatch
     assert [p["scale"] for p in done["sweep"]] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     again, delta = lp._extend_cached(spec, done, None, config, ft, progress)  # complete: untouched
     assert again is done and delta is None and len(merges) == 1
+
+
+def test_the_sweep_table_marks_scales_tried_on_some_seeds_only() -> None:
+    from epimer.bench.report import _sweep_lines
+
+    def run(points):
+        return {"methods": [{"label": "tsv_m", "sweep": [{"scale": s, "val_avg": v} for s, v in points]}]}
+
+    results = {"runs": [run([(1.0, 0.5), (2.0, 0.7)]), run([(1.0, 0.6), (2.0, 0.8), (4.0, 0.9)])]}
+    lines = _sweep_lines(results, "score")
+    row = next(line for line in lines if line.startswith("| TSV-M"))
+    assert row == "| TSV-M | .550 ± .071 | .750 ± .071 | .900 † |"
+    assert any(line.startswith("†: tried on some seeds only") for line in lines)
+    assert not any("†" in line for line in _sweep_lines({"runs": results["runs"][:1]}))

@@ -243,8 +243,8 @@ def _sweep_lines(results: dict[str, Any], unit: str = "accuracy") -> list[str]:
             cells.append(fmt(v) + (" †" if 0 < len(v) < len(runs) else ""))
             partial |= 0 < len(v) < len(runs)
         body.append([display(m["label"]), *cells])
-    note = (["", "†: tried on some seeds only: a sweep is extended to larger scales only while its best "
-                 "validation score is at the largest scale tried."] if partial else [])
+    note = (["†: tried on some seeds only: a sweep is extended to larger scales only while its best "
+             "validation score is at the largest scale tried.", ""] if partial else [])
     return [f"## Scale sweep: average validation {unit} (paper Table 3)", "",
             *_table(["Method", *(f"{s:g}" for s in scales)], body), *note]
 
