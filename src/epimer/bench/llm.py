@@ -253,21 +253,26 @@ def choice_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[s
     out = torch.empty(len(rows), dtype=torch.float64)
     for batch in by_length([len(r) for r, _ in rows], batch_size):
         chunk = [rows[i] for i in batch]
-        length = max(len(ids) for ids, _ in chunk)
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        for i, (r, _) in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-        rows_, cols, targets = [], [], []
-        for i, (r, begin) in enumerate(chunk):
-            rows_ += [i] * (len(r) - begin)
-            cols += list(range(begin - 1, len(r) - 1))
-            targets += r[begin:]
-        logits = logits_at(model, ids.to(device), torch.tensor(rows_, device=device), torch.tensor(cols, device=device),
-                           prefix)
-        picked = torch.log_softmax(logits.double(), dim=-1)[torch.arange(len(targets)), torch.tensor(targets)].cpu()
-        which = torch.tensor(rows_)
-        out[batch] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, which, picked)
+        logits, which, targets = _target_logits(model, chunk, device, prefix)
+        picked = torch.log_softmax(logits.double(), dim=-1)[torch.arange(len(targets)), targets].cpu()
+        out[batch] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, which.cpu(), picked)
     return out.reshape(len(prompts), len(choices))
+
+
+def _target_logits(model: torch.nn.Module, chunk: Sequence[tuple[list[int], int]], device: torch.device,
+                   prefix: FrozenPrefix | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows ``(token ids, where the target starts)``, right-padded into one batch: the
+    logits predicting each target token (K, V), the row of each (K,) and the targets (K,)."""
+    ids = torch.zeros(len(chunk), max(len(r) for r, _ in chunk), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for i, (r, begin) in enumerate(chunk):
+        ids[i, : len(r)] = torch.tensor(r)
+        rows += [i] * (len(r) - begin)
+        cols += list(range(begin - 1, len(r) - 1))  # position t predicts token t + 1
+        targets += r[begin:]
+    which = torch.tensor(rows, device=device)
+    logits = logits_at(model, ids.to(device), which, torch.tensor(cols, device=device), prefix)
+    return logits, which, torch.tensor(targets, device=device)
 
 
 def _single_token_loglik(model: torch.nn.Module, tokenizer: object, prompts: Sequence[str], tokens: list[int],
@@ -311,16 +316,8 @@ def greedy_match(model: torch.nn.Module, tokenizer: object, task: LLMTask, batch
     hits = 0
     for batch in by_length([len(r) for r, _ in rows], batch_size):
         chunk = [rows[i] for i in batch]
-        ids = torch.zeros(len(chunk), max(len(r) for r, _ in chunk), dtype=torch.long)
-        rows_, cols, targets = [], [], []
-        for i, (r, begin) in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-            rows_ += [i] * (len(r) - begin)
-            cols += list(range(begin - 1, len(r) - 1))
-            targets += r[begin:]
-        which = torch.tensor(rows_, device=device)
-        logits = logits_at(model, ids.to(device), which, torch.tensor(cols, device=device), prefix)
-        wrong = (logits.argmax(dim=-1) != torch.tensor(targets, device=device)).long()
+        logits, which, targets = _target_logits(model, chunk, device, prefix)
+        wrong = (logits.argmax(dim=-1) != targets).long()
         misses = torch.zeros(len(chunk), dtype=torch.long, device=device).index_add_(0, which, wrong)
         hits += int((misses == 0).sum())
     return hits / max(1, len(task))
