@@ -165,3 +165,93 @@ def test_svd_falls_back_when_lapack_does_not_converge(monkeypatch: pytest.Monkey
     assert torch.allclose(u * s @ vh, x, atol=1e-4 * float(x.abs().max()))
     monkeypatch.setattr(torch.linalg, "svd", real)
     assert torch.allclose(s[:3], torch.linalg.svd(x.double())[1][:3].float(), rtol=1e-5)
+
+
+def _spectrum_matrix(m: int, n: int, values: torch.Tensor, seed: int) -> torch.Tensor:
+    """A float64 (m, n) matrix with the given singular values and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    r = values.numel()
+    a, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    b, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    return (a * values) @ b.T
+
+
+@pytest.mark.parametrize("shape", [(120, 40), (40, 120), (64, 64)])
+@pytest.mark.parametrize("spectrum", ["gaussian", "decaying"])
+def test_top_svd_of_float32_matches_the_float64_svd(shape: tuple[int, int], spectrum: str) -> None:
+    """float32 inputs take the float64 Gram route: the top-k triples agree with the float64
+    SVD of the same float32 values far inside float32 round-off (the atoms u_i v_iᵀ, which
+    do not depend on signs), with orthonormal factors, in float32."""
+    from epimer.basis import top_svd
+
+    m, n = shape
+    p = min(m, n)
+    if spectrum == "gaussian":
+        x = torch.randn(m, n, generator=torch.Generator().manual_seed(1))
+    else:
+        x = _spectrum_matrix(m, n, torch.logspace(0, -3, p, dtype=torch.float64), 2).float()
+    k = p // 4
+    u, s, vh = top_svd(x, k)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert u.shape == (m, k) and s.shape == (k,) and vh.shape == (k, n)
+    u0, s0, vh0 = torch.linalg.svd(x.double(), full_matrices=False)
+    assert torch.allclose(s.double(), s0[:k], rtol=1e-6)
+    for i in range(k):  # every rank-one atom, not only their sum
+        atom, want = torch.outer(u[:, i].double(), vh[i].double()), torch.outer(u0[:, i], vh0[i])
+        assert float(torch.linalg.norm(atom - want)) < 1e-4
+    top = (u.double() * s.double()) @ vh.double()
+    assert rel_err(np64(top), np64((u0[:, :k] * s0[:k]) @ vh0[:k])) < 1e-6
+    assert torch.allclose(u.T @ u, torch.eye(k), atol=1e-6) and torch.allclose(vh @ vh.T, torch.eye(k), atol=1e-6)
+
+
+@pytest.mark.parametrize("x", [
+    torch.zeros(12, 9),  # no singular value at all
+    _spectrum_matrix(12, 9, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), 3).float(),  # rank 3 < k
+    _spectrum_matrix(9, 12, torch.tensor([1.0, 0.5, 0.2, 1e-6], dtype=torch.float64), 4).float(),  # σ_k/σ_1 = 1e-6
+])
+def test_top_svd_uses_the_svd_where_the_gram_matrix_cannot_resolve_the_kth_triple(x: torch.Tensor) -> None:
+    from epimer.basis import svd, top_svd
+
+    k = 4
+    got, want = top_svd(x, k), svd(x)
+    for a, b in zip(got, (want[0][:, :k], want[1][:k], want[2][:k])):
+        assert torch.equal(a, b)
+
+
+def test_top_svd_of_float64_is_the_svd_and_k_zero_is_empty() -> None:
+    from epimer.basis import svd, top_svd
+
+    x = torch.randn(10, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got, want = top_svd(x, 3), svd(x)
+    assert torch.equal(got[0], want[0][:, :3]) and torch.equal(got[1], want[1][:3]) and torch.equal(got[2], want[2][:3])
+    u, s, vh = top_svd(x.float(), 0)
+    assert u.shape == (10, 0) and s.shape == (0,) and vh.shape == (0, 7)
+
+
+@pytest.mark.parametrize("shape", [(90, 30), (30, 90), (40, 40)])
+def test_polar_values_of_float32_match_the_float64_svd(shape: tuple[int, int]) -> None:
+    from epimer.basis import polar_values
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    pq, s = polar_values(x)
+    p0, s0, qh0 = torch.linalg.svd(x.double(), full_matrices=False)
+    assert pq.dtype == s.dtype == torch.float32 and pq.shape == shape
+    assert torch.allclose(s.double(), s0, rtol=1e-5)
+    assert float(torch.linalg.norm(pq.double() - p0 @ qh0)) < 1e-5
+    short = min(shape)
+    gram = pq.T @ pq if shape[0] >= shape[1] else pq @ pq.T
+    assert torch.allclose(gram, torch.eye(short), atol=1e-6)
+
+
+def test_polar_of_a_nearly_singular_float32_matrix_is_the_svds() -> None:
+    """σ_min < 1e-5·σ_max: the Gram matrix would square the condition number beyond float64's
+    reach, so the polar factor comes from the SVD, as for every float64 input."""
+    from epimer.basis import polar_values, svd
+
+    x = _spectrum_matrix(20, 6, torch.tensor([1.0, 0.8, 0.5, 0.3, 0.1, 1e-7], dtype=torch.float64), 8).float()
+    pq, s = polar_values(x)
+    p, s_svd, qh = svd(x)
+    assert torch.equal(pq, p @ qh) and torch.equal(s, s_svd)
+    x64 = x.double()
+    p, s_svd, qh = svd(x64)
+    assert torch.equal(polar_values(x64)[0], p @ qh)

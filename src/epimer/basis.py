@@ -77,11 +77,76 @@ def _gram_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return u, s, v.T
 
 
+# The float64 Gram route (`top_svd`, `polar`): a singular value σ_i comes out of the
+# eigenvalues of XᵀX with absolute error about eps64·σ_1², so its singular vectors are as
+# accurate as a float32 SVD's while σ_i/σ_1 >= sqrt(eps64/eps32) ≈ 4e-5. Below these limits
+# (a rank-deficient or steeply decaying update, a nearly singular concatenation) the SVD is
+# used instead.
+_GRAM_MIN_RATIO = 1e-4  # of σ_k/σ_1 in top_svd
+_POLAR_MIN_RATIO = 1e-5  # of σ_min/σ_max in polar (eigenvalues: its square)
+
+
+def _gram(xd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of xᵀx; xd (m, n) float64, n <= m."""
+    lam, w = torch.linalg.eigh(xd.T @ xd)  # ascending
+    return lam.flip(0), w.flip(1)
+
+
+def top_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k`` singular triples of ``x`` (m, n): U (m, k), s (k,) descending, Vᴴ (k, n),
+    in ``x``'s dtype.
+
+    float32 inputs take the float64 eigendecomposition of the Gram matrix of x's shorter side
+    (``xᵀx = V Λ Vᵀ``, ``s = √λ``, ``U = x V / s`` for the k kept triples): 1.2-2.6× faster than
+    LAPACK's float32 SVD on LLM layer shapes and about 100× closer to the float64 SVD
+    (docs/performance.md). Where σ_k < 1e-4·σ_1 the Gram matrix does not resolve the k-th
+    triple to float32 accuracy and :func:`svd` is used; float64 inputs (the reference path)
+    always use :func:`svd`."""
+    m, n = x.shape
+    k = min(k, m, n)
+    if x.dtype != torch.float64 and k > 0:
+        found = _top_gram(x.T, k) if m < n else _top_gram(x, k)
+        if found is not None:
+            u, s, vh = found
+            return (vh.T, s, u.T) if m < n else (u, s, vh)
+    u, s, vh = svd(x)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def _top_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    xd = x.to(torch.float64)
+    lam, w = _gram(xd)
+    s = lam[:k].clamp(min=0).sqrt()
+    if not (bool(torch.isfinite(lam).all()) and bool(s[0] > 0) and bool(s[-1] >= _GRAM_MIN_RATIO * s[0])):
+        return None
+    u = (xd @ w[:, :k]) / s  # (m, k)
+    return u.to(x.dtype), s.to(x.dtype), w[:, :k].T.to(x.dtype)
+
+
+def polar_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The orthonormal polar factor ``P Qᵀ`` of ``x = P diag(s) Qᵀ`` (thin SVD; (m, n), the
+    orthonormal matrix nearest to x in Frobenius norm) and the singular values s, descending.
+
+    float32 inputs: ``x (xᵀx)^(-1/2)`` (x's shorter side) from the float64 eigendecomposition
+    of the Gram matrix, faster than the SVD on tall x and closer to the float64 result, while
+    σ_min >= 1e-5·σ_max; else, and for float64 inputs, from the SVD."""
+    m, n = x.shape
+    if m < n:
+        p, s = polar_values(x.T)
+        return p.T, s
+    if x.dtype != torch.float64 and n > 0:
+        xd = x.to(torch.float64)
+        lam, w = _gram(xd)
+        if bool(torch.isfinite(lam).all()) and bool(lam[-1] > 0) and bool(lam[-1] >= _POLAR_MIN_RATIO**2 * lam[0]):
+            return (xd @ ((w * lam.rsqrt()) @ w.T)).to(x.dtype), lam.sqrt().to(x.dtype)
+    p, s, qh = svd(x)
+    return p @ qh, s
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ`` (thin SVD): the orthonormal matrix
-    nearest to ``x`` in Frobenius norm (orthogonal Procrustes). ``x``: (m, r), r <= m."""
-    p, _, qh = svd(x)
-    return p @ qh  # (m, r)
+    """Orthonormal polar factor ``P Qᵀ`` of ``x`` (m, r), r <= m (orthogonal Procrustes);
+    see :func:`polar_values`."""
+    return polar_values(x)[0]
 
 
 @dataclass(frozen=True)
@@ -151,7 +216,7 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
         if known is not None and known[1].numel() >= k:
             u_t, s_t, vh_t = (x.to(dtype) for x in known)
         else:
-            u_t, s_t, vh_t = svd(tau.to(dtype))
+            u_t, s_t, vh_t = top_svd(tau.to(dtype), k)
         deficient += numerical_rank(s_t, (m, n)) < k
         us.append(u_t[:, :k])  # (m, k)
         ss.append(s_t[:k])  # (k,)

@@ -38,10 +38,11 @@ from epimer.basis import (
     lift,
     numerical_rank,
     polar,
+    polar_values,
     project,
     singular_coords,
-    svd,
     tagged_basis,
+    top_svd,
 )
 
 def _rank_fraction_field() -> Any:
@@ -122,9 +123,9 @@ def _isotropic(us: list[torch.Tensor], vs: list[torch.Tensor], ss: list[torch.Te
     return torch.cat(ss).mean() * (u @ v.T)
 
 
-def _sum_svd(x: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of M = Σ_t T·w_t τ_t (= Σ_t τ_t for equal weights), in float32 or float64."""
-    return svd(task_sum(x).to(compute_dtype(x.deltas[0])))
+def _task_sum(x: TensorInputs) -> torch.Tensor:
+    """M = Σ_t T·w_t τ_t (= Σ_t τ_t for equal weights), in float32 or float64."""
+    return task_sum(x).to(compute_dtype(x.deltas[0]))
 
 
 class IsoCParams(ScaledParams):
@@ -138,8 +139,8 @@ class IsoC(SubspaceMethod):
     Params = IsoCParams
 
     def merge_matrix(self, x: TensorInputs, params: IsoCParams, state: None) -> TensorResult:
-        p, sigma, qh = _sum_svd(x)
-        delta = (sigma.mean() * (p @ qh)).to(x.deltas[0].dtype)
+        pq, sigma = polar_values(_task_sum(x))  # M = P diag(σ) Qᵀ -> P Qᵀ
+        delta = (sigma.mean() * pq).to(x.deltas[0].dtype)
         # a rank-deficient sum: the flattened spectrum lifts arbitrary null directions
         short = numerical_rank(sigma, tuple(x.base.shape)) < sigma.numel()
         return TensorResult(delta, {"rank_deficient_sum": 1.0} if short else {})
@@ -174,15 +175,14 @@ class IsoCts(SubspaceMethod):
     def merge_matrix(self, x: TensorInputs, params: IsoCtsParams, state: None) -> torch.Tensor:
         dtype = compute_dtype(x.deltas[0])
         k_c, n_t = iso_cts_dims(min(x.base.shape), x.num_tasks, params.common_fraction)
-        u, s, vh = _sum_svd(x)
-        u_c = u[:, :k_c]  # (m, k_c)
-        us, vs, ss = [u_c], [vh[:k_c].T], [s[:k_c]]
+        u_c, s_c, vh_c = top_svd(_task_sum(x), k_c)  # (m, k_c), (k_c,), (k_c, n)
+        us, vs, ss = [u_c], [vh_c.T], [s_c]
         for tau in x.deltas:
             tau = tau.to(dtype)
-            u_t, s_t, vh_t = svd(tau - u_c @ (u_c.T @ tau))
-            us.append(u_t[:, :n_t])
-            vs.append(vh_t[:n_t].T)
-            ss.append(s_t[:n_t])
+            u_t, s_t, vh_t = top_svd(tau - u_c @ (u_c.T @ tau), n_t)
+            us.append(u_t)
+            vs.append(vh_t.T)
+            ss.append(s_t)
         return _isotropic(us, vs, ss).to(x.deltas[0].dtype)
 
 
