@@ -29,10 +29,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
 import yaml
-from safetensors import safe_open
 
 RUNNER = """
 import sys, torch
@@ -65,10 +64,16 @@ def run_timed(cmd: list[str]) -> tuple[float, float, float]:
 
 
 def tensors(folder: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
     return {k: f for f in sorted(folder.glob("*.safetensors")) for k in safe_open(str(f), "pt").keys()}
 
 
-def load(files: dict[str, Path], name: str) -> torch.Tensor:
+def load(files: dict[str, Path], name: str) -> Any:
+    """One tensor, in float64."""
+    import torch
+    from safetensors import safe_open
+
     return safe_open(str(files[name]), "pt").get_tensor(name).to(torch.float64)
 
 
@@ -76,6 +81,8 @@ def errors_against_float64(work: Path, method: str, tasks: int, names: list[str]
     """Per side, the largest ‖Δ − Δ64‖ / ‖Δ64‖ over ``names`` (one tensor per matrix shape):
     Δ = merged − base read back from each side's output, Δ64 = the same merge computed in float64
     (epimer's float64 path, LAPACK's float64 SVD) from the same float32 checkpoints."""
+    import torch
+
     from epimer import get_method
     from epimer.methods.base import TensorInputs
 
@@ -97,6 +104,18 @@ def errors_against_float64(work: Path, method: str, tasks: int, names: list[str]
     return worst
 
 
+def probe_names(work: Path) -> list[str]:
+    """One tensor of each matrix shape of the base model."""
+    from safetensors import safe_open
+
+    first_of_shape: dict[tuple[int, ...], str] = {}
+    for name, file in tensors(work / "base").items():
+        shape = tuple(safe_open(str(file), "pt").get_slice(name).get_shape())
+        if len(shape) == 2:
+            first_of_shape.setdefault(shape, name)
+    return list(first_of_shape.values())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="checkpoint folder (made if empty)")
@@ -115,6 +134,8 @@ def main() -> None:
                         "--dtype", "float32"], check=True)
     runner = args.work / "fusionbench_runner.py"
     runner.write_text(RUNNER)
+    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
     fb_version = subprocess.run([args.fusionbench_python, "-c", "import importlib.metadata as m; "
                                  "print(m.version('fusion-bench'))"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -134,32 +155,26 @@ def main() -> None:
 
     load_before = os.getloadavg()
     results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    accuracy: dict[str, dict[str, float]] = {}
-    first_of_shape: dict[tuple[int, ...], str] = {}
-    for name, file in tensors(args.work / "base").items():
-        shape = tuple(safe_open(str(file), "pt").get_slice(name).get_shape())
-        if len(shape) == 2:
-            first_of_shape.setdefault(shape, name)
-    probes = list(first_of_shape.values())
     for r in range(args.repeats):
         for method in args.methods:
             for side, cmd in (("epimer", epimer_cmd(method)), ("FusionBench", fb_cmd(method))):
                 results.setdefault((method, side), []).append(run_timed(cmd))
                 w, c, m = results[(method, side)][-1]
                 print(f"round {r + 1}: {method} {side}: {w:.1f} s wall, {c:.1f} s CPU, {m:.2f} GB", flush=True)
-            if r == 0:
-                accuracy[method] = errors_against_float64(args.work, method, args.tasks, probes)
-                print(f"{method}: error against the float64 merge: epimer {accuracy[method]['epimer']:.1e}, "
-                      f"FusionBench {accuracy[method]['FusionBench']:.1e}", flush=True)
     load_after = os.getloadavg()
+    # After the timing: this reads checkpoints into this process, whose pages a forked child's
+    # peak RSS would count.
+    accuracy = {method: errors_against_float64(args.work, method, args.tasks, probe_names(args.work))
+                for method in args.methods}
 
     lines = [
         f"{args.tasks} float32 task models of a Llama shape (hidden 768, intermediate 2048, 12 layers, "
         f"vocabulary 32000, untied; 125M parameters), {args.threads} torch threads on both sides; "
-        f"torch {torch.__version__}, Python {platform.python_version()}, fusion-bench {fb_version}, "
+        f"torch {torch_version}, Python {platform.python_version()}, fusion-bench {fb_version}, "
         f"{os.cpu_count()} cores, 1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"medians of {args.repeats} rounds (spread = (max − min) / median). Error: the largest "
-        f"‖Δ − Δ64‖ / ‖Δ64‖ over one tensor of each matrix shape ({len(probes)}), Δ64 the same merge in float64.",
+        f"‖Δ − Δ64‖ / ‖Δ64‖ over one tensor of each matrix shape ({len(probe_names(args.work))}), "
+        f"Δ64 the same merge in float64.",
         "",
         "| merge | epimer wall s | FusionBench wall s | FusionBench / epimer | epimer spread | "
         "FusionBench spread | CPU s epimer / FusionBench | peak GB epimer / FusionBench | error epimer / FusionBench |",

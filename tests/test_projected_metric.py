@@ -127,3 +127,33 @@ def test_factored_error_on_a_kfac_like_fisher_is_small() -> None:
     assert approx.fisher_rel_err < 0.1
     # Projection averages the noise over many entries: H is closer than F.
     assert rel_err(np64(approx.h), np64(exact.h)) < approx.fisher_rel_err / 2
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 500, 2**30])
+def test_weighted_grams_are_x_transpose_diag_w_x(chunk_bytes: int) -> None:
+    """Each (r, r) slice is Xᵀ diag(w_q) X, whatever the row chunk (one row, uneven chunks, all)."""
+    from epimer.curvature.metric import weighted_grams
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(13, 3, generator=g, dtype=torch.float64)
+    got = weighted_grams(x, w, chunk_bytes=chunk_bytes)
+    assert got.shape == (3, 5, 5)
+    for q in range(3):
+        assert torch.allclose(got[q], x.T @ torch.diag(w[:, q]) @ x, rtol=1e-13, atol=1e-14)
+
+
+def test_factored_metric_leaves_out_the_zero_rows_and_columns_of_f_exactly() -> None:
+    """An F that is zero on whole rows and columns (an embedding's unseen tokens): the factored
+    metric, computed without them, still equals the exact Bᵀ diag(vec F) B when rank(F) <= s,
+    and an all-zero F gives H = 0 with no error."""
+    basis, _ = _basis(5, shape=(14, 11))
+    g = torch.Generator().manual_seed(5)
+    f = torch.rand(14, 2, generator=g, dtype=torch.float64) @ torch.rand(2, 11, generator=g, dtype=torch.float64)
+    f[[0, 3, 4, 9]] = 0.0
+    f[:, [1, 7]] = 0.0
+    h, err = projected_metric_factored(f, basis.u, basis.v, 2)
+    assert err < 1e-12
+    assert torch.allclose(h, projected_metric_exact(f, basis.u, basis.v), rtol=1e-11, atol=1e-14)
+    h, err = projected_metric_factored(torch.zeros(14, 11, dtype=torch.float64), basis.u, basis.v, 2)
+    assert err == 0.0 and torch.equal(h, torch.zeros_like(h))

@@ -122,6 +122,26 @@ def top_singular(fisher: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return (q @ ub[:, :rank]), lam[:rank], gh[:rank].T
 
 
+#: Working memory of one row chunk of :func:`weighted_grams` (the scaled copies of the rows).
+GRAM_CHUNK_BYTES = 32 * 2**20
+
+
+def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES) -> torch.Tensor:
+    """``Xᵀ diag(w_q) X`` for every column w_q of ``weights`` (m, s): (s, r, r) in x's dtype.
+
+    One matrix product per chunk of rows, ``X_cᵀ [diag(w_1) X_c … diag(w_s) X_c]``, so the s
+    products share one pass over X and no scaled copy of the whole of X is made."""
+    m, r = x.shape
+    s = weights.shape[1]
+    out = torch.zeros(r, s * r, dtype=x.dtype, device=x.device)
+    rows = max(1, chunk_bytes // max(1, s * r * x.element_size()))
+    for start in range(0, m, rows):
+        xc = x[start:start + rows]  # (c, r)
+        scaled = (weights[start:start + rows, :, None] * xc[:, None, :]).reshape(xc.shape[0], s * r)
+        out.addmm_(xc.T, scaled)
+    return out.view(r, s, r).transpose(0, 1)  # (s, r, r)
+
+
 def projected_metric_factored(
     fisher: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, float]:
@@ -129,15 +149,25 @@ def projected_metric_factored(
     jitter; returns ((r, r) in u's dtype, ‖F − F_s‖_F / ‖F‖_F).
 
     Exact when rank(F) <= ``rank``: Bᵀ diag(vec(p gᵀ)) B = (Uᵀ diag(p) U) ⊙ (Vᵀ diag(g) V).
+    Rows and columns where F is zero (an embedding's unseen tokens) are left out before the
+    factorisation: they add nothing to H, and the SVD of F without them is F's own.
     """
     f = fisher.to(u.dtype)
+    rows, cols = f.any(dim=1), f.any(dim=0)
+    if not bool(rows.all()):
+        f, u = f[rows], u[rows]
+    if not bool(cols.all()):
+        f, v = f[:, cols], v[cols]
+    r = u.shape[1]
+    if f.numel() == 0:
+        return torch.zeros(r, r, dtype=u.dtype, device=u.device), 0.0
     rank = min(rank, *f.shape)
     p, lam, g = top_singular(f, rank)
-    h = torch.zeros(u.shape[1], u.shape[1], dtype=u.dtype, device=u.device)
+    left = weighted_grams(u, p)  # (s, r, r)
+    right = weighted_grams(v, g)
+    h = torch.zeros(r, r, dtype=u.dtype, device=u.device)
     for q in range(rank):
-        left = u.T @ (p[:, q, None] * u)  # (r, r)
-        right = v.T @ (g[:, q, None] * v)  # (r, r)
-        h.add_(left.mul_(right), alpha=float(lam[q]))
+        h.add_(left[q].mul_(right[q]), alpha=float(lam[q]))
     # The residual itself, not ‖F‖² − Σλ², which cancels catastrophically in float32.
     norm = float(torch.linalg.norm(f))
     resid = float(torch.linalg.norm(f - (p * lam) @ g.T))
