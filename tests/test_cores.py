@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from epimer import cli_options
-from epimer.engine import cores
+from epimer import cores
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +75,42 @@ def test_without_proc_stat_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(cores, "_busy_idle", lambda: None)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("threads changed"))
     assert cores.FreeCores().threads() is None
+
+
+def test_follow_asks_only_when_auto_is_on(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    cores.follow_load(False)
+    cores.follow()
+    assert set_to == []
+    free = cores.follow_load(True, interval=0.5)
+    cores.follow()  # another process holds one core of four
+    clock.run(1.0, others=3.0, own=1.0)
+    cores.follow()
+    assert set_to == [3, 1] and free is not None and free.history == [3, 1]
+
+
+def test_feature_and_fine_tuning_loops_follow_the_load_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks' loops outside the merge ask once per batch (fine-tuning step, feature
+    batch), so a demo on a loaded machine uses the cores left to it there too."""
+    import transformers
+
+    from epimer.bench import evaluate, finetune
+
+    calls: list[str] = []
+    monkeypatch.setattr(evaluate, "follow_free_cores", lambda: calls.append("features"))
+    monkeypatch.setattr(finetune, "follow_free_cores", lambda: calls.append("step"))
+    torch.manual_seed(0)
+    encoder = transformers.BertModel(transformers.BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    data = evaluate.Encoded("t", [[1, 2, 3], [4, 5], [6, 7, 8, 9], [2, 3]], torch.tensor([0, 1, 0, 1]), 2)
+    evaluate.features(encoder, data, batch_size=2)
+    assert calls == ["features"] * 2
+    calls.clear()
+    head = evaluate.Head(torch.zeros(2, 16), torch.zeros(2))
+    settings = finetune.FinetuneSettings(steps=3, batch_size=2, max_length=8)
+    finetune.finetune_encoder(encoder, head, data, settings, seed=0)
+    assert calls == ["step"] * 3
 
 
 def test_the_real_measurement_gives_a_usable_count() -> None:

@@ -13,11 +13,11 @@ from epimer.errors import InputError
 
 def set_threads(threads: int | str | None) -> None:
     """``--threads``: ``auto`` (the default) follows the cores other processes leave free
-    (`epimer.engine.cores`: measured before each tensor of a merge); ``N`` fixes torch's
+    (`epimer.cores`: measured before each tensor of a merge); ``N`` fixes torch's
     intra-op threads (SVDs, solves, products; the merge's row-block workers follow them) and,
     where the process has not started any parallel work yet, its inter-op threads. None
     leaves torch's choice (every core)."""
-    from epimer.engine import cores
+    from epimer import cores
 
     if threads is None:
         cores.follow_load(False)

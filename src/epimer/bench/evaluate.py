@@ -20,6 +20,7 @@ from torch import nn
 
 from epimer.bench.data import TaskData
 from epimer.curvature.heads import mean_pool
+from epimer.cores import follow as follow_free_cores
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def features(encoder: nn.Module, data: Encoded, batch_size: int = 64) -> torch.T
     try:
         out: torch.Tensor | None = None
         for idx in data.by_length(batch_size):
+            follow_free_cores()
             f = pooled(encoder, data.batch(idx)).to(torch.float32)
             if out is None:
                 out = torch.empty((len(data), f.shape[1]), dtype=torch.float32)

@@ -49,6 +49,7 @@ from torch import nn
 from epimer.bench.data import Splits, TaskData
 from epimer.bench.evaluate import Encoded, Head, accuracy_of_features, encode, features, pooled
 from epimer.curvature.heads import PooledClassifier, pooled_head_loss
+from epimer.cores import follow as follow_free_cores
 from epimer.errors import InputError
 from epimer.fingerprint import fingerprint_tensors
 
@@ -286,6 +287,7 @@ def finetune_encoder(
         torch.manual_seed(seed)
         encoder.train(settings.dropout)
         for idx in batches:
+            follow_free_cores()
             batch = train.batch(idx)
             loss = F.cross_entropy(head(pooled(encoder, batch)), train.labels[idx])
             loss.backward()

@@ -21,6 +21,7 @@ import torch
 
 from epimer.bench import artifacts
 from epimer.bench.data import TaskData, load_task
+from epimer.cores import follow as follow_free_cores
 
 #: task -> (instruction, answer word per class in the task's label order); texts are cut to
 #: MAX_WORDS words so that a prompt fits a short context.
@@ -387,6 +388,7 @@ def finetune(model: torch.nn.Module, tokenizer: object, task: LLMTask, *, steps:
     losses = []
     model.train()
     for _ in range(steps):
+        follow_free_cores()
         idx = torch.randint(0, len(samples), (batch_size,), generator=g).tolist()
         batch = next(batches([samples[i] for i in idx], batch_size, pad))
         loss = batch_loss(model, batch)

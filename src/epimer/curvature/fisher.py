@@ -38,6 +38,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from epimer.errors import InputError
+from epimer.cores import follow as follow_free_cores
 
 Batch = Mapping[str, torch.Tensor]
 #: ``forward(*args, **kwargs)``: the model called with the parameters being differentiated.
@@ -443,6 +444,7 @@ def fisher_sums(
     try:
         with rows:
             for raw in batches:
+                follow_free_cores()
                 size = _batch_size(raw)
                 batch = {k: v.to(device) for k, v in raw.items()}
                 if prepare_batch is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from epimer.engine import cores
+from epimer import cores
 from epimer.engine.plan import TensorPlan
 
 #: Row blocks of elementwise methods hold about this many entries (2 MB per float32 input):

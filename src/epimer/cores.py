@@ -8,7 +8,8 @@ with another process is slow). `FreeCores` measures, between two calls, how much
 other processes used (the machine's busy time from ``/proc/stat`` less this process's own
 CPU time) and sets torch's thread count to the cores left, at least one. The whole-tensor
 loop of the merge (`epimer.engine.stream.pipeline`) asks it before each tensor, so a merge
-follows the load as it changes. Where ``/proc/stat`` cannot be read (not Linux), nothing is
+follows the load as it changes; the benchmarks' fine-tuning, Fisher and evaluation loops
+call `follow` once per step to the same end. Where ``/proc/stat`` cannot be read (not Linux), nothing is
 changed: torch's own choice stands.
 """
 
@@ -118,3 +119,11 @@ def follow_load(enabled: bool, interval: float = 0.5) -> FreeCores | None:
 def active() -> FreeCores | None:
     """The process's `FreeCores`, when ``--threads auto`` turned it on."""
     return _ACTIVE
+
+
+def follow() -> None:
+    """Where ``--threads auto`` is on, re-measure the free cores (at most once per window) and
+    set torch's thread count; else nothing. The benchmarks' long loops outside the merge
+    (fine-tuning steps, Fisher batches, feature batches) call it once per step."""
+    if _ACTIVE is not None:
+        _ACTIVE.threads()
