@@ -100,11 +100,11 @@ def top_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     (``xᵀx = V Λ Vᵀ``, ``s = √λ``, ``U = x V / s`` for the k kept triples): 1.2-2.6× faster than
     LAPACK's float32 SVD on LLM layer shapes and about 100× closer to the float64 SVD
     (docs/performance.md). Where σ_k < 1e-4·σ_1 the Gram matrix does not resolve the k-th
-    triple to float32 accuracy and :func:`svd` is used; float64 inputs (the reference path)
-    always use :func:`svd`."""
+    triple to float32 accuracy and :func:`svd` is used, as for an all-zero x; float64 inputs
+    (the reference path) always use :func:`svd`."""
     m, n = x.shape
     k = min(k, m, n)
-    if x.dtype != torch.float64 and k > 0:
+    if x.dtype != torch.float64 and k > 0 and bool(x.any()):
         found = _top_gram(x.T, k) if m < n else _top_gram(x, k)
         if found is not None:
             u, s, vh = found
@@ -134,7 +134,7 @@ def polar_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m < n:
         p, s = polar_values(x.T)
         return p.T, s
-    if x.dtype != torch.float64 and n > 0:
+    if x.dtype != torch.float64 and n > 0 and bool(x.any()):
         xd = x.to(torch.float64)
         lam, w = _gram(xd)
         if bool(torch.isfinite(lam).all()) and bool(lam[-1] > 0) and bool(lam[-1] >= _POLAR_MIN_RATIO**2 * lam[0]):

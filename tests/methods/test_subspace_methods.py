@@ -261,6 +261,31 @@ def test_task_order_invariance(name: str) -> None:
     assert rel_err(np64(b), np64(a)) < 1e-10
 
 
+@pytest.mark.parametrize("name", SUBSPACE)
+def test_a_tensor_no_task_changed_skips_the_subspace_work(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All task vectors zero (a frozen embedding, a module no adapter targets): Δ = 0 exactly,
+    without a single SVD or metric (an SVD of a zero 32000 × 2048 matrix costs seconds)."""
+    from epimer import basis as basis_mod
+
+    _, fishers, *_ = _case(11, dtype=torch.float32)
+    method = get_method(name)
+    monkeypatch.setattr(type(method), "merge_matrix", lambda *a, **k: pytest.fail("merge_matrix ran"))
+    monkeypatch.setattr(basis_mod, "svd", lambda *a, **k: pytest.fail("an SVD ran"))
+    r = run(name, {"fisher_norm": "tensor"} if name == "epimer" else {},
+            [make_inputs("w", [torch.zeros(12, 9) for _ in range(3)], fishers)])[0]
+    assert r.delta.shape == (12, 9) and r.delta.dtype == torch.float32 and not bool(r.delta.any())
+
+
+def test_top_svd_of_a_zero_matrix_takes_the_svd_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from epimer import basis as basis_mod
+
+    monkeypatch.setattr(basis_mod, "_gram", lambda *a, **k: pytest.fail("a Gram matrix was formed"))
+    u, s, vh = basis_mod.top_svd(torch.zeros(20, 8), 3)
+    assert u.shape == (20, 3) and not bool(s.any())
+    pq, s = basis_mod.polar_values(torch.zeros(8, 20))
+    assert pq.shape == (8, 20) and not bool(s.any())
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_zero_task_vectors_give_the_base_back(name: str) -> None:
     _, fishers, *_ = _case(11, dtype=torch.float32)

@@ -67,6 +67,10 @@ class SubspaceMethod(MergeMethod):
     def merge(self, x: TensorInputs, params: Any, state: Any) -> torch.Tensor | TensorResult:
         if x.kind == "vector":
             return self.merge_vector(x, params, state)
+        if not any(bool(d.any()) for d in x.deltas):
+            # No task changed this tensor (an embedding kept frozen, a module no adapter
+            # targets): every subspace method's Δ is exactly 0, whatever basis it would pick.
+            return torch.zeros_like(x.deltas[0])
         return self.merge_matrix(x, params, state)
 
     def merge_vector(self, x: TensorInputs, params: Any, state: Any) -> torch.Tensor:
