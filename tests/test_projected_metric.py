@@ -129,16 +129,18 @@ def test_factored_error_on_a_kfac_like_fisher_is_small() -> None:
     assert rel_err(np64(approx.h), np64(exact.h)) < approx.fisher_rel_err / 2
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 500, 2**30])
-def test_weighted_grams_are_x_transpose_diag_w_x(chunk_bytes: int) -> None:
-    """Each (r, r) slice is Xᵀ diag(w_q) X, whatever the row chunk (one row, uneven chunks, all)."""
+@pytest.mark.parametrize("chunk_bytes", [1, 500, 20000, 2**30])
+@pytest.mark.parametrize("shape", [(13, 5), (70, 66), (90, 131)])
+def test_weighted_grams_are_x_transpose_diag_w_x(chunk_bytes: int, shape: tuple[int, int]) -> None:
+    """Each (r, r) slice is Xᵀ diag(w_q) X, whatever the row chunk (one row, uneven chunks, all)
+    and whether the upper block triangle is computed in one block (r < 64) or four (uneven)."""
     from epimer.curvature.metric import weighted_grams
 
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(13, 5, generator=g, dtype=torch.float64)
-    w = torch.randn(13, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    w = torch.randn(shape[0], 3, generator=g, dtype=torch.float64)
     got = weighted_grams(x, w, chunk_bytes=chunk_bytes)
-    assert got.shape == (3, 5, 5)
+    assert got.shape == (3, shape[1], shape[1])
     for q in range(3):
         assert torch.allclose(got[q], x.T @ torch.diag(w[:, q]) @ x, rtol=1e-13, atol=1e-14)
 

@@ -129,17 +129,31 @@ GRAM_CHUNK_BYTES = 32 * 2**20
 def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES) -> torch.Tensor:
     """``Xᵀ diag(w_q) X`` for every column w_q of ``weights`` (m, s): (s, r, r) in x's dtype.
 
-    One matrix product per chunk of rows, ``X_cᵀ [diag(w_1) X_c … diag(w_s) X_c]``, so the s
-    products share one pass over X and no scaled copy of the whole of X is made."""
+    Each result is symmetric, so only its upper block triangle is computed (X's columns in 4
+    blocks: 10 of the 16 block products) and mirrored: for block i and each chunk of rows,
+    one matrix product ``X_c[:, i]ᵀ [diag(w_1) X_c[:, i:] … diag(w_s) X_c[:, i:]]`` serves the s
+    weights at once, and no scaled copy of the whole of X is made. 1.1-1.6× faster than one
+    full product per weight on LLM layer shapes (docs/performance.md)."""
     m, r = x.shape
     s = weights.shape[1]
-    out = torch.zeros(r, s * r, dtype=x.dtype, device=x.device)
+    nb = 4 if r >= 64 else 1
+    edges = [r * i // nb for i in range(nb + 1)]
+    accs = [torch.zeros(edges[i + 1] - edges[i], s * (r - edges[i]), dtype=x.dtype, device=x.device)
+            for i in range(nb)]
     rows = max(1, chunk_bytes // max(1, s * r * x.element_size()))
     for start in range(0, m, rows):
-        xc = x[start:start + rows]  # (c, r)
-        scaled = (weights[start:start + rows, :, None] * xc[:, None, :]).reshape(xc.shape[0], s * r)
-        out.addmm_(xc.T, scaled)
-    return out.view(r, s, r).transpose(0, 1)  # (s, r, r)
+        xc, wc = x[start:start + rows], weights[start:start + rows]  # (c, r), (c, s)
+        for i, acc in enumerate(accs):
+            a, b = edges[i], edges[i + 1]
+            scaled = (wc[:, :, None] * xc[:, None, a:]).reshape(xc.shape[0], s * (r - a))
+            acc.addmm_(xc[:, a:b].T, scaled)
+    out = torch.empty(s, r, r, dtype=x.dtype, device=x.device)
+    for i, acc in enumerate(accs):
+        a, b = edges[i], edges[i + 1]
+        block = acc.view(b - a, s, r - a).transpose(0, 1)  # (s, b - a, r - a): rows a..b, columns a..r
+        out[:, a:b, a:] = block
+        out[:, a:, a:b] = block.transpose(1, 2)  # the mirror (and the diagonal block, transposed)
+    return out
 
 
 def projected_metric_factored(
