@@ -18,25 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
+from subspace_speed import median_seconds  # a sibling script (this folder is on sys.path)
 
 from epimer.basis import polar_values, svd, top_svd
 
 SHAPES = [(768, 768), (256, 768), (2048, 768), (768, 2048), (32000, 768)]
-
-
-def timed(f: Callable[[], object], repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def lapack_top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,7 +65,7 @@ def main() -> None:
                 u, s, vh = (t.double() for t in res)
                 return float(torch.linalg.norm((u * s) @ vh - want) / torch.linalg.norm(want))
 
-            a, b = timed(lambda: lapack_top(x, k), args.repeats), timed(lambda: top_svd(x, k), args.repeats)
+            a, b = median_seconds(lambda: lapack_top(x, k), args.repeats), median_seconds(lambda: top_svd(x, k), args.repeats)
             print(f"| {m} × {n} | {name} | {a:.3f} | {b:.3f} | {a / b:.2f} | {err(lapack_top(x, k)):.1e} | "
                   f"{err(top_svd(x, k)):.1e} |", flush=True)
     print("\n| concatenation | polar: LAPACK float32 SVD s | Gram route s | speed-up | error LAPACK | error Gram |")
@@ -87,7 +74,7 @@ def main() -> None:
         k = min(m, n) // 4
         x = torch.cat([top_svd(torch.randn(m, n, generator=g), k)[0] for _ in range(4)], dim=1)  # (m, 4k)
         want = lapack_polar(x.double())
-        a, b = timed(lambda: lapack_polar(x), args.repeats), timed(lambda: polar_values(x)[0], args.repeats)
+        a, b = median_seconds(lambda: lapack_polar(x), args.repeats), median_seconds(lambda: polar_values(x)[0], args.repeats)
 
         def perr(q: torch.Tensor) -> float:
             return float(torch.linalg.norm(q.double() - want) / torch.linalg.norm(want))

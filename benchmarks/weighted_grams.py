@@ -16,23 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
+from subspace_speed import median_seconds  # a sibling script (this folder is on sys.path)
 
 from epimer.curvature.metric import weighted_grams
-
-
-def timed(f: Callable[[], object], repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def one_per_factor(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -58,10 +45,10 @@ def main() -> None:
         def err(got: torch.Tensor) -> float:
             return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
 
-        a = timed(lambda: one_per_factor(x, w), args.repeats)
-        b = timed(lambda: weighted_grams(x, w), args.repeats)
+        a = median_seconds(lambda: one_per_factor(x, w), args.repeats)
+        b = median_seconds(lambda: weighted_grams(x, w), args.repeats)
         xb, wb = x.bfloat16(), w.bfloat16()
-        c = timed(lambda: weighted_grams(xb, wb), args.repeats)
+        c = median_seconds(lambda: weighted_grams(xb, wb), args.repeats)
         print(f"| {m} × 768 | {a:.3f} | {b:.3f} | {a / b:.2f} | {err(weighted_grams(x, w)):.1e} | {c:.3f} | "
               f"{err(weighted_grams(xb, wb)):.1e} |", flush=True)
 
