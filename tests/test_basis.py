@@ -255,3 +255,30 @@ def test_polar_of_a_nearly_singular_float32_matrix_is_the_svds() -> None:
     x64 = x.double()
     p, s_svd, qh = svd(x64)
     assert torch.equal(polar_values(x64)[0], p @ qh)
+
+
+def test_float32_takes_the_gram_route_and_falls_back_when_the_eigensolver_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A well-conditioned float32 input is decomposed without LAPACK's SVD; when the float64
+    eigendecomposition fails to converge, the SVD gives the answer instead of an error; k = 0
+    costs nothing."""
+    from epimer import basis as basis_mod
+
+    x = torch.randn(30, 12, generator=torch.Generator().manual_seed(9))
+    real_svd = basis_mod.svd
+    want_top = tuple(t[:, :4] if i == 0 else t[:4] for i, t in enumerate(real_svd(x)))
+    p, _, qh = real_svd(x)
+    monkeypatch.setattr(basis_mod, "svd", lambda *a, **k: pytest.fail("LAPACK's SVD ran"))
+    u, s, vh = basis_mod.top_svd(x, 4)
+    assert torch.allclose(s, want_top[1], rtol=1e-5)
+    assert torch.allclose(basis_mod.polar_values(x)[0], p @ qh, atol=1e-5)
+    assert basis_mod.top_svd(x, 0)[0].shape == (30, 0)
+
+    def no_convergence(*a: object, **k: object) -> None:
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(basis_mod, "svd", real_svd)
+    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
+    got = basis_mod.top_svd(x, 4)
+    for a, b in zip(got, want_top):
+        assert torch.equal(a, b)
+    assert torch.equal(basis_mod.polar_values(x)[0], p @ qh)

@@ -159,3 +159,25 @@ def test_factored_metric_leaves_out_the_zero_rows_and_columns_of_f_exactly() -> 
     assert torch.allclose(h, projected_metric_exact(f, basis.u, basis.v), rtol=1e-11, atol=1e-14)
     h, err = projected_metric_factored(torch.zeros(14, 11, dtype=torch.float64), basis.u, basis.v, 2)
     assert err == 0.0 and torch.equal(h, torch.zeros_like(h))
+
+
+def test_the_zero_rows_and_columns_are_left_out_before_the_randomised_factorisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 200 × 150 F with 60 zero rows and 30 zero columns: the randomised range finder sees the
+    140 × 120 non-zero block only, and the rank-2 metric still equals the exact one."""
+    from epimer.curvature import metric as metric_mod
+
+    g = torch.Generator().manual_seed(6)
+    deltas = [torch.randn(200, 150, generator=g, dtype=torch.float64) for _ in range(3)]
+    basis = tagged_basis(deltas, 0.2)  # r = 30
+    f = torch.rand(200, 2, generator=g, dtype=torch.float64) @ torch.rand(2, 150, generator=g, dtype=torch.float64)
+    f[torch.arange(0, 200, 10)] = 0.0
+    f[torch.arange(5, 200, 10)] = 0.0
+    f[torch.arange(1, 200, 10)] = 0.0
+    f[:, torch.arange(0, 150, 5)] = 0.0
+    seen = []
+    real = metric_mod.top_singular
+    monkeypatch.setattr(metric_mod, "top_singular", lambda x, s: seen.append(tuple(x.shape)) or real(x, s))
+    h, err = metric_mod.projected_metric_factored(f, basis.u, basis.v, 2)
+    assert seen == [(140, 120)]
+    assert err < 1e-12
+    assert torch.allclose(h, projected_metric_exact(f, basis.u, basis.v), rtol=1e-10, atol=1e-14)

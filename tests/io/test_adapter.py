@@ -240,6 +240,14 @@ def test_negative_scale_and_no_cross_terms(world, tmp_path) -> None:
         assert torch.allclose(both.delta(n), d0 + d1, rtol=0, atol=tol), n
 
 
+def test_lora_factors_of_a_zero_update_are_zero_without_an_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    from epimer.engine import adapter_out
+
+    monkeypatch.setattr(adapter_out, "thin_svd", lambda *a, **k: pytest.fail("an SVD ran"))
+    b, a, err, r = adapter_out.lora_factors(torch.zeros(12, 7), 4)
+    assert (b.shape, a.shape, err, r) == ((12, 4), (4, 7), 0.0, 4) and not bool(b.any()) and not bool(a.any())
+
+
 def test_lora_factors_from_a_methods_own_svd_equal_the_dense_svds() -> None:
     """A subspace method's Δ = U diag(c) Vᵀ (orthonormal U, V; c of any sign and order) gives
     the same rank-R factors, product and truncation error as the SVD of Δ itself."""

@@ -33,7 +33,11 @@ def lora_factors(delta: torch.Tensor, rank: int, svd: tuple[torch.Tensor, torch.
 
     ``svd``: (U, c, V) with orthonormal U, V and Δ = U diag(c) Vᵀ (a subspace method's own
     form of its update): then no SVD of Δ is computed; c is sorted by magnitude and its signs
-    moved into U."""
+    moved into U. An all-zero Δ gives zero factors without an SVD."""
+    if not bool(delta.any()):
+        m, n = delta.shape
+        r = min(rank, m, n)
+        return delta.new_zeros(m, r, dtype=torch.float64), delta.new_zeros(r, n, dtype=torch.float64), 0.0, r
     if svd is not None:
         u, c, v = (x.to(torch.float64) for x in svd)
         order = torch.argsort(c.abs(), descending=True)
