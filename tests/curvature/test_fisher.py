@@ -677,3 +677,17 @@ def test_cli_threads_sets_torch_threads(hf_task, tmp_path, monkeypatch):
                   "--fraction", "0.2", "--threads", "1", "-q")
     assert res.exit_code == 0, res.output + res.stderr
     assert seen == [1] and out.is_file()
+
+
+def test_the_fisher_loop_follows_the_free_cores_once_per_batch(monkeypatch):
+    """With ``--threads auto`` the Fisher pass asks for the cores left free before every batch
+    (`epimer.cores.follow`), as the merge does before every tensor."""
+    from epimer.curvature import fisher as fisher_mod
+
+    calls = []
+    monkeypatch.setattr(fisher_mod, "follow_free_cores", lambda: calls.append(1))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    batches = mlp_batches()
+    estimate_fisher(model, batches, cross_entropy_loss, dtype=torch.float64)
+    assert len(calls) == len(batches) == 3
