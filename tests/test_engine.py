@@ -282,3 +282,42 @@ def test_merge_updates_is_the_merge_at_every_scale(method: str) -> None:
     chosen = merge_state_dicts(base, tasks, method, {"scale": "auto"}, weights=weights, fishers=fishers)
     for k, d in delta.items():
         assert torch.equal(scaled_update(base[k].float(), d.clone(), auto, base[k].dtype), chosen[k]), k
+
+
+@pytest.mark.parametrize("method, raw", [("epimer", {"fisher_norm": "global", "fisher_rank": 2}),
+                                         ("fisher_average", {"normalize": True})])
+def test_fisher_normalising_pass_reads_the_fisher_files_alone(method: str, raw: dict, monkeypatch) -> None:
+    """The per-task Fisher norms over the whole model come from a pass that reads only the
+    Fisher files (no base or task model), and give the very merge of a full-input pass."""
+    from dataclasses import replace
+
+    from epimer.engine.run import MergeRun
+
+    base, tasks = random_models(3, seed=9)
+    g = torch.Generator().manual_seed(3)
+    fishers = [{k: torch.rand(v.shape, generator=g) + 0.05 for k, v in t.items() if v.is_floating_point()}
+               for t in tasks]
+    calls = {"inputs": 0, "fishers": 0}
+    load_inputs, load_fishers, prepare_stream = MergeRun.load_inputs, MergeRun.load_fishers, MergeRun.prepare_stream
+
+    def counted_inputs(self, p, rows=None):  # type: ignore[no-untyped-def]
+        calls["inputs"] += 1
+        return load_inputs(self, p, rows)
+
+    def counted_fishers(self, p, rows=None):  # type: ignore[no-untyped-def]
+        calls["fishers"] += 1
+        return load_fishers(self, p, rows)
+
+    monkeypatch.setattr(MergeRun, "load_inputs", counted_inputs)
+    monkeypatch.setattr(MergeRun, "load_fishers", counted_fishers)
+    fast = merge_state_dicts(base, tasks, method, raw, fishers=fishers)
+    merged = sum(1 for k, v in base.items() if v.is_floating_point())
+    assert calls == {"inputs": merged, "fishers": 2 * merged}  # the merge pass reads inputs once
+
+    # The same merge with the prepare pass reading every input (the plain-stream path).
+    monkeypatch.setattr(MergeRun, "prepare_stream", lambda self: replace(prepare_stream(self), visit_fishers=None))
+    calls.update(inputs=0, fishers=0)
+    full = merge_state_dicts(base, tasks, method, raw, fishers=fishers)
+    assert calls == {"inputs": 2 * merged, "fishers": 2 * merged}
+    for k in fast:
+        assert torch.equal(fast[k], full[k]), k

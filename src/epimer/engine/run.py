@@ -28,7 +28,8 @@ from epimer.io.fisher import PROJECTED, check_fisher_values
 from epimer.io.adapter import AdapterCheckpoint
 from epimer.io.reader import Checkpoint, open_checkpoint
 from epimer.io.writer import CheckpointWriter, PlannedTensor
-from epimer.methods.base import MergeMethod, MethodParams, ShardedStream, TensorInputs, TensorResult, linear_theta
+from epimer.methods.base import (FisherVisitor, MergeMethod, MethodParams, ShardedStream, TensorInputs, TensorResult,
+                                 linear_theta)
 
 
 def scaled_update(base: torch.Tensor, delta: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -170,6 +171,13 @@ class MergeRun:
                              "fix the checkpoint or pass --allow-nonfinite")
         return x
 
+    def load_fishers(self, p: TensorPlan, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...] | None:
+        """The T Fisher diagonals of one tensor (or a block of its rows), float32 on the CPU;
+        None when the models have no Fisher files."""
+        if self.fishers is None:
+            return None
+        return tuple(self._load_float(f, p.name, "Fisher", rows) for f in self.fishers)
+
     def load_inputs(self, p: TensorPlan, rows: tuple[int, int] | None = None) -> TensorInputs:
         """Base, task vectors and Fisher diagonals of one tensor (or a block of its rows), float32."""
         assert p.kind is not None
@@ -181,9 +189,7 @@ class MergeRun:
                 continue
             # get() returns a buffer the engine owns, so the subtraction may run in place.
             deltas.append(self._load_float(task, p.name, "task model", rows).sub_(base))
-        fishers = None
-        if self.fishers is not None:
-            fishers = tuple(self._load_float(f, p.name, "Fisher", rows) for f in self.fishers)
+        fishers = self.load_fishers(p, rows)
         svds = None
         if rows is None and p.kind == "matrix" and any(isinstance(t, AdapterCheckpoint) for t in self.tasks):
             found = tuple(t.svd(p.name) if isinstance(t, AdapterCheckpoint) else None for t in self.tasks)
@@ -198,25 +204,33 @@ class MergeRun:
 
     def prepare_stream(self) -> ShardedStream:
         """The stream a method's :meth:`~MergeMethod.prepare` gets (this process's share)."""
+
+        def fishers(v: FisherVisitor) -> None:
+            self.stream(lambda fx: v(*fx), "prepare (Fisher files)",
+                        load=lambda p, rows: (p.name, self.load_fishers(p, rows)))
+
         return ShardedStream(lambda v: self.stream(v, "prepare"), len(self.tasks), self.group,
-                             lambda v, every: self.stream(v, "prepare (sample)", every=every))
+                             lambda v, every: self.stream(v, "prepare (sample)", every=every), fishers)
 
     def _pipe(self, todo: list[Unit], work: Callable[[Unit], Any]) -> Iterator[tuple[Unit, Any]]:
         """`epimer.engine.stream.pipeline` with this run's blocking and worker count."""
         return pipeline(todo, work, self.blocked, self.workers)
 
-    def stream(self, visitor: Callable[[TensorInputs], None], label: str = "pass", every: int = 1) -> None:
+    def stream(self, visitor: Callable[[Any], None], label: str = "pass", every: int = 1,
+               load: Callable[[TensorPlan, tuple[int, int] | None], Any] | None = None) -> None:
         """Call ``visitor`` once per merged tensor, or per row block for elementwise methods
         (the ``Stream`` a method's prepare gets); ``every`` > 1 visits every ``every``-th unit
         only. Row blocks are visited from worker threads, concurrently and in no fixed order
-        (see :data:`epimer.methods.base.Stream`)."""
+        (see :data:`epimer.methods.base.Stream`). ``load`` reads what the visitor gets
+        (default: :meth:`load_inputs`)."""
         todo = [p for p in self.own if p.action == "merge"]
         work = units(todo, self.blocked)[::every]
         if every == 1:  # progress counts tensors
             self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
         else:  # a sample: progress counts units
             self.progress.start(label, sum(_unit_bytes(u) for u in work), len(work))
-        for u, _ in self._pipe(work, lambda u: visitor(self.load_inputs(u[0], u[1]))):
+        read = self.load_inputs if load is None else load
+        for u, _ in self._pipe(work, lambda u: visitor(read(u[0], u[1]))):
             if every > 1:
                 self.progress.advance(_unit_bytes(u))
             elif u[2]:

@@ -91,6 +91,9 @@ Visitor = Callable[[TensorInputs], None]
 #: at once and in no fixed order. Such a visitor must be thread-safe and should only gather
 #: results that do not depend on order (integer counts, or per-block values added exactly).
 Stream = Callable[[Visitor], None]
+#: Visits one unit's Fisher tensors only: (tensor name, the T Fisher blocks or None when the
+#: models have no Fisher files); see :attr:`ShardedStream.visit_fishers`.
+FisherVisitor = Callable[[str, Union[tuple[torch.Tensor, ...], None]], None]
 
 
 class Reducer(Protocol):
@@ -128,6 +131,9 @@ class ShardedStream:
     reduce: Reducer = LOCAL
     #: Visits every n-th unit of work (row block, or tensor) of this process's share.
     visit_sample: Callable[[Visitor, int], None] | None = None
+    #: Visits the same units as ``visit_all`` with their Fisher tensors alone: the engine then
+    #: reads no base or task model (a pass that needs curvature only reads a fraction).
+    visit_fishers: Callable[[FisherVisitor], None] | None = None
 
     def __call__(self, visitor: Visitor) -> None:
         self.visit_all(visitor)

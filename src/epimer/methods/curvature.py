@@ -5,24 +5,38 @@ Fisher-weighted average (the diagonal-metric geometry on B = I)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from epimer.errors import InputError
 from epimer.frechet import Diagonal, Geometry
-from epimer.methods.base import Stream, TensorInputs, reducer_of
+from epimer.methods.base import ShardedStream, Stream, TensorInputs, reducer_of
+
+
+def _fishers_of(method: str, name: str, fishers: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
+    if fishers is None:
+        raise InputError(
+            f"method {method!r} needs a 'fisher:' file for every model, but tensor {name!r} "
+            "has no Fisher; add 'fisher: PATH' to each entry of 'models' "
+            "(estimate one with 'epimer fisher')"
+        )
+    return fishers
 
 
 def require_fishers(method: str, x: TensorInputs) -> tuple[torch.Tensor, ...]:
     """``x.fishers``, or an InputError naming the method and tensor when there are none."""
-    if x.fishers is None:
-        raise InputError(
-            f"method {method!r} needs a 'fisher:' file for every model, but tensor {x.name!r} "
-            "has no Fisher; add 'fisher: PATH' to each entry of 'models' "
-            "(estimate one with 'epimer fisher')"
-        )
-    return x.fishers
+    return _fishers_of(method, x.name, x.fishers)
+
+
+def visit_fishers(stream: Stream, method: str, visitor: Callable[[tuple[torch.Tensor, ...]], None]) -> None:
+    """Call ``visitor`` with the T Fisher tensors of every unit of ``stream``. The engine's
+    stream then reads the Fisher files alone, not the base and task models beside them (on
+    8 BERT-base tasks: 3.5 of the 7.5 GB a full pass reads)."""
+    if isinstance(stream, ShardedStream) and stream.visit_fishers is not None:
+        stream.visit_fishers(lambda name, fishers: visitor(_fishers_of(method, name, fishers)))
+    else:
+        stream(lambda x: visitor(require_fishers(method, x)))
 
 
 def fisher_weighted_average(
@@ -59,14 +73,13 @@ def task_fisher_norms(stream: Stream, method: str, squared: bool) -> tuple[float
     parts: list[list[float]] = []  # per tensor: T sums
     count = 0
 
-    def visit(x: TensorInputs) -> None:
+    def visit(fishers: tuple[torch.Tensor, ...]) -> None:
         nonlocal count
-        fishers = require_fishers(method, x)
         parts.append([float((f.clamp(min=0).square() if squared else f.clamp(min=0)).sum(dtype=torch.float64))
                       for f in fishers])
         count += fishers[0].numel()
 
-    stream(visit)
+    visit_fishers(stream, method, visit)
     group = reducer_of(stream)
     parts = [p for share in group.all_gather(parts) for p in share]
     count = sum(group.all_gather(count))
