@@ -11,6 +11,20 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+@pytest.fixture(autouse=True)
+def _fixed_threads() -> Any:
+    """Each test starts with the same torch thread count and no `--threads auto` left on by a
+    command an earlier test ran in-process (it would change the count mid-test with the
+    machine's load, and with it the summation order that determinism tests compare)."""
+    from epimer import cores
+
+    threads = torch.get_num_threads()
+    cores.follow_load(False)
+    yield
+    cores.follow_load(False)
+    torch.set_num_threads(threads)
+
+
 #: A small "model": matrices of several shapes, a 1-D bias, a 4-D kernel, an integer buffer.
 SHAPES: dict[str, tuple[int, ...]] = {
     "embed.weight": (40, 16),
