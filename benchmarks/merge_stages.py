@@ -35,9 +35,9 @@ def merge_without_writing(config: Path, passes: list[tuple[str, float]] | None =
     if passes is not None:
         stream = run.stream
 
-        def timed(visitor, label="pass", every=1):  # type: ignore[no-untyped-def]
+        def timed(visitor, label="pass", every=1, **kw):  # type: ignore[no-untyped-def]
             start = time.perf_counter()
-            stream(visitor, label, every)
+            stream(visitor, label, every, **kw)
             passes.append((label, time.perf_counter() - start))
 
         run.stream = timed  # type: ignore[method-assign]
