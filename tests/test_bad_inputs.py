@@ -456,6 +456,11 @@ CASES: list[Case] = [
          ("c.yaml", "'scale' = 'big'", "number", "'auto'")),
     Case("config-fisher-rank-zero", lambda w, mp: merge_args(w, w.config("epimer", {"fisher_rank": 0}, fisher=True)),
          ("c.yaml", "fisher_rank", "'exact'", "greater than or equal to 1")),
+    Case("config-metric-dtype-exact", lambda w, mp: merge_args(w, w.config(
+        "epimer", {"metric_dtype": "bfloat16", "fisher_rank": "exact"}, fisher=True)),
+         ("c.yaml", "metric_dtype", "factored metric only")),
+    Case("config-metric-dtype-float16", lambda w, mp: merge_args(w, w.config(
+        "epimer", {"metric_dtype": "float16"}, fisher=True)), ("c.yaml", "metric_dtype", "'bfloat16'")),
     Case("config-negative-weight", lambda w, mp: merge_args(w, w.config(models=[
         {"model": "task_0", "weight": -1}, {"model": "task_1"}])), ("c.yaml", "weight", "greater than 0")),
     Case("config-bad-regex", lambda w, mp: merge_args(w, w.config(exclude=["(unclosed"])), ("c.yaml", "exclude")),

@@ -145,6 +145,37 @@ def test_weighted_grams_are_x_transpose_diag_w_x(chunk_bytes: int, shape: tuple[
         assert torch.allclose(got[q], x.T @ torch.diag(w[:, q]) @ x, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 500, 2**30])
+def test_bfloat16_weighted_grams_are_exact_on_values_bfloat16_holds(chunk_bytes: int) -> None:
+    """With product_dtype bfloat16, operands bfloat16 represents and products and sums it holds
+    exactly (small integers) give Xᵀ diag(w_q) X exactly, whatever the row chunks: the low
+    precision path computes the same sums as the float64 one."""
+    from epimer.curvature.metric import weighted_grams
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-1, 2, (90, 70), generator=g).float()
+    w = torch.randint(-2, 3, (90, 3), generator=g).float()
+    got = weighted_grams(x, w, chunk_bytes=chunk_bytes, product_dtype=torch.bfloat16)
+    assert got.dtype == torch.float32
+    for q in range(3):
+        assert torch.equal(got[q].double(), x.double().T @ torch.diag(w[:, q].double()) @ x.double())
+
+
+def test_bfloat16_weighted_grams_round_to_bfloat16_precision() -> None:
+    """On general values the bfloat16 products are within bfloat16's precision of the exact
+    Gram matrices, and not float32's (the low precision path is the one taken)."""
+    from epimer.curvature.metric import weighted_grams
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 96, generator=g)
+    w = torch.rand(300, 2, generator=g)
+    want = torch.stack([x.double().T @ torch.diag(w[:, q].double()) @ x.double() for q in range(2)])
+    low = weighted_grams(x, w, product_dtype=torch.bfloat16)
+    full = weighted_grams(x, w)
+    err_low, err_full = rel_err(np64(low), np64(want)), rel_err(np64(full), np64(want))
+    assert err_full < 1e-6 < 1e-4 < err_low < 1e-2
+
+
 def test_factored_metric_leaves_out_the_zero_rows_and_columns_of_f_exactly() -> None:
     """An F that is zero on whole rows and columns (an embedding's unseen tokens): the factored
     metric, computed without them, still equals the exact Bᵀ diag(vec F) B when rank(F) <= s,

@@ -387,3 +387,28 @@ def test_merge_results_are_tensor_results_with_info() -> None:
     method = get_method("epimer")
     r = method.merge(x, method.parse_params({"fisher_norm": "none"}), None)  # global needs prepare()
     assert isinstance(r, TensorResult) and set(r.info) >= {"k", "r", "fisher_rel_err"}
+
+
+def test_epimer_metric_dtype_bfloat16_moves_the_merge_by_bfloat16_round_off_only() -> None:
+    """metric_dtype bfloat16 runs the factored metrics' Gram products in bfloat16: the merged
+    update moves, but by far less than the rank-s factorisation itself moves it from the
+    exact metric; diagnose describes the same metrics."""
+    deltas, fishers, *_ = _case(23, (64, 48))
+    x = make_inputs("w", [d.float() for d in deltas], [f.float() for f in fishers], UNEVEN)
+    full = run("epimer", {"fisher_rank": 2}, [x])[0].delta
+    low = run("epimer", {"fisher_rank": 2, "metric_dtype": "bfloat16"}, [x])[0].delta
+    exact = run("epimer", {"fisher_rank": "exact"}, [x])[0].delta
+    moved = rel_err(np64(low), np64(full))
+    assert 1e-6 < moved < 1e-2
+    assert moved < rel_err(np64(full), np64(exact)) / 2
+    method = get_method("epimer")
+    params = method.parse_params({"fisher_rank": 2, "metric_dtype": "bfloat16", "fisher_norm": "none"})
+    _, _, metric = method.geometry(x, params, None)
+    assert metric.product_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("raw", [{"metric_dtype": "bfloat16", "fisher_rank": "exact"},
+                                 {"metric_dtype": "bfloat16", "metric": "projected"}])
+def test_epimer_metric_dtype_is_refused_where_no_factored_metric_is_built(raw: dict) -> None:
+    with pytest.raises(InputError, match="metric_dtype 'bfloat16' applies to the factored metric only"):
+        get_method("epimer").parse_params(raw)

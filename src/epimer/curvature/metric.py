@@ -126,14 +126,19 @@ def top_singular(fisher: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
 GRAM_CHUNK_BYTES = 32 * 2**20
 
 
-def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES) -> torch.Tensor:
+def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES,
+                   product_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``Xᵀ diag(w_q) X`` for every column w_q of ``weights`` (m, s): (s, r, r) in x's dtype.
 
     Each result is symmetric, so only its upper block triangle is computed (X's columns in 4
     blocks: 10 of the 16 block products) and mirrored: for block i and each chunk of rows,
     one matrix product ``X_c[:, i]ᵀ [diag(w_1) X_c[:, i:] … diag(w_s) X_c[:, i:]]`` serves the s
     weights at once, and no scaled copy of the whole of X is made. 1.3-1.6× faster than one
-    full product per weight on LLM layer shapes (docs/performance.md)."""
+    full product per weight on LLM layer shapes (docs/performance.md).
+
+    ``product_dtype`` (e.g. ``torch.bfloat16``): the products take their operands rounded to
+    that dtype (the matrix-product kernel accumulates in float32 and rounds each chunk's
+    product to it), and the chunks are added up in x's dtype."""
     m, r = x.shape
     s = weights.shape[1]
     nb = 4 if r >= 64 else 1
@@ -143,10 +148,14 @@ def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GR
     rows = max(1, chunk_bytes // max(1, s * r * x.element_size()))
     for start in range(0, m, rows):
         xc, wc = x[start:start + rows], weights[start:start + rows]  # (c, r), (c, s)
+        low = None if product_dtype is None else xc.to(product_dtype)
         for i, acc in enumerate(accs):
             a, b = edges[i], edges[i + 1]
             scaled = (wc[:, :, None] * xc[:, None, a:]).reshape(xc.shape[0], s * (r - a))
-            acc.addmm_(xc[:, a:b].T, scaled)
+            if low is None:
+                acc.addmm_(xc[:, a:b].T, scaled)
+            else:
+                acc.add_(low[:, a:b].T @ scaled.to(product_dtype))
     out = torch.empty(s, r, r, dtype=x.dtype, device=x.device)
     for i, acc in enumerate(accs):
         a, b = edges[i], edges[i + 1]
@@ -157,10 +166,11 @@ def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GR
 
 
 def projected_metric_factored(
-    fisher: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank: int
+    fisher: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank: int, product_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, float]:
     """``Σ_q λ_q (Uᵀ diag(p_q) U) ⊙ (Vᵀ diag(g_q) V)`` over the top-``rank`` SVD of F, without
-    jitter; returns ((r, r) in u's dtype, ‖F − F_s‖_F / ‖F‖_F).
+    jitter; returns ((r, r) in u's dtype, ‖F − F_s‖_F / ‖F‖_F). ``product_dtype``: the weighted
+    Gram matrices' products in that dtype (:func:`weighted_grams`).
 
     Exact when rank(F) <= ``rank``: Bᵀ diag(vec(p gᵀ)) B = (Uᵀ diag(p) U) ⊙ (Vᵀ diag(g) V).
     Rows and columns where F is zero (an embedding's unseen tokens) are left out before the
@@ -177,8 +187,8 @@ def projected_metric_factored(
         return torch.zeros(r, r, dtype=u.dtype, device=u.device), 0.0
     rank = min(rank, *f.shape)
     p, lam, g = top_singular(f, rank)
-    left = weighted_grams(u, p)  # (s, r, r)
-    right = weighted_grams(v, g)
+    left = weighted_grams(u, p, product_dtype=product_dtype)  # (s, r, r)
+    right = weighted_grams(v, g, product_dtype=product_dtype)
     h = torch.zeros(r, r, dtype=u.dtype, device=u.device)
     for q in range(rank):
         h.add_(left[q].mul_(right[q]), alpha=float(lam[q]))
@@ -194,6 +204,7 @@ def projected_metric(
     v: torch.Tensor,
     eps: float,
     fisher_rank: FisherRank = "exact",
+    product_dtype: torch.dtype | None = None,
 ) -> ProjectedMetric:
     """``H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` with F_t clamped at 0 (docs/method.md §3.4).
 
@@ -202,6 +213,7 @@ def projected_metric(
         u, v: the tagged basis' U⊥ (m, r) and V⊥ (n, r).
         eps: jitter relative to mean(F_t).
         fisher_rank: "exact", or s for the factored fast path.
+        product_dtype: the factored path's Gram products in this dtype (None: u's dtype).
     Returns:
         :class:`ProjectedMetric` with a float64 (r, r) matrix.
     """
@@ -209,7 +221,7 @@ def projected_metric(
     if fisher_rank == "exact":
         h, err = projected_metric_exact(f, u, v), 0.0
     else:
-        h, err = projected_metric_factored(f, u, v, int(fisher_rank))
+        h, err = projected_metric_factored(f, u, v, int(fisher_rank), product_dtype)
     h = h.to(torch.float64)
     h.diagonal().add_(fisher_jitter(f, eps))
     return ProjectedMetric(h=h, fisher_rel_err=err)
@@ -228,16 +240,18 @@ class ProjectedFisher(Metric):
     ``rank=s``: every H_t is the factored metric of F_t's own rank-s approximation, and the
     solve, the diagnostics and the reported error all use these same T matrices.
     ``fisher_rel_err`` is the largest relative error ‖F_t − F_t,s‖/‖F_t‖ over the tasks.
+    ``product_dtype`` (rank s only): the Gram products of every H_t in that dtype.
     """
 
     def __init__(self, fisher: Callable[[int], torch.Tensor], num_tasks: int, u: torch.Tensor, v: torch.Tensor,
-                 eps: float, rank: FisherRank) -> None:
+                 eps: float, rank: FisherRank, product_dtype: torch.dtype | None = None) -> None:
         self.fisher, self.num_tasks, self.u, self.v, self.eps, self.rank = fisher, num_tasks, u, v, eps, rank
+        self.product_dtype = product_dtype
         self._hs: list[torch.Tensor] | None = None
         self.fisher_rel_err = 0.0
 
     def _metric(self, t: int) -> torch.Tensor:
-        pm = projected_metric(self.fisher(t), self.u, self.v, self.eps, self.rank)
+        pm = projected_metric(self.fisher(t), self.u, self.v, self.eps, self.rank, self.product_dtype)
         self.fisher_rel_err = max(self.fisher_rel_err, pm.fisher_rel_err)
         return pm.h
 

@@ -255,8 +255,10 @@ def _param_error(err: ValidationError, raw: Mapping[str, Any]) -> str:
         text = str(e["msg"])
         return text[0].lower() + text[1:] if text else text
 
+    if not field:  # a rule between parameters (a model validator): its own message says it all
+        return str(errors[0]["msg"]).removeprefix("Value error, ")
     reasons = "; or ".join(dict.fromkeys(msg(e) for e in same)) if len(same) > 1 else msg(errors[0])
-    return f"parameter {field or 'parameters'!r} = {value!r}: {reasons}"
+    return f"parameter {field!r} = {value!r}: {reasons}"
 
 
 def weighted_sum(tensors: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
