@@ -10,7 +10,8 @@ tensors) and the seconds the T metrics took (all tensors); and how far the bfloa
 from the float32 one:
 
 - ``task s``: each F_t's own rank-s approximation (the merge's ``fisher_rank: s``);
-- ``task s bf16``: the same with the weighted Gram matrices in bfloat16;
+- ``task s bf16``: the same with the weighted Gram products in bfloat16 (``metric_dtype:
+  bfloat16``);
 - ``shared s``: one factor basis P (m, s), G (n, s) for the T Fishers of the tensor
   (:func:`projected_metrics_shared` below): 2·s Gram matrices in all instead of 2·T·s,
   combined per task through its (s, s) core Pᵀ F_t G.
@@ -112,22 +113,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
-def _bf16_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = 0) -> torch.Tensor:
-    """Xᵀ diag(w_q) X for every q with the products in bfloat16 (float32 result)."""
-    xb = x.to(torch.bfloat16)
-    scaled = (weights.T[:, :, None] * x[None]).to(torch.bfloat16)  # (s, m, r)
-    return torch.stack([(xb.T @ sq).float() for sq in scaled])
-
-
 def _per_task(rank: int, bf16: bool) -> Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    low = torch.bfloat16 if bf16 else None
+
     def build(fs: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
-        saved = M.weighted_grams
-        if bf16:
-            M.weighted_grams = _bf16_grams
-        try:
-            return [M.projected_metric_factored(f, u, v, rank)[0] for f in fs]
-        finally:
-            M.weighted_grams = saved
+        return [M.projected_metric_factored(f, u, v, rank, low)[0] for f in fs]
     return build
 
 
