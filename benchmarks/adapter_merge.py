@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from _timing import run_timed  # a sibling script (this folder is on sys.path)
 
 PROJ = {"self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("kv", "h"), "self_attn.v_proj": ("kv", "h"),
         "self_attn.o_proj": ("h", "h"), "mlp.gate_proj": ("i", "h"), "mlp.up_proj": ("i", "h"),
@@ -79,19 +80,6 @@ def build(work: Path, hidden: int, layers: int, inter: int, vocab: int, tasks: i
                     fraction=1.0, model_fingerprint=combine(per), tensor_fingerprints=per)
         del full, fisher
     (work / "done").write_text("")
-
-
-def run(cmd: list[str], threads: int) -> tuple[float, float]:
-    """Wall seconds and peak resident GB of one process."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024 / 1024
 
 
 def agreement(work: Path, method: str) -> float:
@@ -164,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {k: [] for k in cases}
     for _ in range(args.repeats):
         for key, cmd in cases.items():
-            results[key].append(run(cmd, args.threads))
+            use = run_timed(cmd, {**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            results[key].append((use.wall, use.peak_kb / 1024 / 1024))  # GiB, as in docs/_adapter_merge_1b.md
             print(key, results[key][-1], file=sys.stderr)
     lines = ["# LoRA adapters: adapter-in/adapter-out against the dense path", "",
              f"Command: `python benchmarks/adapter_merge.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",

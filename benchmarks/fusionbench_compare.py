@@ -27,11 +27,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from _timing import run_timed  # a sibling script (this folder is on sys.path)
 
 RUNNER = """
 import sys, torch
@@ -49,18 +49,6 @@ merged.save_pretrained(out)
 """
 
 METHODS = {"tsv_m": {}, "iso_c": {}, "iso_cts": {}}
-
-
-def run_timed(cmd: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (GB) of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1e6
 
 
 def tensors(folder: Path) -> dict[str, Path]:
@@ -158,7 +146,8 @@ def main() -> None:
     for r in range(args.repeats):
         for method in args.methods:
             for side, cmd in (("epimer", epimer_cmd(method)), ("FusionBench", fb_cmd(method))):
-                results.setdefault((method, side), []).append(run_timed(cmd))
+                use = run_timed(cmd)
+                results.setdefault((method, side), []).append((use.wall, use.cpu, use.peak_gb))
                 w, c, m = results[(method, side)][-1]
                 print(f"round {r + 1}: {method} {side}: {w:.1f} s wall, {c:.1f} s CPU, {m:.2f} GB", flush=True)
     load_after = os.getloadavg()

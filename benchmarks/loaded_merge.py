@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _timing import run_timed  # a sibling script (this folder is on sys.path)
 
 LOAD = """
 import sys, torch
@@ -36,18 +37,6 @@ a = torch.randn(1024, 1024)
 while True:
     a = torch.tanh(a @ a * 1e-3)
 """
-
-
-def run_timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall and CPU seconds (user + system) of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -88,7 +77,8 @@ def main() -> None:
             try:
                 if other is not None:
                     time.sleep(2.0)  # the other process at full speed before the merge starts
-                times[label].append(run_timed(merge + ["--threads", threads]))
+                use = run_timed(merge + ["--threads", threads])
+                times[label].append((use.wall, use.cpu))
             finally:
                 if other is not None:
                     other.kill()

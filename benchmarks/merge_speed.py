@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _timing import run_timed  # a sibling script (this folder is on sys.path)
 
 BUF = 16 << 20
 
@@ -104,19 +105,6 @@ def startup() -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import epimer.cli"], check=True)
     return time.perf_counter() - start
-
-
-def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one process (``wait4`` rusage)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1e6  # KB -> GB
 
 
 def fisher_files(work: Path, tasks: list[str]) -> list[Path]:
@@ -236,7 +224,8 @@ def main() -> None:
                 continue
             shutil.rmtree(out, ignore_errors=True)
             read_floor(inputs, 2)  # inputs back in the page cache whatever the last merge evicted
-            wall, peak = run_timed(cmd, env)
+            use = run_timed(cmd, env)
+            wall, peak = use.wall, use.peak_gb
             times[label].append(wall)
             peaks[label].append(peak)
             print(f"round {rep + 1}: {label}: {wall:.1f} s, {peak:.2f} GB", flush=True)
