@@ -104,3 +104,34 @@ def test_diagnose_totals_and_json(fisher_set, tmp_path: Path) -> None:
     for key in ("kappa", "kappa_rel", "V", "R", "bound", "J_flat", "J_star"):
         assert key in data["total"] and all(key in d for d in data["tensors"].values())
     assert "total (4 matrix tensors)" in res.output and "layer.0.mlp.weight" in res.output
+
+
+def test_an_indefinite_factored_metric_is_solved_bounded_and_reported(tmp_path: Path) -> None:
+    """Heavy-tailed Fishers (log-normal noise, σ = 2.5) whose rank-4 metrics sum to an
+    indefinite matrix: the merge stays of the task vectors' size, the tensor reports how many
+    directions its solve left out, and the run warns once, naming the tensor."""
+    from tests.conftest import write_folder
+
+    g = torch.Generator().manual_seed(2)
+    m = n = 256
+    taus = [torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) * 0.1 + 0.01 * torch.randn(m, n, generator=g)
+            for _ in range(4)]
+    fishers = [(torch.rand(m, 1, generator=g) + 0.05) @ (torch.rand(1, n, generator=g) + 0.05)
+               * torch.exp(2.5 * torch.randn(m, n, generator=g)) for _ in range(4)]
+    base = {"w.weight": torch.zeros(m, n)}
+    write_folder(tmp_path / "base", base)
+    models = []
+    for i, (tau, f) in enumerate(zip(taus, fishers)):
+        sd = {"w.weight": tau}
+        write_folder(tmp_path / f"t{i}", sd)
+        save_fisher(tmp_path / f"f{i}.safetensors", {"w.weight": f}, num_samples=10, estimator="empirical", seed=0,
+                    fraction=1.0, model_fingerprint=fingerprint_tensors(sd, {"w.weight": f}))
+        models.append({"model": str(tmp_path / f"t{i}"), "fisher": str(tmp_path / f"f{i}.safetensors")})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"base_model": str(tmp_path / "base"), "method": "epimer", "models": models,
+                                   "parameters": {"fisher_rank": 4, "fisher_norm": "tensor"}}))
+    report = merge_to_folder(load_config(cfg), tmp_path / "out")
+    assert report.tensors["w.weight"]["metric_dropped"] >= 1
+    assert sum("not positive definite" in w and "'w.weight'" in w for w in report.warnings) == 1
+    merged = open_checkpoint(tmp_path / "out").get("w.weight")
+    assert float(merged.norm()) < 4 * max(float(t.norm()) for t in taus)

@@ -85,6 +85,21 @@ def test_unknown_aggregator_is_refused() -> None:
         pull_weights(_weights(False), "median")  # type: ignore[arg-type]
 
 
+def test_spd_solve_leaves_out_the_directions_an_indefinite_matrix_cannot_resolve() -> None:
+    """An indefinite approximation of a PSD matrix: every eigenvalue up to |λ_min| is at the
+    approximation's noise level, and those directions get 0 (a pseudo-inverse), not b's share
+    divided by a tiny floor; the rest are solved exactly."""
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    lam = torch.tensor([1.0, 0.5, 2e-3, 9e-4, 4e-4, -1e-3], dtype=torch.float64)
+    a = q @ torch.diag(lam) @ q.T
+    b = torch.arange(1.0, 7.0, dtype=torch.float64)
+    kept = lam > 1e-3
+    want = q @ torch.where(kept, (q.T @ b) / lam, torch.zeros_like(lam))
+    got = spd_solve(a, b)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert float(got.norm()) < 2 * float(b.norm()) / 2e-3  # nothing divided by less than 2e-3
+
+
 def test_spd_solve_survives_a_slightly_indefinite_matrix() -> None:
     q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
     a = q @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5, -1e-14], dtype=torch.float64)) @ q.T

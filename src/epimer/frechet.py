@@ -129,7 +129,8 @@ class Dense(Metric):
         return lhs, rhs
 
     def solve(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        return spd_solve(lhs, rhs)
+        x, self.dropped = spd_solve_counted(lhs, rhs)
+        return x
 
     def matrices(self) -> list[torch.Tensor]:
         return self.hs
@@ -162,19 +163,31 @@ class Geometry:
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a⁻¹ b`` for symmetric positive (semi)definite ``a``, in float64.
+    """``a⁻¹ b`` for symmetric positive (semi)definite ``a``, in float64 (:func:`spd_solve_counted`)."""
+    return spd_solve_counted(a, b)[0]
 
-    Cholesky first. A metric from a rank-s approximation of F can be slightly indefinite
-    (F_s may have small negative entries); then the eigendecomposition is used with
-    eigenvalues floored at 1e-12 of the largest (the projection onto the PSD cone that the
-    paper's ``ensure_psd`` performs), so the solve never fails on round-off.
+
+def spd_solve_counted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``a⁻¹ b`` for symmetric positive (semi)definite ``a``, in float64, and the number of
+    directions left out (0 unless ``a`` is not numerically positive definite).
+
+    Cholesky first. A metric from a rank-s approximation of F (or from bfloat16 products) can
+    be indefinite: F_s may have negative entries. Then ``a`` is an approximation of a positive
+    semidefinite matrix off by at least |λ_min| (Weyl), so its eigenvalues up to that size say
+    nothing: the solve uses the eigendecomposition and leaves out (pseudo-inverse) every
+    direction whose eigenvalue is at most max(|λ_min|, 1e-12·λ_max). Dividing by a small floor
+    instead multiplied those directions' share of ``b``, which is approximation noise, by up
+    to 10¹² and made the merged update explode.
     """
     a = a.to(torch.float64)
     b = b.to(torch.float64)
     a = (a + a.T) / 2
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
-        return torch.cholesky_solve(b[:, None], chol)[:, 0]
+        return torch.cholesky_solve(b[:, None], chol)[:, 0], 0
     lam, q = torch.linalg.eigh(a)
-    floor = max(float(lam.abs().max()) * 1e-12, torch.finfo(torch.float64).tiny)
-    return q @ ((q.T @ b) / lam.clamp(min=floor))
+    top = float(lam.abs().max())
+    tol = max(-float(lam.min()), top * 1e-12, torch.finfo(torch.float64).tiny)
+    keep = lam > tol
+    coef = torch.where(keep, (q.T @ b) / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    return q @ coef, int((~keep).sum())

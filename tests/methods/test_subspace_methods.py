@@ -412,3 +412,28 @@ def test_epimer_metric_dtype_bfloat16_moves_the_merge_by_bfloat16_round_off_only
 def test_epimer_metric_dtype_is_refused_where_no_factored_metric_is_built(raw: dict) -> None:
     with pytest.raises(InputError, match="metric_dtype 'bfloat16' applies to the factored metric only"):
         get_method("epimer").parse_params(raw)
+
+
+@pytest.mark.parametrize("metric_dtype", ["float32", "bfloat16"])
+def test_epimer_stays_bounded_when_heavy_tailed_fishers_make_the_factored_metric_indefinite(metric_dtype: str) -> None:
+    """Log-normal Fisher noise with σ = 2.5 (real diagonal Fishers span many orders of
+    magnitude): the rank-4 metrics' weighted sum is indefinite here (its Cholesky fails), and the
+    merged update used to come out 10⁹ times the task vectors' size. It now stays of their size,
+    as with the exact metric."""
+    g = torch.Generator().manual_seed(2)
+    m = n = 256
+    deltas = [torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g) * 0.1 + 0.01 * torch.randn(m, n, generator=g)
+              for _ in range(4)]
+    fishers = [(torch.rand(m, 1, generator=g) + 0.05) @ (torch.rand(1, n, generator=g) + 0.05)
+               * torch.exp(2.5 * torch.randn(m, n, generator=g)) for _ in range(4)]
+    x = make_inputs("w", deltas, fishers)
+    raw = {"fisher_rank": 4, "fisher_norm": "tensor", "metric_dtype": metric_dtype}
+    method = get_method("epimer")
+    geo, _, metric = method.geometry(x, method.parse_params(raw), None)
+    lhs = sum(w * h for w, h in zip(x.weights.tolist(), metric.matrices()))
+    assert int(torch.linalg.cholesky_ex(lhs)[1]) != 0  # the case the fallback is for
+    delta = run("epimer", raw, [x])[0].delta
+    largest = max(float(d.norm()) for d in deltas)
+    exact = run("epimer", {"fisher_rank": "exact", "fisher_norm": "tensor"}, [x])[0].delta
+    assert float(delta.norm()) < 4 * largest
+    assert float(exact.norm()) < 4 * largest

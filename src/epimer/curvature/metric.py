@@ -32,7 +32,7 @@ from typing import Any, Literal, Union
 
 import torch
 
-from epimer.frechet import Metric, combine, spd_solve
+from epimer.frechet import Metric, combine, spd_solve_counted
 from epimer.basis import lift, project, svd
 
 #: ``fisher_rank``: "exact", or the rank s of the factored fast path.
@@ -284,7 +284,8 @@ class ProjectedFisher(Metric):
         return h_bar, rhs
 
     def solve(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        return spd_solve(lhs, rhs)
+        x, self.dropped = spd_solve_counted(lhs, rhs)
+        return x
 
 
 def projected_full_metric(h: torch.Tensor, divisor: float, damping: float) -> torch.Tensor:

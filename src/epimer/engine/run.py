@@ -301,9 +301,19 @@ class MergeRun:
                    f"{self.method.name}'s flattened spectrum lifts arbitrary null directions there, so their merge "
                    "depends on rounding (docs/method.md §4b)")
         else:
-            return
-        self.report.warnings.append(msg)
-        self.progress.log("warning: " + msg)
+            msg = ""
+        if msg:
+            self.report.warnings.append(msg)
+            self.progress.log("warning: " + msg)
+        dropped = {n: int(v["metric_dropped"]) for n, v in self.report.tensors.items() if v.get("metric_dropped")}
+        if dropped:
+            name, count = next(iter(dropped.items()))
+            msg = (f"{len(dropped)} tensor(s) have a summed curvature metric that is not positive definite (e.g. "
+                   f"{name!r}: {count} direction(s)): the rank-fisher_rank approximation of their Fishers is too "
+                   "coarse there, and the solve left out the directions it cannot resolve (docs/method.md §3.4); "
+                   "see fisher_rel_err in the report, raise fisher_rank or use fisher_rank: exact")
+            self.report.warnings.append(msg)
+            self.progress.log("warning: " + msg)
 
     def _record_info(self, p: TensorPlan, rows: tuple[int, int] | None, info: dict[str, float]) -> None:
         if rows is None:

@@ -345,6 +345,8 @@ class Epimer(SubspaceMethod):
         info = _basis_info(basis)
         if params.metric == "diagonal" and params.fisher_rank != "exact":
             info["fisher_rel_err"] = metric.fisher_rel_err  # type: ignore[attr-defined]
+        if getattr(metric, "dropped", 0):  # an indefinite metric: directions the solve left out
+            info["metric_dropped"] = float(metric.dropped)  # type: ignore[attr-defined]
         return TensorResult(delta, info, (basis.u, c, basis.v))
 
     def diagnose(
