@@ -6,8 +6,9 @@ projected coordinates of the real task vectors, and the exact solve
 c* = (Σ_t w_t H_t)⁻¹ Σ_t H_t c_t with H_t = Bᵀ diag(F_t) B (``fisher_rank: exact``). Then each
 variant builds the T metrics its own way and solves the same system; reported: the relative
 Frobenius error of the merged update B c* against the exact one (median and worst over the
-tensors) and the seconds the T metrics took (all tensors); and how far the bfloat16 merge lies
-from the float32 one:
+tensors), the seconds the T metrics took (all tensors) and the smallest λ_min/λ_max of the
+summed metric (negative: not positive definite, so the solve leaves directions out); and how
+far the bfloat16 merge lies from the float32 one:
 
 - ``task s``: each F_t's own rank-s approximation (the merge's ``fisher_rank: s``);
 - ``task s bf16``: the same with the weighted Gram products in bfloat16 (``metric_dtype:
@@ -156,6 +157,7 @@ def main() -> None:
     errs: dict[str, list[float]] = {k: [] for k in variants}
     secs: dict[str, float] = dict.fromkeys(variants, 0.0)
     bf16_gap: list[float] = []  # the bfloat16 merge against the float32 one at s = 4
+    conditioning: dict[str, float] = {}  # smallest λ_min / λ_max of Σ_t w_t H_t over the tensors
     for name in names:
         theta0 = base.get(name).float()
         taus = [t.get(name).float() - theta0 for t in tasks]
@@ -166,11 +168,14 @@ def main() -> None:
         coords = [project(u, v, tau).double() for tau in taus]
         eps = [1e-6 * float(f.mean()) for f in fs]
 
-        def solve(hs: list[torch.Tensor]) -> torch.Tensor:
+        def solve(hs: list[torch.Tensor], key: str | None = None) -> torch.Tensor:
             hs = [h.double() for h in hs]
             for h, e in zip(hs, eps):
                 h.diagonal().add_(e)
             lhs = sum(wt * h for wt, h in zip(w, hs))
+            if key is not None:  # how far the summed metric is from losing positive definiteness
+                lam = torch.linalg.eigvalsh(lhs)
+                conditioning[key] = min(conditioning.get(key, 1.0), float(lam[0] / lam[-1]))
             return lift(u.double(), v.double(), spd_solve(lhs, sum(h @ c for h, c in zip(hs, coords))))
 
         want = solve([M.projected_metric_exact(f, u, v) for f in fs])
@@ -179,17 +184,19 @@ def main() -> None:
             t0 = time.perf_counter()
             hs = build(fs, u, v)
             secs[key] += time.perf_counter() - t0
-            got[key] = solve(hs)
+            got[key] = solve(hs, key)
             e = _rel(got[key], want)
             errs[key].append(e)
             row.append(f"{e:.3g}")
         bf16_gap.append(_rel(got["task 4 bf16"], got["task 4"]))
         print(f"| {name} | {list(theta0.shape)} | {basis.rank} | " + " | ".join(row) + " |", flush=True)
     print()
-    print(f"| metrics | median Δ error | worst Δ error | seconds (T = {T} metrics, {len(names)} tensors) |")
-    print("|---|---:|---:|---:|")
+    print(f"| metrics | median Δ error | worst Δ error | seconds (T = {T} metrics, {len(names)} tensors) "
+          "| smallest λ_min/λ_max of Σ w_t H_t |")
+    print("|---|---:|---:|---:|---:|")
     for key in variants:
-        print(f"| {key} | {statistics.median(errs[key]):.3g} | {max(errs[key]):.3g} | {secs[key]:.2f} |")
+        print(f"| {key} | {statistics.median(errs[key]):.3g} | {max(errs[key]):.3g} | {secs[key]:.2f} "
+              f"| {conditioning[key]:.2e} |")
     print(f"\ntask 4 bf16 against task 4 (float32): median {statistics.median(bf16_gap):.3g}, "
           f"worst {max(bf16_gap):.3g} relative difference of the merged update")
     print(f"load {os.getloadavg()[0]:.2f} after")

@@ -135,3 +135,36 @@ def test_an_indefinite_factored_metric_is_solved_bounded_and_reported(tmp_path: 
     assert sum("not positive definite" in w and "'w.weight'" in w for w in report.warnings) == 1
     merged = open_checkpoint(tmp_path / "out").get("w.weight")
     assert float(merged.norm()) < 4 * max(float(t.norm()) for t in taus)
+
+
+def test_the_fisher_only_pass_reports_the_bytes_of_the_fisher_files(fisher_set) -> None:
+    """The progress of the normalising pass counts what it reads: the Fisher files' bytes of
+    every merged tensor, not the models' beside them; the merge pass counts the models'."""
+    from epimer.progress import ProgressSink
+
+    class Record(ProgressSink):
+        def __init__(self) -> None:
+            self.started: dict[str, int] = {}
+            self.advanced: dict[str, int] = {}
+            self.label = ""
+
+        def start(self, label: str, total_bytes: int, total_tensors: int) -> None:
+            self.label = label
+            self.started[label] = total_bytes
+            self.advanced[label] = 0
+
+        def advance(self, nbytes: int) -> None:
+            self.advanced[self.label] += nbytes
+
+    rec = Record()
+    report = merge_to_folder(load_config(fisher_set["config"]("epimer", {"fisher_norm": "global"})),
+                             fisher_set["root"] / "out", progress=rec)
+    from epimer.engine.run import MergeRun
+
+    run = MergeRun(load_config(fisher_set["config"]("epimer", {"fisher_norm": "global"})))
+    merged = [p.name for p in run.plan if p.action == "merge"]
+    run.close()
+    assert set(report.tensors) <= set(merged)
+    fisher_bytes = sum(4 * f[n].numel() for f in fisher_set["fisher_sds"] for n in merged)  # float32 files
+    assert rec.started["prepare (Fisher files)"] == rec.advanced["prepare (Fisher files)"] == fisher_bytes
+    assert rec.started["merge"] > fisher_bytes

@@ -392,7 +392,7 @@ def test_merge_results_are_tensor_results_with_info() -> None:
 def test_epimer_metric_dtype_bfloat16_moves_the_merge_by_bfloat16_round_off_only() -> None:
     """metric_dtype bfloat16 runs the factored metrics' Gram products in bfloat16: the merged
     update moves, but by far less than the rank-s factorisation itself moves it from the
-    exact metric; diagnose describes the same metrics."""
+    exact metric. The geometry that merge and diagnose share carries the dtype."""
     deltas, fishers, *_ = _case(23, (64, 48))
     x = make_inputs("w", [d.float() for d in deltas], [f.float() for f in fishers], UNEVEN)
     full = run("epimer", {"fisher_rank": 2}, [x])[0].delta
@@ -410,7 +410,8 @@ def test_epimer_metric_dtype_bfloat16_moves_the_merge_by_bfloat16_round_off_only
 @pytest.mark.parametrize("raw", [{"metric_dtype": "bfloat16", "fisher_rank": "exact"},
                                  {"metric_dtype": "bfloat16", "metric": "projected"}])
 def test_epimer_metric_dtype_is_refused_where_no_factored_metric_is_built(raw: dict) -> None:
-    with pytest.raises(InputError, match="metric_dtype 'bfloat16' applies to the factored metric only"):
+    clash = "fisher_rank is 'exact'" if raw.get("fisher_rank") == "exact" else "metric is 'projected'"
+    with pytest.raises(InputError, match=f"metric_dtype 'bfloat16' applies to the factored metric only.*but {clash}"):
         get_method("epimer").parse_params(raw)
 
 

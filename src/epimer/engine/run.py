@@ -207,7 +207,8 @@ class MergeRun:
 
         def fishers(v: FisherVisitor) -> None:
             self.stream(lambda fx: v(*fx), "prepare (Fisher files)",
-                        load=lambda p, rows: (p.name, self.load_fishers(p, rows)))
+                        load=lambda p, rows: (p.name, self.load_fishers(p, rows)),
+                        size=lambda p: sum(f.meta(p.name).nbytes for f in self.fishers or ()))
 
         return ShardedStream(lambda v: self.stream(v, "prepare"), len(self.tasks), self.group,
                              lambda v, every: self.stream(v, "prepare (sample)", every=every), fishers)
@@ -217,16 +218,19 @@ class MergeRun:
         return pipeline(todo, work, self.blocked, self.workers)
 
     def stream(self, visitor: Callable[[Any], None], label: str = "pass", every: int = 1,
-               load: Callable[[TensorPlan, tuple[int, int] | None], Any] | None = None) -> None:
+               load: Callable[[TensorPlan, tuple[int, int] | None], Any] | None = None,
+               size: Callable[[TensorPlan], int] | None = None) -> None:
         """Call ``visitor`` once per merged tensor, or per row block for elementwise methods
         (the ``Stream`` a method's prepare gets); ``every`` > 1 visits every ``every``-th unit
         only. Row blocks are visited from worker threads, concurrently and in no fixed order
         (see :data:`epimer.methods.base.Stream`). ``load`` reads what the visitor gets
-        (default: :meth:`load_inputs`)."""
+        (default: :meth:`load_inputs`), and ``size`` gives the bytes it reads of a tensor, for
+        the progress bar (default: every input of the tensor)."""
         todo = [p for p in self.own if p.action == "merge"]
         work = units(todo, self.blocked)[::every]
+        nbytes = size or (lambda p: p.in_bytes)
         if every == 1:  # progress counts tensors
-            self.progress.start(label, sum(p.in_bytes for p in todo), len(todo))
+            self.progress.start(label, sum(nbytes(p) for p in todo), len(todo))
         else:  # a sample: progress counts units
             self.progress.start(label, sum(_unit_bytes(u) for u in work), len(work))
         read = self.load_inputs if load is None else load
@@ -234,7 +238,7 @@ class MergeRun:
             if every > 1:
                 self.progress.advance(_unit_bytes(u))
             elif u[2]:
-                self.progress.advance(u[0].in_bytes)
+                self.progress.advance(nbytes(u[0]))
         self.progress.finish()
 
     def _delta(self, p: TensorPlan, state: Any, rows: tuple[int, int] | None,

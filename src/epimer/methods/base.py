@@ -92,7 +92,8 @@ Visitor = Callable[[TensorInputs], None]
 #: results that do not depend on order (integer counts, or per-block values added exactly).
 Stream = Callable[[Visitor], None]
 #: Visits one unit's Fisher tensors only: (tensor name, the T Fisher blocks or None when the
-#: models have no Fisher files); see :attr:`ShardedStream.visit_fishers`.
+#: models have no Fisher files), float32 on the CPU whatever the run's device; the units and
+#: threads are those of a `Stream`. See :attr:`ShardedStream.visit_fishers`.
 FisherVisitor = Callable[[str, Union[tuple[torch.Tensor, ...], None]], None]
 
 

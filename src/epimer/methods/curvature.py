@@ -70,19 +70,18 @@ def task_fisher_norms(stream: Stream, method: str, squared: bool) -> tuple[float
     Per-tensor sums are added with ``math.fsum`` (correctly rounded), so the result does not depend on how the
     tensors are split across processes.
     """
-    parts: list[list[float]] = []  # per tensor: T sums
-    count = 0
+    parts: list[list[float]] = []  # per unit: T sums
+    counts: list[int] = []  # per unit: its entries (appends are atomic: units may come from several threads)
 
     def visit(fishers: tuple[torch.Tensor, ...]) -> None:
-        nonlocal count
         parts.append([float((f.clamp(min=0).square() if squared else f.clamp(min=0)).sum(dtype=torch.float64))
                       for f in fishers])
-        count += fishers[0].numel()
+        counts.append(fishers[0].numel())
 
     visit_fishers(stream, method, visit)
     group = reducer_of(stream)
     parts = [p for share in group.all_gather(parts) for p in share]
-    count = sum(group.all_gather(count))
+    count = sum(group.all_gather(sum(counts)))
     if not parts:
         return ()
     sums = [math.fsum([p[t] for p in parts]) for t in range(len(parts[0]))]
