@@ -21,13 +21,12 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _demo_cache import add_cache_options, open_runs  # a sibling script (this folder is on sys.path)
 
 from epimer.curvature.metric import projected_metric_exact, projected_metric_factored
 from epimer.frechet import spd_solve
-from epimer.io import open_checkpoint
 from epimer.basis import lift, project, tagged_basis
 
 
@@ -37,23 +36,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get("EPIMER_CACHE", "~/.cache/epimer")).expanduser() / "bench")
-    p.add_argument("--layers", type=int, nargs="+", default=[0, 3, 5])
+    add_cache_options(p, [0, 3, 5])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--rank-fraction", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from epimer.bench.artifacts import model_dir
-
-    runs = sorted(d for d in args.cache.iterdir() if (d / "model").is_dir() and list(d.glob("fisher-*.safetensors")))
-    base = open_checkpoint(model_dir())
-    tasks = [open_checkpoint(d / "model") for d in runs]
-    fishers = [open_checkpoint(next(d.glob("fisher-*.safetensors"))) for d in runs]
-    T = len(runs)
+    demo = open_runs(args.cache, args.layers)
+    base, tasks, fishers, names = demo.base, demo.tasks, demo.fishers, demo.names
+    T = len(tasks)
     w = torch.full((T,), 1.0 / T, dtype=torch.float64)
-    names = [n for n in fishers[0].names() if n.endswith(".weight") and len(fishers[0].meta(n).shape) == 2
-             and any(f".layer.{i}." in n for i in args.layers)]
     print(f"{T} fine-tuned encoders with Fisher files under {args.cache}; rank_fraction {args.rank_fraction}, "
           f"{args.threads} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}")
     cols = " | ".join(f"Δ err mean s={s} | Δ err per-task s={s}" for s in args.ranks)

@@ -28,14 +28,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
+from _demo_cache import add_cache_options, open_runs  # a sibling script (this folder is on sys.path)
 
 from epimer.basis import lift, project, svd, tagged_basis
 from epimer.curvature import metric as M
 from epimer.frechet import spd_solve
-from epimer.io import open_checkpoint
 
 
 def _range(apply: Callable[[torch.Tensor], torch.Tensor], apply_t: Callable[[torch.Tensor], torch.Tensor],
@@ -130,25 +129,17 @@ def _shared(rank: int) -> Callable[[list[torch.Tensor], torch.Tensor, torch.Tens
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", type=Path,
-                   default=Path(os.environ.get("EPIMER_CACHE", "~/.cache/epimer")).expanduser() / "bench")
-    p.add_argument("--layers", type=int, nargs="+", default=[0, 3, 5])
+    add_cache_options(p, [0, 3, 5])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from epimer.bench.artifacts import model_dir
-
-    runs = sorted(d for d in args.cache.iterdir() if (d / "model").is_dir() and list(d.glob("fisher-*.safetensors")))
-    base = open_checkpoint(model_dir())
-    tasks = [open_checkpoint(d / "model") for d in runs]
-    fishers = [open_checkpoint(next(d.glob("fisher-*.safetensors"))) for d in runs]
-    T = len(runs)
+    demo = open_runs(args.cache, args.layers)
+    base, tasks, fishers, names = demo.base, demo.tasks, demo.fishers, demo.names
+    T = len(tasks)
     w = [1.0 / T] * T
     variants = {f"task {s}": _per_task(s, False) for s in (1, 2, 4)}
     variants["task 4 bf16"] = _per_task(4, True)
     variants.update({f"shared {s}": _shared(s) for s in (T, 2 * T, 4 * T)})
-    names = [n for n in fishers[0].names() if n.endswith(".weight") and len(fishers[0].meta(n).shape) == 2
-             and any(f".layer.{i}." in n for i in args.layers)]
     load = os.getloadavg()[0]
     print(f"{T} fine-tuned encoders with Fisher files under {args.cache}; rank_fraction 1, {args.threads} threads, "
           f"torch {torch.__version__}, {platform.machine()}, load {load:.2f} before")

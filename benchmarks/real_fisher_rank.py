@@ -14,35 +14,25 @@ encoder layers (384 x 384, 1536 x 384, 384 x 1536).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from pathlib import Path
 
 import torch
+from _demo_cache import add_cache_options, open_runs  # a sibling script (this folder is on sys.path)
 
 from epimer.curvature.metric import projected_metric_exact, projected_metric_factored
-from epimer.io import open_checkpoint
 from epimer.basis import tagged_basis
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get("EPIMER_CACHE", "~/.cache/epimer")).expanduser() / "bench")
+    add_cache_options(p, [0, 5])
     p.add_argument("--base", type=Path, default=None, help="pretrained model folder (default: the cached MiniLM)")
-    p.add_argument("--layers", type=int, nargs="+", default=[0, 5])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16])
     args = p.parse_args()
-    if args.base is None:
-        from epimer.bench.artifacts import model_dir
-        args.base = model_dir()
-    runs = sorted(d for d in args.cache.iterdir() if (d / "model").is_dir() and list(d.glob("fisher-*.safetensors")))
-    base = open_checkpoint(args.base)
-    tasks = [open_checkpoint(d / "model") for d in runs]
-    fishers = [open_checkpoint(next(d.glob("fisher-*.safetensors"))) for d in runs]
-    print(f"{len(runs)} fine-tuned encoders with Fisher files under {args.cache}")
-    names = [n for n in fishers[0].names()
-             if n.endswith(".weight") and len(fishers[0].meta(n).shape) == 2
-             and any(f".layer.{i}." in n for i in args.layers)]
+    demo = open_runs(args.cache, args.layers, args.base)
+    base, tasks, fishers, names = demo.base, demo.tasks, demo.fishers, demo.names
+    print(f"{len(tasks)} fine-tuned encoders with Fisher files under {args.cache}")
     print("| tensor | shape | r | " + " | ".join(f"F err s={s} | H err s={s}" for s in args.ranks) + " |")
     print("|---|---|---:|" + "---:|---:|" * len(args.ranks))
     errs: dict[int, list[tuple[float, float]]] = {s: [] for s in args.ranks}

@@ -288,34 +288,34 @@ class MergeRun:
         )
 
     def warn_ill_posed(self) -> None:
-        """One warning when the subspace method's merge of some tensors depends on rounding:
-        task updates of lower rank than the directions kept per task (TSV-M, EpiMer), or a
-        rank-deficient sum under a flattened spectrum (Iso-C); docs/method.md §4b."""
-        tasks = {n: int(v["rank_deficient_tasks"]) for n, v in self.report.tensors.items()
-                 if v.get("rank_deficient_tasks")}
-        sums = [n for n, v in self.report.tensors.items() if v.get("rank_deficient_sum")]
+        """One warning each when the subspace method's merge of some tensors depends on
+        rounding: task updates of lower rank than the directions kept per task (TSV-M, EpiMer),
+        or a rank-deficient sum under a flattened spectrum (Iso-C), docs/method.md §4b; and when
+        EpiMer's summed metric was not positive definite, so its solve left directions out
+        (docs/method.md §3.4)."""
+        tensors = self.report.tensors
+        tasks = {n: int(v["rank_deficient_tasks"]) for n, v in tensors.items() if v.get("rank_deficient_tasks")}
+        sums = [n for n, v in tensors.items() if v.get("rank_deficient_sum")]
+        dropped = {n: int(v["metric_dropped"]) for n, v in tensors.items() if v.get("metric_dropped")}
+        msgs = []
         if tasks:
             name, count = next(iter(tasks.items()))
-            msg = (f"{len(tasks)} tensor(s) have task updates of lower rank than the {self.method.name} directions "
-                   f"kept per task (e.g. {name!r}: {count} of {len(self.tasks)} tasks), so their merge depends on "
-                   "rounding (docs/method.md §4b); lower rank_fraction (LoRA updates: at most rank x tasks / "
-                   "min(m, n))")
+            msgs.append(f"{len(tasks)} tensor(s) have task updates of lower rank than the {self.method.name} "
+                        f"directions kept per task (e.g. {name!r}: {count} of {len(self.tasks)} tasks), so their "
+                        "merge depends on rounding (docs/method.md §4b); lower rank_fraction (LoRA updates: at most "
+                        "rank x tasks / min(m, n))")
         elif sums:
-            msg = (f"{len(sums)} tensor(s) have a rank-deficient sum of task updates (e.g. {sums[0]!r}); "
-                   f"{self.method.name}'s flattened spectrum lifts arbitrary null directions there, so their merge "
-                   "depends on rounding (docs/method.md §4b)")
-        else:
-            msg = ""
-        if msg:
-            self.report.warnings.append(msg)
-            self.progress.log("warning: " + msg)
-        dropped = {n: int(v["metric_dropped"]) for n, v in self.report.tensors.items() if v.get("metric_dropped")}
+            msgs.append(f"{len(sums)} tensor(s) have a rank-deficient sum of task updates (e.g. {sums[0]!r}); "
+                        f"{self.method.name}'s flattened spectrum lifts arbitrary null directions there, so their "
+                        "merge depends on rounding (docs/method.md §4b)")
         if dropped:
             name, count = next(iter(dropped.items()))
-            msg = (f"{len(dropped)} tensor(s) have a summed curvature metric that is not positive definite (e.g. "
-                   f"{name!r}: {count} direction(s)): the rank-fisher_rank approximation of their Fishers is too "
-                   "coarse there, and the solve left out the directions it cannot resolve (docs/method.md §3.4); "
-                   "see fisher_rel_err in the report, raise fisher_rank or use fisher_rank: exact")
+            msgs.append(f"{len(dropped)} tensor(s) have a summed curvature metric that is not positive definite "
+                        f"(e.g. {name!r}: {count} direction(s)): the rank-fisher_rank approximation of their Fishers "
+                        "is too coarse there, and the solve left out the directions it cannot resolve "
+                        "(docs/method.md §3.4); see fisher_rel_err in the report, raise fisher_rank or use "
+                        "fisher_rank: exact")
+        for msg in msgs:
             self.report.warnings.append(msg)
             self.progress.log("warning: " + msg)
 
