@@ -447,7 +447,8 @@ def _run_method(
 
 # A method's row costs a merge and a scale sweep of forward passes, so rows are cached too: an
 # interrupted run resumes at the first method it had not finished.
-ROW_VERSION = 2  # 2: epimer with an integer fisher_rank solves with per-task metrics; projected rows
+ROW_VERSION = 3  # 2: epimer with an integer fisher_rank solves with per-task metrics; projected rows;
+#                 3: an indefinite summed metric leaves its unresolved directions out (spd_solve)
 
 
 def _row_key(config: BenchConfig, seed: int, ctx: _SeedContext, spec: MethodSpec) -> str:
