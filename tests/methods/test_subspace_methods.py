@@ -433,7 +433,10 @@ def test_epimer_stays_bounded_when_heavy_tailed_fishers_make_the_factored_metric
     geo, _, metric = method.geometry(x, method.parse_params(raw), None)
     lhs = sum(w * h for w, h in zip(x.weights.tolist(), metric.matrices()))
     assert int(torch.linalg.cholesky_ex(lhs)[1]) != 0  # the case the fallback is for
-    delta = run("epimer", raw, [x])[0].delta
+    merged = run("epimer", raw, [x])[0]
+    delta = merged.delta
+    assert merged.info["metric_dropped"] >= 1
+    assert method.diagnose(x, method.parse_params({**raw}), None)["metric_dropped"] == merged.info["metric_dropped"]
     largest = max(float(d.norm()) for d in deltas)
     exact = run("epimer", {"fisher_rank": "exact", "fisher_norm": "tensor"}, [x])[0].delta
     assert float(delta.norm()) < 4 * largest

@@ -366,5 +366,7 @@ class Epimer(SubspaceMethod):
         fishers = require_fishers(self.name, x)
         divisors = self._divisors(fishers, params, state)
         normalised = [f.clamp(min=0).div_(d) for f, d in zip(fishers, divisors)]
-        return {**tensor_diagnostics(geo, c, x.deltas, normalised, basis.u, basis.v, x.weights),
-                **_basis_info(basis)}
+        out = {**tensor_diagnostics(geo, c, x.deltas, normalised, basis.u, basis.v, x.weights), **_basis_info(basis)}
+        if getattr(metric, "dropped", 0):  # the merge's solve left directions out (see merge_matrix)
+            out["metric_dropped"] = float(metric.dropped)  # type: ignore[attr-defined]
+        return out
