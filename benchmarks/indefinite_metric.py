@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference: the method harness
 from tests.reference import make_inputs, run  # noqa: E402
 
-import epimer.curvature.metric as metric  # noqa: E402
+import epimer.frechet as frechet  # noqa: E402
 
 
 def case(seed: int, sigma: float, m: int = 256, n: int = 256, tasks: int = 4) -> tuple[list, list]:
@@ -62,12 +62,12 @@ def main() -> None:
         x = make_inputs("w", deltas, fishers)
         exact = run("epimer", {"fisher_rank": "exact", "fisher_norm": "tensor"}, [x])[0].delta
         now = run("epimer", raw, [x])[0]
-        saved = metric.spd_solve_counted
-        metric.spd_solve_counted = floored  # the factored metric's solve, as it was
+        saved = frechet.spd_solve_counted
+        frechet.spd_solve_counted = floored  # the dense metrics' solve, as it was
         try:
             before = run("epimer", raw, [x])[0].delta
         finally:
-            metric.spd_solve_counted = saved
+            frechet.spd_solve_counted = saved
         print(f"| {seed} | {max(float(d.norm()) for d in deltas):.1f} | {float(exact.norm()):.1f} | "
               f"{float(now.delta.norm()):.1f} | {int(now.info.get('metric_dropped', 0))} | {float(before.norm()):.3g} |")
 

@@ -64,6 +64,10 @@ def combine(tensors: Sequence[torch.Tensor], factors: Sequence[float]) -> torch.
 class Metric(ABC):
     """The metrics H_1..H_T of one tensor, in the coordinates of its geometry."""
 
+    #: Directions the last :meth:`solve` left out because Σ_t w_t H_t was not positive
+    #: definite (dense metrics, :func:`spd_solve_counted`); 0 otherwise.
+    dropped: int = 0
+
     @abstractmethod
     def system(self, coords: Sequence[torch.Tensor], weights: torch.Tensor, pull: Sequence[float]) -> tuple[Any, Any]:
         """(Σ_t w_t H_t, Σ_t a_t H_t c_t) in whatever form :meth:`solve` takes."""
@@ -117,7 +121,16 @@ class Diagonal(Metric):
         return rhs / lhs
 
 
-class Dense(Metric):
+class DenseSolve(Metric):
+    """A metric whose sum Σ_t w_t H_t is an (r, r) matrix: solved by :func:`spd_solve_counted`,
+    which records in ``dropped`` the directions it left out."""
+
+    def solve(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        x, self.dropped = spd_solve_counted(lhs, rhs)
+        return x
+
+
+class Dense(DenseSolve):
     """Explicit symmetric positive definite (r, r) matrices H_t, solved in float64."""
 
     def __init__(self, hs: Sequence[torch.Tensor]) -> None:
@@ -127,10 +140,6 @@ class Dense(Metric):
         lhs = combine(self.hs, weights.tolist())
         rhs = combine([h @ c.to(torch.float64) for h, c in zip(self.hs, coords, strict=True)], pull)
         return lhs, rhs
-
-    def solve(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        x, self.dropped = spd_solve_counted(lhs, rhs)
-        return x
 
     def matrices(self) -> list[torch.Tensor]:
         return self.hs

@@ -32,7 +32,7 @@ from typing import Any, Literal, Union
 
 import torch
 
-from epimer.frechet import Metric, combine, spd_solve_counted
+from epimer.frechet import DenseSolve, combine
 from epimer.basis import lift, project, svd
 
 #: ``fisher_rank``: "exact", or the rank s of the factored fast path.
@@ -227,7 +227,7 @@ def projected_metric(
     return ProjectedMetric(h=h, fisher_rel_err=err)
 
 
-class ProjectedFisher(Metric):
+class ProjectedFisher(DenseSolve):
     """EpiMer's metric (docs/method.md §3.4): ``H_t = Bᵀ diag(vec F_t) B + eps·mean(F_t)·I`` on
     the tagged basis (U⊥, V⊥), from each task's diagonal Fisher ``fisher(t)`` (clamped and
     normalised by the caller, built on demand).
@@ -282,11 +282,6 @@ class ProjectedFisher(Metric):
         h_bar = projected_metric_exact(f_bar, u, v).to(torch.float64)
         h_bar.diagonal().add_(jitter)
         return h_bar, rhs
-
-    def solve(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        x, self.dropped = spd_solve_counted(lhs, rhs)
-        return x
-
 
 def projected_full_metric(h: torch.Tensor, divisor: float, damping: float) -> torch.Tensor:
     """``H_t = Bᵀ F_t B / d_t + damping · (tr/r) · I`` from an estimated projected metric (r, r),
