@@ -130,10 +130,11 @@ def test_factored_error_on_a_kfac_like_fisher_is_small() -> None:
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 500, 20000, 2**30])
-@pytest.mark.parametrize("shape", [(13, 5), (70, 66), (90, 131)])
+@pytest.mark.parametrize("shape", [(13, 5), (70, 66), (90, 131), (40, 259)])
 def test_weighted_grams_are_x_transpose_diag_w_x(chunk_bytes: int, shape: tuple[int, int]) -> None:
     """Each (r, r) slice is Xᵀ diag(w_q) X, whatever the row chunk (one row, uneven chunks, all)
-    and whether the upper block triangle is computed in one block (r < 64) or four (uneven)."""
+    and whether the upper block triangle is computed in one block (r < 64), four (uneven) or
+    eight (r >= 256, uneven)."""
     from epimer.curvature.metric import weighted_grams
 
     g = torch.Generator().manual_seed(4)

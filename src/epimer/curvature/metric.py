@@ -130,36 +130,41 @@ def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GR
                    product_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``Xᵀ diag(w_q) X`` for every column w_q of ``weights`` (m, s): (s, r, r) in x's dtype.
 
-    Each result is symmetric, so only its upper block triangle is computed (X's columns in 4
-    blocks: 10 of the 16 block products) and mirrored: for block i and each chunk of rows,
-    one matrix product ``X_c[:, i]ᵀ [diag(w_1) X_c[:, i:] … diag(w_s) X_c[:, i:]]`` serves the s
-    weights at once, and no scaled copy of the whole of X is made. 1.3-1.6× faster than one
-    full product per weight on LLM layer shapes (docs/performance.md).
+    Each result is symmetric, so only its upper block triangle is computed (X's columns in 8
+    blocks: 36 of the 64 block products) and mirrored. For block i and each chunk of rows, one
+    matrix product ``[diag(w_1) X_c[:, i] … diag(w_s) X_c[:, i]]ᵀ X_c[:, i:]`` serves the s
+    weights at once: only the block's own columns are scaled (s·r numbers per row in all, not
+    s·r per block), and the right operand is X itself, never copied. About 1.5× faster than
+    scaling the right operand, and 2-2.5× faster than one full product per weight, on LLM
+    layer shapes (docs/performance.md).
 
     ``product_dtype`` (e.g. ``torch.bfloat16``): the products take their operands rounded to
     that dtype (the matrix-product kernel accumulates in float32 and rounds each chunk's
     product to it), and the chunks are added up in x's dtype."""
     m, r = x.shape
     s = weights.shape[1]
-    nb = 4 if r >= 64 else 1
+    nb = 8 if r >= 256 else 4 if r >= 64 else 1
     edges = [r * i // nb for i in range(nb + 1)]
-    accs = [torch.zeros(edges[i + 1] - edges[i], s * (r - edges[i]), dtype=x.dtype, device=x.device)
+    low_dtype = x.dtype if product_dtype is None else product_dtype
+    accs = [torch.zeros(s * (edges[i + 1] - edges[i]), r - edges[i], dtype=x.dtype, device=x.device)
             for i in range(nb)]
     rows = max(1, chunk_bytes // max(1, s * r * x.element_size()))
     for start in range(0, m, rows):
         xc, wc = x[start:start + rows], weights[start:start + rows]  # (c, r), (c, s)
-        low = None if product_dtype is None else xc.to(product_dtype)
+        right = xc.to(low_dtype)
         for i, acc in enumerate(accs):
             a, b = edges[i], edges[i + 1]
-            scaled = (wc[:, :, None] * xc[:, None, a:]).reshape(xc.shape[0], s * (r - a))
-            if low is None:
-                acc.addmm_(xc[:, a:b].T, scaled)
+            left = torch.empty(xc.shape[0], s, b - a, dtype=low_dtype, device=x.device)
+            torch.mul(wc[:, :, None], xc[:, None, a:b], out=left)  # rounded once, if at all
+            left = left.view(xc.shape[0], s * (b - a))
+            if product_dtype is None:
+                acc.addmm_(left.T, right[:, a:])
             else:
-                acc.add_(low[:, a:b].T @ scaled.to(product_dtype))
+                acc.add_(left.T @ right[:, a:])
     out = torch.empty(s, r, r, dtype=x.dtype, device=x.device)
     for i, acc in enumerate(accs):
         a, b = edges[i], edges[i + 1]
-        block = acc.view(b - a, s, r - a).transpose(0, 1)  # (s, b - a, r - a): rows a..b, columns a..r
+        block = acc.view(s, b - a, r - a)  # rows a..b, columns a..r of each of the s matrices
         out[:, a:b, a:] = block
         out[:, a:, a:b] = block.transpose(1, 2)  # the mirror (and the diagonal block, transposed)
     return out
