@@ -109,10 +109,23 @@ def test_svd_precision_follows_the_input() -> None:
     assert tagged_basis(deltas).u.dtype == torch.float32
 
 
-def test_zero_task_vectors_give_zero_singular_values() -> None:
+def test_zero_task_vectors_give_zero_singular_values(monkeypatch) -> None:
+    """A tensor no task changed: the first r coordinate axes, zero singular values, every task
+    deficient, and no SVD taken (LAPACK's would be of zero matrices); one non-zero task
+    vector takes the SVD route again."""
+    import epimer.basis as basis_module
+
+    calls = []
+    real_svd = basis_module.svd
+    monkeypatch.setattr(basis_module, "svd", lambda x: calls.append(x.shape) or real_svd(x))
     basis = tagged_basis([torch.zeros(6, 5), torch.zeros(6, 5)])
-    assert torch.all(basis.s == 0)
-    assert torch.allclose(basis.u.T @ basis.u, torch.eye(basis.rank), atol=1e-5)
+    assert calls == []
+    assert torch.all(basis.s == 0) and basis.rank == 4 and basis.k == 2 and basis.deficient == 2
+    assert torch.equal(basis.u, torch.eye(6, 4)) and torch.equal(basis.v, torch.eye(5, 4))
+    assert basis.owner.tolist() == [0, 0, 1, 1]
+    one = tagged_basis([torch.zeros(6, 5), torch.outer(torch.arange(6.0), torch.ones(5))])
+    assert one.deficient == 2 and float(one.s.max()) > 0  # rank 1 < k for both tasks
+    assert torch.allclose(one.u.T @ one.u, torch.eye(one.rank), atol=1e-5)
 
 
 def test_svd_of_product_and_the_basis_from_factors() -> None:

@@ -49,13 +49,18 @@ def test_chunking_does_not_change_the_metric(chunk_bytes: int) -> None:
     assert torch.equal(chunked, chunked.T)
 
 
-def test_negative_fisher_entries_are_clamped() -> None:
+@pytest.mark.parametrize("fisher_rank", ["exact", 2])
+def test_negative_fisher_entries_are_clamped(fisher_rank) -> None:
+    """Whole rows of negative entries count as zero rows (left out of the factorisation), as in
+    the clamped Fisher; the input is not modified."""
     basis, fishers = _basis(3)
     f = fishers[0].clone()
     f[::2] = -1.0
-    got = projected_metric(f, basis.u, basis.v, 1e-6, "exact").h
-    want = projected_metric(f.clamp(min=0), basis.u, basis.v, 1e-6, "exact").h
-    assert torch.equal(got, want)
+    before = f.clone()
+    got = projected_metric(f, basis.u, basis.v, 1e-6, fisher_rank)
+    want = projected_metric(f.clamp(min=0), basis.u, basis.v, 1e-6, fisher_rank)
+    assert torch.equal(got.h, want.h) and got.fisher_rel_err == want.fisher_rel_err
+    assert torch.equal(f, before)
 
 
 def test_jitter_is_relative_to_the_mean_fisher() -> None:

@@ -224,6 +224,13 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
     num_tasks = len(deltas)
     k = per_task_rank(m, n, num_tasks, rank_fraction)
     dtype = compute_dtype(deltas[0])
+    owner = torch.arange(num_tasks, device=deltas[0].device).repeat_interleave(k)  # (r,)
+    if not any(bool(d.any()) for d in deltas):
+        # No task changed this tensor: every orthonormal basis spans its (zero) updates equally
+        # well, so take the first r coordinate axes rather than the SVDs of zero matrices.
+        r, device = num_tasks * k, deltas[0].device
+        return TaggedBasis(u=torch.eye(m, r, dtype=dtype, device=device), v=torch.eye(n, r, dtype=dtype, device=device),
+                           s=torch.zeros(r, dtype=dtype, device=device), owner=owner, k=k, deficient=num_tasks)
     us, ss, vs = [], [], []
     deficient = 0
     for t, tau in enumerate(deltas):
@@ -236,7 +243,6 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
         us.append(u_t[:, :k])  # (m, k)
         ss.append(s_t[:k])  # (k,)
         vs.append(vh_t[:k].T)  # (n, k)
-    owner = torch.arange(num_tasks, device=ss[0].device).repeat_interleave(k)  # (r,)
     return TaggedBasis(
         u=polar(torch.cat(us, dim=1)),  # (m, r)
         v=polar(torch.cat(vs, dim=1)),  # (n, r)
