@@ -17,6 +17,7 @@ from epimer.diagnostics import auto_scale_terms
 from epimer.engine import diagnose, merge_state_dicts, merge_to_folder
 from epimer.fingerprint import fingerprint_tensors
 from epimer.io import open_checkpoint
+from epimer.progress import ProgressSink
 
 
 @pytest.fixture
@@ -168,3 +169,52 @@ def test_the_fisher_only_pass_reports_the_bytes_of_the_fisher_files(fisher_set) 
     fisher_bytes = sum(4 * f[n].numel() for f in fisher_set["fisher_sds"] for n in merged)  # float32 files
     assert rec.started["prepare (Fisher files)"] == rec.advanced["prepare (Fisher files)"] == fisher_bytes
     assert rec.started["merge"] > fisher_bytes
+
+
+@pytest.mark.parametrize("native, dtype, warned", [(False, "bfloat16", True), (True, "bfloat16", False),
+                                                   (None, "bfloat16", False), (False, "float32", False)])
+def test_bfloat16_metric_products_on_a_cpu_without_them_warn_before_the_work(fisher_set, tmp_path, monkeypatch,
+                                                                               native, dtype, warned) -> None:
+    """metric_dtype: bfloat16 where the CPU multiplies bfloat16 in software (measured 1.3-70×
+    slower than float32): one warning, in the report and on the console, when the run opens;
+    none where the CPU has the instructions, where that is unknown, or for float32."""
+    import epimer.curvature.metric as metric_module
+    from epimer.engine import MergeRun
+
+    monkeypatch.setattr(metric_module, "bfloat16_products_native", lambda: native)
+    logged: list[str] = []
+
+    class Sink(ProgressSink):
+        def log(self, message: str) -> None:
+            logged.append(message)
+
+    run = MergeRun(load_config(fisher_set["config"]("epimer", {"fisher_rank": 2, "metric_dtype": dtype})),
+                   progress=Sink())
+    try:
+        hits = [w for w in run.report.warnings if "metric_dtype: bfloat16" in w]
+        assert len(hits) == int(warned)
+        assert sum("metric_dtype: bfloat16" in line for line in logged) == int(warned)
+        if warned:
+            assert "float32" in hits[0] and "70x" in hits[0]
+    finally:
+        run.close()
+
+
+def test_bfloat16_products_native_reads_the_cpu_probes(monkeypatch) -> None:
+    """True only with AVX-512 BF16 or AMX and torch's AVX-512 kernels; None off x86-64 or
+    without the probes."""
+    import platform
+
+    import epimer.curvature.metric as metric_module
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for bf16, amx, capability, want in [(True, False, "AVX512", True), (False, True, "AVX512", True),
+                                        (False, False, "AVX512", False), (True, True, "AVX2", False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda v=capability: v)
+        assert metric_module.bfloat16_products_native() is want
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert metric_module.bfloat16_products_native() is None
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert metric_module.bfloat16_products_native() is None

@@ -122,6 +122,24 @@ def top_singular(fisher: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return (q @ ub[:, :rank]), lam[:rank], gh[:rank].T
 
 
+def bfloat16_products_native() -> bool | None:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX, and
+    torch's kernels allowed to use AVX-512): True or False on x86-64, None where unknown (other
+    architectures, a torch without the probes). Without them the bfloat16 Gram products of
+    ``metric_dtype: bfloat16`` are slower than float32's, 1.3× with AVX-512 and about 70× with
+    AVX2 alone (measured, docs/performance.md)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    cpu = torch.cpu
+    try:
+        hardware = bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:
+        return None
+    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 #: Working memory of one row chunk of :func:`weighted_grams` (the scaled copies of the rows).
 GRAM_CHUNK_BYTES = 32 * 2**20
 

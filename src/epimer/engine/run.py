@@ -135,6 +135,7 @@ class MergeRun:
         self.workers = max(1, torch.get_num_threads())
         if self.fishers is not None:
             check_fishers(config, self.plan, self.tasks, self.fishers, verify_fishers)
+        self._warn_slow_bfloat16()
         #: The basis file of ``metric: projected``, checked against these models and Fishers.
         self.bases = bases  # in-memory bases (Python API): the caller vouches for them
         if self.bases is None and config.basis is not None:
@@ -286,6 +287,19 @@ class MergeRun:
             "(a huge scale or weight, or values beyond the dtype's range); lower the scale, choose a wider "
             "`dtype:`, or pass --allow-nonfinite"
         )
+
+    def _warn_slow_bfloat16(self) -> None:
+        """``metric_dtype: bfloat16`` on a CPU that multiplies bfloat16 in software: one warning
+        before the work starts (the products run 1.3-70× slower than float32's there)."""
+        from epimer.curvature.metric import bfloat16_products_native
+
+        if (getattr(self.params, "metric_dtype", None) == "bfloat16" and self.device.type == "cpu"
+                and bfloat16_products_native() is False):
+            msg = ("metric_dtype: bfloat16 on a CPU without bfloat16 matrix instructions (AVX-512 BF16 or AMX): "
+                   "its products are emulated, 1.3x (AVX-512) to about 70x (AVX2) slower than float32's "
+                   "(docs/performance.md); use metric_dtype: float32 here, or --device cuda")
+            self.report.warnings.append(msg)
+            self.progress.log("warning: " + msg)
 
     def warn_ill_posed(self) -> None:
         """One warning each when the subspace method's merge of some tensors depends on
