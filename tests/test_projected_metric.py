@@ -51,16 +51,28 @@ def test_chunking_does_not_change_the_metric(chunk_bytes: int) -> None:
 
 @pytest.mark.parametrize("fisher_rank", ["exact", 2])
 def test_negative_fisher_entries_are_clamped(fisher_rank) -> None:
-    """Whole rows of negative entries count as zero rows (left out of the factorisation), as in
-    the clamped Fisher; the input is not modified."""
+    """Negative entries (here whole rows) give the metric of the clamped Fisher, whose zero rows
+    the factored path leaves out; neither a Fisher with negatives nor a non-negative one (used
+    without a copy) is modified."""
     basis, fishers = _basis(3)
     f = fishers[0].clone()
     f[::2] = -1.0
     before = f.clone()
     got = projected_metric(f, basis.u, basis.v, 1e-6, fisher_rank)
-    want = projected_metric(f.clamp(min=0), basis.u, basis.v, 1e-6, fisher_rank)
+    clamped = f.clamp(min=0)
+    want = projected_metric(clamped, basis.u, basis.v, 1e-6, fisher_rank)
     assert torch.equal(got.h, want.h) and got.fisher_rel_err == want.fisher_rel_err
-    assert torch.equal(f, before)
+    assert torch.equal(f, before) and torch.equal(clamped, before.clamp(min=0))
+
+
+def test_a_nan_in_the_fisher_is_not_dropped_with_its_row() -> None:
+    """The zero-row test of the factored path keeps a row holding a NaN (as any() would): the
+    factorisation fails loudly instead of a finite metric without that row."""
+    basis, fishers = _basis(3)
+    f = fishers[0].clone()
+    f[2, 3] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError):
+        projected_metric(f, basis.u, basis.v, 1e-6, 2)
 
 
 def test_jitter_is_relative_to_the_mean_fisher() -> None:
@@ -151,12 +163,18 @@ def test_weighted_grams_are_x_transpose_diag_w_x(chunk_bytes: int, shape: tuple[
         assert torch.allclose(got[q], x.T @ torch.diag(w[:, q]) @ x, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("chunk_bytes", [1, 500, 2**30])
-def test_bfloat16_weighted_grams_are_exact_on_values_bfloat16_holds(chunk_bytes: int) -> None:
+def test_bfloat16_weighted_grams_are_exact_on_values_bfloat16_holds(chunk_bytes: int, native: bool,
+                                                                    monkeypatch) -> None:
     """With product_dtype bfloat16, operands bfloat16 represents and products and sums it holds
     exactly (small integers) give Xᵀ diag(w_q) X exactly, whatever the row chunks: the low
-    precision path computes the same sums as the float64 one."""
+    precision path computes the same sums as the float64 one, with the CPU's bfloat16 products
+    or, without them, with float32 products of the rounded operands."""
+    import epimer.curvature.metric as metric_module
     from epimer.curvature.metric import weighted_grams
+
+    monkeypatch.setattr(metric_module, "bfloat16_products_native", lambda: native)
 
     g = torch.Generator().manual_seed(5)
     x = torch.randint(-1, 2, (90, 70), generator=g).float()
@@ -167,10 +185,15 @@ def test_bfloat16_weighted_grams_are_exact_on_values_bfloat16_holds(chunk_bytes:
         assert torch.equal(got[q].double(), x.double().T @ torch.diag(w[:, q].double()) @ x.double())
 
 
-def test_bfloat16_weighted_grams_round_to_bfloat16_precision() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_weighted_grams_round_to_bfloat16_precision(native: bool, monkeypatch) -> None:
     """On general values the bfloat16 products are within bfloat16's precision of the exact
-    Gram matrices, and not float32's (the low precision path is the one taken)."""
+    Gram matrices, and not float32's (the low precision path is the one taken), whether the
+    CPU multiplies bfloat16 itself or float32 products of the rounded operands stand in."""
+    import epimer.curvature.metric as metric_module
     from epimer.curvature.metric import weighted_grams
+
+    monkeypatch.setattr(metric_module, "bfloat16_products_native", lambda: native)
 
     g = torch.Generator().manual_seed(6)
     x = torch.randn(300, 96, generator=g)
@@ -218,3 +241,23 @@ def test_the_zero_rows_and_columns_are_left_out_before_the_randomised_factorisat
     assert seen == [(140, 120)]
     assert err < 1e-12
     assert torch.allclose(h, projected_metric_exact(f, basis.u, basis.v), rtol=1e-10, atol=1e-14)
+
+
+def test_emulated_bfloat16_products_give_the_native_numbers(monkeypatch) -> None:
+    """Without bfloat16 instructions the rounded operands are multiplied in float32 and each
+    chunk's product rounded to bfloat16: the native kernel's numbers, up to the order of its
+    float32 sums (at most one bfloat16 step apart), far closer than either is to float32's."""
+    import epimer.curvature.metric as metric_module
+    from epimer.curvature.metric import weighted_grams
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(700, 300, generator=g)
+    w = torch.rand(700, 3, generator=g)
+    monkeypatch.setattr(metric_module, "bfloat16_products_native", lambda: True)
+    native = weighted_grams(x, w, chunk_bytes=2**20, product_dtype=torch.bfloat16)
+    monkeypatch.setattr(metric_module, "bfloat16_products_native", lambda: False)
+    emulated = weighted_grams(x, w, chunk_bytes=2**20, product_dtype=torch.bfloat16)
+    full = weighted_grams(x, w, chunk_bytes=2**20)
+    gap = float(torch.linalg.norm(emulated - native) / torch.linalg.norm(native))
+    assert gap < float(torch.linalg.norm(full - native) / torch.linalg.norm(native)) / 4
+    assert float((emulated - native).abs().max()) <= 2 * 2**-8 * float(native.abs().max())

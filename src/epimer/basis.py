@@ -213,6 +213,11 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dtype: 
     return qb @ uc, s, vhc @ qa.T
 
 
+def all_zero(deltas: Sequence[torch.Tensor]) -> bool:
+    """Whether no task changed the tensor: every task vector exactly zero."""
+    return not any(bool(d.any()) for d in deltas)
+
+
 def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
                  svds: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None) -> TaggedBasis:
     """Build the per-task tagged basis of docs/method.md §3.1 from T task vectors of shape (m, n).
@@ -225,7 +230,7 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
     k = per_task_rank(m, n, num_tasks, rank_fraction)
     dtype = compute_dtype(deltas[0])
     owner = torch.arange(num_tasks, device=deltas[0].device).repeat_interleave(k)  # (r,)
-    if not any(bool(d.any()) for d in deltas):
+    if all_zero(deltas):
         # No task changed this tensor: every orthonormal basis spans its (zero) updates equally
         # well, so take the first r coordinate axes rather than the SVDs of zero matrices.
         r, device = num_tasks * k, deltas[0].device

@@ -125,9 +125,11 @@ def top_singular(fisher: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
 def bfloat16_products_native() -> bool | None:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX, and
     torch's kernels allowed to use AVX-512): True or False on x86-64, None where unknown (other
-    architectures, a torch without the probes). Without them the bfloat16 Gram products of
-    ``metric_dtype: bfloat16`` are slower than float32's, 1.3× with AVX-512 and about 70× with
-    AVX2 alone (measured, docs/performance.md)."""
+    architectures, a torch without the probes). Without them torch emulates bfloat16 matrix
+    products, slower than float32's (measured 1.2× with AVX-512, 5-80× with AVX2 alone,
+    docs/performance.md), so :func:`weighted_grams` multiplies in float32 there. The hardware
+    probes are read, and torch's own kernel level (``ATEN_CPU_CAPABILITY``); a cap on oneDNN
+    alone (``ONEDNN_MAX_CPU_ISA``) is not seen."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -135,12 +137,14 @@ def bfloat16_products_native() -> bool | None:
     cpu = torch.cpu
     try:
         hardware = bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        capability = str(torch.backends.cpu.get_cpu_capability())
     except AttributeError:
         return None
-    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return hardware and capability.startswith("AVX512")
 
 
-#: Working memory of one row chunk of :func:`weighted_grams` (the scaled copies of the rows).
+#: Rows of one chunk of :func:`weighted_grams`: s·r numbers per row of this size (its scaled
+#: blocks and transposed copy are about that much together).
 GRAM_CHUNK_BYTES = 32 * 2**20
 
 
@@ -148,30 +152,37 @@ def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GR
                    product_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``Xᵀ diag(w_q) X`` for every column w_q of ``weights`` (m, s): (s, r, r) in x's dtype.
 
-    Each result is symmetric, so only its upper block triangle is computed (X's columns in 8
-    blocks: 36 of the 64 block products) and mirrored. For block i and each chunk of rows, one
-    matrix product ``[diag(w_1) X_c[:, i] … diag(w_s) X_c[:, i]]ᵀ X_c[:, i:]`` serves the s
-    weights at once: only the block's own columns are scaled (s·r numbers per row in all, not
-    s·r per block), built transposed so that the scaling runs along the rows of the chunk (a
-    long inner loop), and the right operand is X itself, never copied. About 1.5× faster
-    than scaling the right operand, and 2-2.5× faster than one full product per weight, on LLM
-    layer shapes (docs/performance.md).
+    Each result is symmetric, so only its upper block triangle is computed and mirrored: X's
+    columns in 8 blocks when r >= 256 (36 of the 64 block products), 4 when r >= 64 (10 of 16),
+    else one. For block i and each chunk of rows, one matrix product
+    ``[diag(w_1) X_c[:, i] … diag(w_s) X_c[:, i]]ᵀ X_c[:, i:]`` serves the s weights at once:
+    only the block's own columns are scaled (s·r numbers per row in all, not s·r per block),
+    built transposed so that the scaling runs along the chunk's rows (a long inner loop), and
+    the right operand is the chunk itself (a rounded copy with ``product_dtype``). 1.2-1.7×
+    faster in float32, and 2.5-3× with bfloat16 products, than scaling the right operand per
+    block, on LLM layer shapes (docs/performance.md).
 
     ``product_dtype`` (e.g. ``torch.bfloat16``): the products take their operands rounded to
     that dtype (the matrix-product kernel accumulates in float32 and rounds each chunk's
-    product to it), and the chunks are added up in x's dtype."""
+    product to it), and the chunks are added up in x's dtype. On a CPU without bfloat16
+    matrix instructions (:func:`bfloat16_products_native`) torch's bfloat16 product is
+    emulated 5-70× slower than float32's; there the rounded operands are multiplied in x's
+    dtype instead and each chunk's product rounded to bfloat16: the same numbers (products of
+    bfloat16 values are exact in float32), at float32's speed."""
     m, r = x.shape
     s = weights.shape[1]
     nb = 8 if r >= 256 else 4 if r >= 64 else 1
     edges = [r * i // nb for i in range(nb + 1)]
     low_dtype = x.dtype if product_dtype is None else product_dtype
+    emulate = (product_dtype == torch.bfloat16 and x.device.type == "cpu"
+               and bfloat16_products_native() is False)
     accs = [torch.zeros(s * (edges[i + 1] - edges[i]), r - edges[i], dtype=x.dtype, device=x.device)
             for i in range(nb)]
     rows = max(1, chunk_bytes // max(1, s * r * x.element_size()))
     for start in range(0, m, rows):
         xc = x[start:start + rows]  # (c, r)
         xt, wt = xc.T.contiguous(), weights[start:start + rows].T.contiguous()  # (r, c), (s, c)
-        right = xc.to(low_dtype)
+        right = xc.to(low_dtype).to(x.dtype) if emulate else xc.to(low_dtype)
         for i, acc in enumerate(accs):
             a, b = edges[i], edges[i + 1]
             left = torch.empty(s, b - a, xc.shape[0], dtype=low_dtype, device=x.device)
@@ -179,6 +190,8 @@ def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GR
             left = left.view(s * (b - a), xc.shape[0])
             if product_dtype is None:
                 acc.addmm_(left, right[:, a:])
+            elif emulate:
+                acc.add_((left.to(x.dtype) @ right[:, a:]).to(product_dtype))
             else:
                 acc.add_(left @ right[:, a:])
     out = torch.empty(s, r, r, dtype=x.dtype, device=x.device)
@@ -203,12 +216,13 @@ def projected_metric_factored(
     F without them is F's own.
     """
     f = fisher.to(u.dtype)
-    rows, cols = f.amax(dim=1) > 0, f.amax(dim=0) > 0  # F >= 0; amax is ~10x faster than any
-    if not bool(rows.all()):
-        f, u = f[rows], u[rows]
-    if not bool(cols.all()):
-        f, v = f[:, cols], v[cols]
     r = u.shape[1]
+    if f.numel():  # amax != 0 is any() for F >= 0 (a NaN row kept, as any() keeps it), ~10x faster
+        rows, cols = f.amax(dim=1) != 0, f.amax(dim=0) != 0
+        if not bool(rows.all()):
+            f, u = f[rows], u[rows]
+        if not bool(cols.all()):
+            f, v = f[:, cols], v[cols]
     if f.numel() == 0:
         return torch.zeros(r, r, dtype=u.dtype, device=u.device), 0.0
     rank = min(rank, *f.shape)
@@ -244,8 +258,8 @@ def projected_metric(
         :class:`ProjectedMetric` with a float64 (r, r) matrix.
     """
     f = fisher.to(u.dtype)
-    if f.numel() and float(f.min()) < 0:  # no copy for a Fisher clamped already (the merge's)
-        f = f.clamp(min=0)
+    if f.numel() and not bool(f.min() >= 0):  # no copy of a Fisher clamped already (the merge's)
+        f = f.clamp(min=0)  # negatives to 0; a NaN stays NaN
     if fisher_rank == "exact":
         h, err = projected_metric_exact(f, u, v), 0.0
     else:

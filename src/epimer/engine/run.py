@@ -289,15 +289,16 @@ class MergeRun:
         )
 
     def _warn_slow_bfloat16(self) -> None:
-        """``metric_dtype: bfloat16`` on a CPU that multiplies bfloat16 in software: one warning
-        before the work starts (the products run 1.3-70× slower than float32's there)."""
+        """``metric_dtype: bfloat16`` on a CPU without bfloat16 matrix instructions: one warning
+        before the work starts, as it buys nothing there (its products run as float32 products
+        of the rounded operands: the same numbers, no faster)."""
         from epimer.curvature.metric import bfloat16_products_native
 
         if (getattr(self.params, "metric_dtype", None) == "bfloat16" and self.device.type == "cpu"
                 and bfloat16_products_native() is False):
             msg = ("metric_dtype: bfloat16 on a CPU without bfloat16 matrix instructions (AVX-512 BF16 or AMX): "
-                   "its products are emulated, 1.3x (AVX-512) to about 70x (AVX2) slower than float32's "
-                   "(docs/performance.md); use metric_dtype: float32 here, or --device cuda")
+                   "its products run as float32 products of bfloat16-rounded operands, the same numbers but no "
+                   "faster than float32 (docs/performance.md); use metric_dtype: float32 on this machine")
             self.report.warnings.append(msg)
             self.progress.log("warning: " + msg)
 

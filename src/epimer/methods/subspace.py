@@ -34,6 +34,7 @@ from epimer.methods.curvature import fisher_weighted_average, require_fishers, t
 from epimer.registry import register
 from epimer.basis import (
     TaggedBasis,
+    all_zero,
     compute_dtype,
     lift,
     numerical_rank,
@@ -67,7 +68,7 @@ class SubspaceMethod(MergeMethod):
     def merge(self, x: TensorInputs, params: Any, state: Any) -> torch.Tensor | TensorResult:
         if x.kind == "vector":
             return self.merge_vector(x, params, state)
-        if not any(bool(d.any()) for d in x.deltas):
+        if all_zero(x.deltas):
             # No task changed this tensor (an embedding kept frozen, a module no adapter
             # targets): every subspace method's Δ is exactly 0, whatever basis it would pick.
             return torch.zeros_like(x.deltas[0])
