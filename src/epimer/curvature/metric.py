@@ -158,9 +158,10 @@ def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GR
     ``[diag(w_1) X_c[:, i] … diag(w_s) X_c[:, i]]ᵀ X_c[:, i:]`` serves the s weights at once:
     only the block's own columns are scaled (s·r numbers per row in all, not s·r per block),
     built transposed so that the scaling runs along the chunk's rows (a long inner loop), and
-    the right operand is the chunk itself (a rounded copy with ``product_dtype``). 1.2-1.7×
-    faster in float32, and 2.5-3× with bfloat16 products, than scaling the right operand per
-    block, on LLM layer shapes (docs/performance.md).
+    the right operand is the chunk itself (a rounded copy with ``product_dtype``). 1.2× faster
+    in float32 (about the machine's float32 matrix-product rate), and 1.2-1.5× with bfloat16
+    products, than scaling the right operand per block, on LLM layer shapes
+    (docs/performance.md).
 
     ``product_dtype`` (e.g. ``torch.bfloat16``): the products take their operands rounded to
     that dtype (the matrix-product kernel accumulates in float32 and rounds each chunk's
