@@ -126,7 +126,7 @@ def bfloat16_products_native() -> bool | None:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX, and
     torch's kernels allowed to use AVX-512): True or False on x86-64, None where unknown (other
     architectures, a torch without the probes). Without them torch emulates bfloat16 matrix
-    products, slower than float32's (measured 1.2× with AVX-512, 5-80× with AVX2 alone,
+    products, slower than float32's (measured 1.2-1.4× with AVX-512, 5-85× with AVX2 alone,
     docs/performance.md), so :func:`weighted_grams` multiplies in float32 there. The hardware
     probes are read, and torch's own kernel level (``ATEN_CPU_CAPABILITY``); a cap on oneDNN
     alone (``ONEDNN_MAX_CPU_ISA``) is not seen."""
@@ -167,7 +167,7 @@ def weighted_grams(x: torch.Tensor, weights: torch.Tensor, chunk_bytes: int = GR
     that dtype (the matrix-product kernel accumulates in float32 and rounds each chunk's
     product to it), and the chunks are added up in x's dtype. On a CPU without bfloat16
     matrix instructions (:func:`bfloat16_products_native`) torch's bfloat16 product is
-    emulated 5-70× slower than float32's; there the rounded operands are multiplied in x's
+    emulated, 1.2-85× slower than float32's; there the rounded operands are multiplied in x's
     dtype instead and each chunk's product rounded to bfloat16: the same numbers (products of
     bfloat16 values are exact in float32), at float32's speed."""
     m, r = x.shape

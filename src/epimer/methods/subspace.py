@@ -237,7 +237,7 @@ class EpimerParams(ScaledParams):
         description="metric: diagonal with an integer fisher_rank only: the dtype of the weighted Gram "
         "products Uᵀ diag(p) U, Vᵀ diag(g) V that make up each H_t (float64 for float64 task vectors "
         "under float32). bfloat16, on a CPU with AVX-512 bfloat16 or AMX instructions: the metrics built "
-        "about 2× faster, the whole merge of 8 BERT-base tasks 1.1-1.15×; on a CPU without them the same "
+        "about 2× faster, the whole merge of 8 BERT-base tasks 1.1-1.25×; on a CPU without them the same "
         "numbers come from float32 products of the rounded operands, at float32's speed, with a warning. "
         "On the demo's real Fishers it moved the merged update by 0.2% (median; 0.5% at worst), against 4% "
         "for the rank-4 factorisation itself (docs/performance.md).",
