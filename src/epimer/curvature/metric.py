@@ -218,7 +218,7 @@ def projected_metric_factored(
     """
     f = fisher.to(u.dtype)
     r = u.shape[1]
-    if f.numel():  # amax != 0 is any() for F >= 0 (a NaN row kept, as any() keeps it), ~10x faster
+    if f.numel():  # amax != 0 is any() for F >= 0 (a NaN row kept, as any() keeps it), and faster
         rows, cols = f.amax(dim=1) != 0, f.amax(dim=0) != 0
         if not bool(rows.all()):
             f, u = f[rows], u[rows]
