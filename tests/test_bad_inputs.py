@@ -461,6 +461,15 @@ CASES: list[Case] = [
          ("c.yaml", "metric_dtype", "factored metric only")),
     Case("config-metric-dtype-float16", lambda w, mp: merge_args(w, w.config(
         "epimer", {"metric_dtype": "float16"}, fisher=True)), ("c.yaml", "metric_dtype", "'bfloat16'")),
+    Case("config-svd-unknown", lambda w, mp: merge_args(w, w.config("tsv_m", {"svd": "lanczos"})),
+         ("c.yaml", "svd", "'randomized'")),
+    Case("config-svd-iterations-without-randomized", lambda w, mp: merge_args(w, w.config(
+        "tsv_m", {"svd_iterations": 4})), ("c.yaml", "svd_iterations", "svd: randomized only")),
+    Case("config-svd-oversample-zero", lambda w, mp: merge_args(w, w.config(
+        "tsv_m", {"svd": "randomized", "svd_oversample": 0})), ("c.yaml", "svd_oversample", "greater than or equal to 1")),
+    Case("config-svd-randomized-projected-metric", lambda w, mp: merge_args(w, w.config(
+        "epimer", {"svd": "randomized", "metric": "projected"}, fisher=True)),
+         ("c.yaml", "svd: randomized", "basis file")),
     Case("config-negative-weight", lambda w, mp: merge_args(w, w.config(models=[
         {"model": "task_0", "weight": -1}, {"model": "task_1"}])), ("c.yaml", "weight", "greater than 0")),
     Case("config-bad-regex", lambda w, mp: merge_args(w, w.config(exclude=["(unclosed"])), ("c.yaml", "exclude")),

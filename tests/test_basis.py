@@ -295,3 +295,100 @@ def test_float32_takes_the_gram_route_and_falls_back_when_the_eigensolver_fails(
     for a, b in zip(got, want_top):
         assert torch.equal(a, b)
     assert torch.equal(basis_mod.polar_values(x)[0], p @ qh)
+
+
+# ------------------------------------------------------------------ randomized top-k triples
+
+
+def _atom_error(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, x: torch.Tensor) -> float:
+    """Largest error of the rank-one atoms u_i v_iᵀ and of the values against x's float64 SVD."""
+    u0, s0, vh0 = torch.linalg.svd(x.double(), full_matrices=False)
+    errs = [float(torch.linalg.norm(torch.outer(u[:, i].double(), vh[i].double()) - torch.outer(u0[:, i], vh0[i])))
+            for i in range(s.numel())]
+    return max(errs + [float((s.double() - s0[:s.numel()]).abs().max() / s0[0])])
+
+
+@pytest.mark.parametrize("shape", [(80, 50), (50, 80)])
+def test_randomized_top_svd_is_exact_when_the_sketch_spans_the_range(shape: tuple[int, int]) -> None:
+    """A rank-6 matrix sketched with k + oversample = 6 columns: the sketch spans its range, so
+    the randomized triples are the exact ones (float64 round-off) and the residual is 0."""
+    from epimer.basis import RandomizedSvd, randomized_top_svd
+
+    x = _spectrum_matrix(*shape, torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64), 7)
+    u, s, vh, residual = randomized_top_svd(x, 4, RandomizedSvd(oversample=2, iterations=0))
+    assert u.shape == (shape[0], 4) and s.shape == (4,) and vh.shape == (4, shape[1])
+    assert _atom_error(u, s, vh, x) < 1e-12 and residual < 1e-13
+
+
+@pytest.mark.parametrize("shape", [(200, 120), (120, 200)])
+def test_randomized_residual_falls_with_the_iterations_and_tracks_the_error(shape: tuple[int, int]) -> None:
+    """On a decaying spectrum the power iterations converge: the residual and the atoms' true
+    error fall together over eleven orders of magnitude, the error within a factor 20 of the
+    residual (by Wedin's theorem the factor grows as the gap at the k-th value closes), so the
+    reported residual tells how far the merge's basis is from the exact one."""
+    from epimer.basis import RandomizedSvd, randomized_top_svd
+
+    x = _spectrum_matrix(*shape, torch.logspace(0, -4, 120, dtype=torch.float64), 3)
+    rows = []
+    for iterations in (0, 2, 8, 30):
+        u, s, vh, residual = randomized_top_svd(x, 10, RandomizedSvd(oversample=5, iterations=iterations))
+        rows.append((residual, _atom_error(u, s, vh, x)))
+    residuals, errors = zip(*rows)
+    assert all(a > b for a, b in zip(residuals, residuals[1:])), residuals
+    assert errors[0] > 1e-3 and errors[-1] < 1e-9 and residuals[-1] < 1e-9
+    assert all(r / 2 < e < 20 * r for r, e in rows), rows
+
+
+def test_randomized_top_svd_is_deterministic_and_leaves_the_callers_random_state() -> None:
+    from epimer.basis import RandomizedSvd, randomized_top_svd
+
+    x = torch.randn(60, 40, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = randomized_top_svd(x, 5, RandomizedSvd(4, 1))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = randomized_top_svd(x, 5, RandomizedSvd(4, 1))
+    assert all(torch.equal(p, q) for p, q in zip(a[:3], b[:3])) and a[3] == b[3] and a[3] > 0
+
+
+@pytest.mark.parametrize(("m", "n", "k", "oversample", "iterations", "pays"), [
+    # the defaults on shapes timed by benchmarks/randomized_svd.py (docs/performance.md)
+    (768, 768, 96, 16, 8, True),  # 18·112·768 = 1548288 < 768·(768 + 3·768) = 2359296; 2.1x faster
+    (768, 768, 192, 16, 8, False),  # 18·208·768 = 2875392; 1.1x
+    (3072, 768, 48, 16, 8, True),  # 18·64·3072 = 3538944 < 768·(3072 + 2304) = 4128768; 1.5x
+    (768, 3072, 96, 16, 8, False),  # 18·112·3072 = 6193152; 0.9x
+    (1024, 1024, 192, 16, 8, True),  # 18·208·1024 = 3833856 < 4194304; 1.3x
+    (100, 100, 90, 16, 0, False),  # the sketch would be wider than the matrix
+    (100, 100, 83, 16, 0, True),  # 99 columns: 2·99·100 < 100·400
+    (100, 100, 84, 16, 0, False),  # 100 columns: the whole short side
+])
+def test_randomized_route_is_taken_only_where_it_needs_less_work(m: int, n: int, k: int, oversample: int,
+                                                                 iterations: int, pays: bool) -> None:
+    from epimer.basis import RandomizedSvd
+
+    assert RandomizedSvd(oversample, iterations).pays(m, n, k) is pays
+
+
+def test_tagged_basis_with_randomized_triples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Low-rank task vectors: the randomized basis equals the exact one and reports its
+    residual; where the route does not pay, or for a zero task vector, the exact triples are
+    taken (the same basis bit for bit, no residual)."""
+    from epimer import basis as basis_mod
+    from epimer.basis import RandomizedSvd
+
+    g = torch.Generator().manual_seed(4)
+    taus = [torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 30, generator=g, dtype=torch.float64)
+            for _ in range(3)]
+    exact = tagged_basis(taus, 0.1)  # k = 1
+    fast = tagged_basis(taus, 0.1, randomized=RandomizedSvd(oversample=2, iterations=1))
+    assert exact.svd_residual is None and fast.svd_residual is not None and fast.svd_residual < 1e-12
+    assert torch.allclose((fast.u * fast.s) @ fast.v.T, (exact.u * exact.s) @ exact.v.T, atol=1e-10)
+
+    calls = []
+    monkeypatch.setattr(basis_mod, "randomized_top_svd", lambda *a: calls.append(a) or pytest.fail("sketched"))
+    wide = tagged_basis(taus, 1.0, randomized=RandomizedSvd())  # k = 10: 26 columns of 30, no saving
+    assert wide.svd_residual is None and torch.equal(wide.u, tagged_basis(taus, 1.0).u)
+    monkeypatch.undo()
+    zero = [torch.zeros(40, 30, dtype=torch.float64)] + taus[1:]
+    mixed = tagged_basis(zero, 0.1, randomized=RandomizedSvd(oversample=2, iterations=1))
+    assert mixed.deficient == 1 and mixed.svd_residual is not None and not calls

@@ -321,3 +321,49 @@ def test_fisher_normalising_pass_reads_the_fisher_files_alone(method: str, raw: 
     assert calls == {"inputs": 2 * merged, "fishers": 2 * merged}
     for k in fast:
         assert torch.equal(fast[k], full[k]), k
+
+
+def test_randomized_triples_are_reported_per_tensor_and_the_config_reproduces_the_merge(model_set, tmp_path: Path) -> None:
+    """tsv_m with svd: randomized through the engine: merge_report.json gives svd_residual for
+    exactly the matrix tensors where the sketch pays, and OUT/merge_config.yaml (which states
+    every resolved option) merges to the same bytes."""
+    from epimer.basis import RandomizedSvd, per_task_rank
+
+    ms = model_set()
+    params = {"svd": "randomized", "rank_fraction": 0.2, "svd_oversample": 2, "svd_iterations": 2}
+    merge_to_folder(load_config(write_config(tmp_path / "c.yaml", ms["base"], ms["tasks"], "tsv_m", params)),
+                    tmp_path / "out")
+    tensors = json.loads((tmp_path / "out" / "merge_report.json").read_text())["tensors"]
+    route, sketched = RandomizedSvd(2, 2), 0
+    for name, info in tensors.items():
+        if "k" not in info:
+            continue
+        m, n = ms["base_sd"][name].shape
+        assert int(info["k"]) == per_task_rank(m, n, 3, 0.2)
+        pays = route.pays(m, n, int(info["k"]))
+        assert ("svd_residual" in info) is pays, name
+        sketched += pays
+    assert sketched > 0
+    merge_to_folder(load_config(tmp_path / "out" / "merge_config.yaml"), tmp_path / "again")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+
+
+def test_randomized_triples_are_summarised_on_the_console(model_set, tmp_path: Path) -> None:
+    """The CLI names the largest svd_residual and its tensor once, on stderr, without -q; it is
+    not a warning (the report's warnings stay empty)."""
+    from click.testing import CliRunner
+
+    from epimer.cli import main
+
+    ms = model_set()
+    cfg = write_config(tmp_path / "c.yaml", ms["base"], ms["tasks"], "tsv_m",
+                       {"svd": "randomized", "rank_fraction": 0.2, "svd_iterations": 0, "svd_oversample": 1})
+    result = CliRunner().invoke(main, ["merge", str(cfg), "-o", str(tmp_path / "out"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    residuals = {n: v["svd_residual"] for n, v in report["tensors"].items() if "svd_residual" in v}
+    name = max(residuals, key=residuals.__getitem__)
+    assert residuals[name] > 0 and not report.get("warnings")
+    text = " ".join(result.output.split())  # the console wraps long lines
+    assert f"svd: randomized: {len(residuals)} tensor(s)" in text
+    assert f"svd_residual {residuals[name]:.1e} ('{name}')" in text

@@ -13,7 +13,9 @@ The atoms ``A_a = u⊥_a v⊥_aᵀ`` are then orthonormal in the Frobenius inner
 every product with it goes through :func:`project` (Bᵀ vec τ) and :func:`lift` (B c).
 
 SVDs run in float32 whatever the checkpoint dtype, or in float64 when the inputs are float64
-(the reference tests ask for it that way).
+(the reference tests ask for it that way). Step 2 is exact by default; :class:`RandomizedSvd`
+asks for randomized top-k triples instead (opt-in, where they save work; their residual is
+reported).
 """
 
 from __future__ import annotations
@@ -136,6 +138,56 @@ def _top_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return u.to(x.dtype), s.to(x.dtype), w[:, :k].T.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class RandomizedSvd:
+    """Randomized top-k triples (Halko, Martinsson & Tropp 2011, ``torch.svd_lowrank``): a
+    Gaussian sketch of ``k + oversample`` columns (seed 0), ``iterations`` power iterations, each
+    re-orthonormalised, then the exact SVD of the small projected matrix (docs/method.md §3.1).
+    Cost about ``(2·iterations + 2)·m·n·(k + oversample)`` multiply-adds against the Gram route's
+    ``m·n·min(m, n)`` in float64 plus an eigendecomposition of order min(m, n)."""
+
+    oversample: int = 16
+    iterations: int = 8
+
+    def pays(self, m: int, n: int, k: int) -> bool:
+        """Whether the sketch needs less than half the exact route's work. With p = min(m, n),
+        q = k + oversample and i = iterations, the sketch costs about (2i + 2)·m·n·q
+        multiply-adds and the exact route about 2·m·n·p (the float64 Gram matrix, counted
+        double) plus 6·p³ (its eigendecomposition). The constants are rough, and the margin of
+        two separates the shapes timed on 2 cores (docs/performance.md): the sketch is taken
+        where q < p and ``(2i + 2)·q·max(m, n) < p·(max(m, n) + 3p)``, the exact route
+        elsewhere."""
+        q = k + self.oversample
+        p, big = min(m, n), max(m, n)
+        return q < p and (2 * self.iterations + 2) * q * big < p * (big + 3 * p)
+
+
+def randomized_top_svd(x: torch.Tensor, k: int, route: RandomizedSvd
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The randomized top ``k`` triples of ``x`` (m, n) by ``route`` and their relative residual
+    ``max(‖x V_k − U_k S_k‖_F, ‖xᵀ U_k − V_k S_k‖_F) / ‖s_k‖`` (S_k = diag(s_k)). Exact
+    singular triples make both terms 0. The sketch makes one of them 0 by construction (which
+    one depends on the side it sketched), and the other is what it missed, (I − QQᵀ) applied
+    to x V_k or xᵀ U_k. The sketch's seed is 0 on x's device, the caller's random state
+    untouched: the same inputs give the same triples."""
+    m, n = x.shape
+    q = min(k + route.oversample, m, n)
+    cuda = x.device.type == "cuda"
+    with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
+        if cuda:
+            with torch.cuda.device(x.device):
+                torch.cuda.manual_seed(0)
+        else:
+            torch.random.default_generator.manual_seed(0)
+        u, s, v = torch.svd_lowrank(x, q=q, niter=route.iterations)
+    u, s, v = u[:, :k], s[:k], v[:, :k]
+    norm = float(torch.linalg.vector_norm(s))
+    if norm == 0:
+        return u, s, v.T, 0.0
+    missed = max(float(torch.linalg.matrix_norm(x @ v - u * s)), float(torch.linalg.matrix_norm(x.T @ u - v * s)))
+    return u, s, v.T, missed / norm
+
+
 def polar_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The orthonormal polar factor ``P Qᵀ`` of ``x = P diag(s) Qᵀ`` (thin SVD; (m, n), the
     orthonormal matrix nearest to x in Frobenius norm) and the singular values s, descending.
@@ -178,6 +230,8 @@ class TaggedBasis:
             values (`numerical_rank`): their extra atoms are arbitrary directions of zero
             singular value, and the orthogonalisation mixes them into the others, so the merge
             of this tensor depends on rounding (docs/method.md §4b).
+        svd_residual: the largest relative residual of the randomized triples
+            (`randomized_top_svd`) over the tasks, None where every task's triples are exact.
     """
 
     u: torch.Tensor
@@ -186,6 +240,7 @@ class TaggedBasis:
     owner: torch.Tensor
     k: int
     deficient: int = 0
+    svd_residual: float | None = None
 
     @property
     def rank(self) -> int:
@@ -219,12 +274,14 @@ def all_zero(deltas: Sequence[torch.Tensor]) -> bool:
 
 
 def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
-                 svds: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None) -> TaggedBasis:
+                 svds: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None,
+                 randomized: RandomizedSvd | None = None) -> TaggedBasis:
     """Build the per-task tagged basis of docs/method.md §3.1 from T task vectors of shape (m, n).
 
     ``svds``: per task, its thin SVD when it is known already (a LoRA update's, from its
     factors: `svd_of_product`), used where it holds at least the k directions kept per task;
-    else the task vector's own SVD is computed."""
+    else the task vector's own top-k triples are computed: exactly (`top_svd`), or with
+    ``randomized`` where that route pays (`RandomizedSvd.pays`) and the task vector is not zero."""
     m, n = deltas[0].shape
     num_tasks = len(deltas)
     k = per_task_rank(m, n, num_tasks, rank_fraction)
@@ -238,10 +295,16 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
                            s=torch.zeros(r, dtype=dtype, device=device), owner=owner, k=k, deficient=num_tasks)
     us, ss, vs = [], [], []
     deficient = 0
+    sketch = randomized is not None and randomized.pays(m, n, k)
+    residual: float | None = None
     for t, tau in enumerate(deltas):
         known = svds[t] if svds is not None else None
         if known is not None and known[1].numel() >= k:
             u_t, s_t, vh_t = (x.to(dtype) for x in known)
+        elif sketch and bool(tau.any()):
+            assert randomized is not None
+            u_t, s_t, vh_t, res = randomized_top_svd(tau.to(dtype), k, randomized)
+            residual = max(residual or 0.0, res)
         else:
             u_t, s_t, vh_t = top_svd(tau.to(dtype), k)
         deficient += numerical_rank(s_t, (m, n)) < k
@@ -255,6 +318,7 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
         owner=owner,
         k=k,
         deficient=deficient,
+        svd_residual=residual,
     )
 
 

@@ -441,3 +441,45 @@ def test_epimer_stays_bounded_when_heavy_tailed_fishers_make_the_factored_metric
     exact = run("epimer", {"fisher_rank": "exact", "fisher_norm": "tensor"}, [x])[0].delta
     assert float(delta.norm()) < 4 * largest
     assert float(exact.norm()) < 4 * largest
+
+
+# ------------------------------------------------------------------ randomized top-k triples
+
+_SKETCH = {"svd": "randomized", "svd_oversample": 2, "svd_iterations": 1}
+
+
+def _low_rank_case(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Three float64 (40, 30) task vectors of rank 4 and positive Fishers."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(40, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 30, generator=g, dtype=torch.float64)
+              for _ in range(3)]
+    return deltas, [torch.rand(40, 30, generator=g, dtype=torch.float64) + 0.1 for _ in range(3)]
+
+
+def test_randomized_triples_give_the_exact_merge_where_the_sketch_spans_each_update() -> None:
+    """rank_fraction 0.4: k = 4 per task, a sketch of 4 + 2 columns spans each rank-4 update,
+    so TSV-M and EpiMer with svd: randomized equal the float64 references, with a residual of
+    round-off reported per tensor (and none for the exact route)."""
+    deltas, fishers = _low_rank_case(11)
+    d64, f64 = [np64(d) for d in deltas], [np64(f) for f in fishers]
+    x = make_inputs("w", deltas, fishers)
+    tsv = run("tsv_m", {"rank_fraction": 0.4, **_SKETCH}, [x])[0]
+    assert rel_err(np64(tsv.delta), ref_tsv_m(d64, 0.4)) < 1e-10 and tsv.info["svd_residual"] < 1e-12
+    assert "svd_residual" not in run("tsv_m", {"rank_fraction": 0.4}, [x])[0].info
+    epi = run("epimer", {"rank_fraction": 0.4, "fisher_rank": "exact", "fisher_norm": "none", **_SKETCH}, [x])[0]
+    assert rel_err(np64(epi.delta), ref_epimer(d64, f64, _w(None), rank_fraction=0.4).delta) < 1e-8
+    assert epi.info["svd_residual"] < 1e-12
+
+
+def test_randomized_triples_of_full_rank_updates_report_what_they_missed() -> None:
+    """Full-rank float32 updates with a flat spectrum and no power iteration: the sketch misses
+    part of each top-k subspace, the merge moves away from the exact one, and svd_residual says
+    by how much (same order as the merge's own relative change)."""
+    g = torch.Generator().manual_seed(12)
+    deltas = [torch.randn(60, 50, generator=g) for _ in range(3)]
+    x = make_inputs("w", deltas)
+    exact = run("tsv_m", {"rank_fraction": 0.3}, [x])[0]
+    fast = run("tsv_m", {"rank_fraction": 0.3, "svd": "randomized", "svd_iterations": 0, "svd_oversample": 3}, [x])[0]
+    moved = rel_err(np64(fast.delta), np64(exact.delta))
+    assert moved > 0.05 and fast.info["svd_residual"] > 0.05
+    assert fast.info["svd_residual"] / 10 < moved < 10 * fast.info["svd_residual"]

@@ -307,7 +307,8 @@ class MergeRun:
         rounding: task updates of lower rank than the directions kept per task (TSV-M, EpiMer),
         or a rank-deficient sum under a flattened spectrum (Iso-C), docs/method.md §4b; and when
         EpiMer's summed metric was not positive definite, so its solve left directions out
-        (docs/method.md §3.4)."""
+        (docs/method.md §3.4). With svd: randomized, one line (not a warning: the option asks for
+        approximate triples) gives the largest svd_residual."""
         tensors = self.report.tensors
         tasks = {n: int(v["rank_deficient_tasks"]) for n, v in tensors.items() if v.get("rank_deficient_tasks")}
         sums = [n for n, v in tensors.items() if v.get("rank_deficient_sum")]
@@ -333,6 +334,11 @@ class MergeRun:
         for msg in msgs:
             self.report.warnings.append(msg)
             self.progress.log("warning: " + msg)
+        residuals = {n: v["svd_residual"] for n, v in tensors.items() if "svd_residual" in v}
+        if residuals:  # svd: randomized (docs/method.md §3.1): how far its triples are from exact ones
+            name = max(residuals, key=residuals.__getitem__)
+            self.progress.log(f"svd: randomized: {len(residuals)} tensor(s) took randomized triples; largest "
+                              f"svd_residual {residuals[name]:.1e} ({name!r}), per tensor in merge_report.json")
 
     def _record_info(self, p: TensorPlan, rows: tuple[int, int] | None, info: dict[str, float]) -> None:
         if rows is None:
