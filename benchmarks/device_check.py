@@ -3,8 +3,8 @@
 A Llama-shaped base (by default the 836M layout of `make_checkpoints.py`: hidden 2048,
 intermediate 5632, 8 query / 2 key-value head groups of 256, vocabulary 32000; ``--layers`` of
 its 22 blocks, 4 by default so that the CPU side fits the budget) and three task models with
-synthetic Fishers are made in memory, then merged with `merge_state_dicts` for tsv_m and epimer
-(rank_fraction 0.25, fisher_rank 4), once with ``device="cpu"`` and once with
+synthetic Fishers are made in memory, then merged with `merge_state_dicts` for tsv_m, epimer
+(rank_fraction 0.25, fisher_rank 4) and tsv_m with ``svd: randomized``, once with ``device="cpu"`` and once with
 ``device="cuda"`` (plus one untimed warm-up on the GPU). Printed: wall time of each, the
 ratio, and the largest relative difference between the CPU and GPU merges over every tensor
 (float32 SVDs on different hardware agree to about 1e-5 of the update's scale, not bit for
@@ -58,17 +58,21 @@ def main() -> None:
     params = {"rank_fraction": 0.25}
     merge_state_dicts(base, models, "tsv_m", params, device="cuda")  # warm-up: CUDA context, kernels
     print("| method | CPU s | GPU s | CPU / GPU | max relative difference |\n|---|---:|---:|---:|---:|")
-    for method in ("tsv_m", "epimer"):
+    variants = {"tsv_m": ("tsv_m", params), "epimer": ("epimer", params),
+                # the sketch is drawn from each device's own generator, so the two sides take different
+                # sketches: their difference is the randomized triples' own error (noise task vectors)
+                "tsv_m, svd: randomized": ("tsv_m", {**params, "svd": "randomized"})}
+    for label, (method, raw) in variants.items():
         times, merged = {}, {}
         for device in ("cuda", "cpu"):
             start = time.perf_counter()
-            merged[device] = merge_state_dicts(base, models, method, params, fishers=fishers, device=device)
+            merged[device] = merge_state_dicts(base, models, method, raw, fishers=fishers, device=device)
             if device == "cuda":
                 torch.cuda.synchronize()
             times[device] = time.perf_counter() - start
         diff = max(float((merged["cuda"][k] - merged["cpu"][k]).abs().max())
                    / max(float((merged["cpu"][k] - base[k]).abs().max()), 1e-30) for k in base)
-        print(f"| {method} | {times['cpu']:.1f} | {times['cuda']:.1f} | {times['cpu'] / times['cuda']:.1f} | "
+        print(f"| {label} | {times['cpu']:.1f} | {times['cuda']:.1f} | {times['cpu'] / times['cuda']:.1f} | "
               f"{diff:.2e} |")
 
 

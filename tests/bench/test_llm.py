@@ -70,7 +70,8 @@ def _rows_loglik(model, tok, prompt: str, choice: str) -> float:
     head = tok(prompt, add_special_tokens=True)["input_ids"]
     tail = tok(" " + choice, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([head + tail])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
     return float(sum(logp[len(head) + j - 1, t] for j, t in enumerate(tail)))
 
 
@@ -156,8 +157,9 @@ def test_batch_loss_is_the_mean_of_the_fisher_per_sample_losses_and_finetuning_l
                    ("yes", "no"))
     samples = [encode_sample(s, tok, 32, "x") for s in task.samples()]
     batch = next(batches(samples, 3, 0))
-    each = [float(causal_lm_loss(model, {k: v[i] for k, v in batch.items()})) for i in range(3)]
-    assert abs(float(batch_loss(model, batch)) - sum(each) / 3) < 1e-12
+    with torch.no_grad():
+        each = [float(causal_lm_loss(model, {k: v[i] for k, v in batch.items()})) for i in range(3)]
+        assert abs(float(batch_loss(model, batch)) - sum(each) / 3) < 1e-12
     model = tiny_llama(seed=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = finetune(model, tok, task, steps=60, lr=1e-2, batch_size=3, max_length=32,
