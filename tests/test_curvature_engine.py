@@ -107,6 +107,17 @@ def test_diagnose_totals_and_json(fisher_set, tmp_path: Path) -> None:
     assert "total (4 matrix tensors)" in res.output and "layer.0.mlp.weight" in res.output
 
 
+def test_diagnose_of_a_tsv_m_config_keeps_its_svd_route(fisher_set) -> None:
+    """A tsv_m config with svd: randomized is diagnosed on the basis its merge takes: the same
+    randomized triples, so each tensor reports their residual; the exact route reports none."""
+    params = {"rank_fraction": 0.2, "svd": "randomized", "svd_oversample": 2, "svd_iterations": 2}
+    fast = diagnose(load_config(fisher_set["config"]("tsv_m", params)))["tensors"]
+    exact = diagnose(load_config(fisher_set["config"]("tsv_m", {"rank_fraction": 0.2})))["tensors"]
+    assert set(fast) == set(exact) and all(d["svd_residual"] > 0 for d in fast.values())
+    assert not any("svd_residual" in d for d in exact.values())
+    assert all(d["k"] == exact[n]["k"] for n, d in fast.items())
+
+
 def test_an_indefinite_factored_metric_is_solved_bounded_and_reported(tmp_path: Path) -> None:
     """Heavy-tailed Fishers (log-normal noise, σ = 2.5) whose rank-4 metrics sum to an
     indefinite matrix: the merge stays of the task vectors' size, the tensor reports how many

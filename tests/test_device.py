@@ -25,7 +25,7 @@ VARIANTS: list[tuple[str, dict]] = [(name, {}) for name in available_methods()] 
     ("epimer", {"fisher_rank": "exact"}), ("epimer", {"fisher_norm": "tensor", "coords": "singular"}),
     ("epimer", {"fisher_norm": "none", "aggregator": "frechet_mean", "vector_rule": "fisher"}),
     ("fisher_average", {"normalize": True}),
-    # the randomized top-k triples (k = 1, a sketch of 2 columns: 2·4 < 2·9, so it is taken)
+    # the randomized top-k triples (k = 1, a sketch of 2 columns: 4·2·12 < 9·(12 + 27), so it is taken)
     ("tsv_m", {"rank_fraction": 0.34, "svd": "randomized", "svd_oversample": 1, "svd_iterations": 1}),
     ("epimer", {"rank_fraction": 0.34, "svd": "randomized", "svd_oversample": 1, "svd_iterations": 1}),
 ]

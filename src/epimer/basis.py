@@ -140,11 +140,10 @@ def _top_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @dataclass(frozen=True)
 class RandomizedSvd:
-    """Randomized top-k triples (Halko, Martinsson & Tropp 2011, ``torch.svd_lowrank``): a
-    Gaussian sketch of ``k + oversample`` columns (seed 0), ``iterations`` power iterations, each
-    re-orthonormalised, then the exact SVD of the small projected matrix (docs/method.md §3.1).
-    Cost about ``(2·iterations + 2)·m·n·(k + oversample)`` multiply-adds against the Gram route's
-    ``m·n·min(m, n)`` in float64 plus an eigendecomposition of order min(m, n)."""
+    """Randomized top-k triples (Halko, Martinsson & Tropp 2011, Algorithms 4.4 and 5.1, the
+    algorithm of ``torch.svd_lowrank``): a Gaussian sketch of ``k + oversample`` columns,
+    ``iterations`` power iterations, each re-orthonormalised, then the exact SVD of the small
+    projected matrix (docs/method.md §3.1)."""
 
     oversample: int = 16
     iterations: int = 8
@@ -165,22 +164,29 @@ class RandomizedSvd:
 def randomized_top_svd(x: torch.Tensor, k: int, route: RandomizedSvd
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """The randomized top ``k`` triples of ``x`` (m, n) by ``route`` and their relative residual
-    ``max(‖x V_k − U_k S_k‖_F, ‖xᵀ U_k − V_k S_k‖_F) / ‖s_k‖`` (S_k = diag(s_k)). Exact
-    singular triples make both terms 0. The sketch makes one of them 0 by construction (which
-    one depends on the side it sketched), and the other is what it missed, (I − QQᵀ) applied
-    to x V_k or xᵀ U_k. The sketch's seed is 0 on x's device, the caller's random state
-    untouched: the same inputs give the same triples."""
+    ``max(‖x V_k − U_k S_k‖_F, ‖xᵀ U_k − V_k S_k‖_F) / ‖s_k‖`` (S_k = diag(s_k)).
+
+    The sketch works on the tall orientation ``a`` of x (x or xᵀ): ``Q = qr(a Ω)``, then
+    ``iterations`` times ``Q = qr(a qr(aᵀ Q))``, then the SVD of ``Qᵀ a``. Ω (short side × q) is
+    drawn from a CPU generator seeded 0 and moved to x's device, so the same inputs give the
+    same sketch on every device and the caller's random state is untouched (the numbers equal
+    ``torch.svd_lowrank``'s after ``torch.manual_seed(0)`` on the CPU).
+
+    Exact singular triples make both residual terms 0. The sketch makes one of them 0 by
+    construction (``Uᵀ a = S Vᵀ``), and the other is what it missed, ``(I − QQᵀ)`` applied to
+    ``a V_k``."""
     m, n = x.shape
+    a = x if m >= n else x.T  # (M, N), M >= N
     q = min(k + route.oversample, m, n)
-    cuda = x.device.type == "cuda"
-    with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
-        if cuda:
-            with torch.cuda.device(x.device):
-                torch.cuda.manual_seed(0)
-        else:
-            torch.random.default_generator.manual_seed(0)
-        u, s, v = torch.svd_lowrank(x, q=q, niter=route.iterations)
-    u, s, v = u[:, :k], s[:k], v[:, :k]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    omega = torch.randn(a.shape[1], q, generator=g, dtype=x.dtype, device="cpu").to(x.device)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(route.iterations):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+    ub, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    u, s, v = (basis @ ub)[:, :k], s[:k], vh[:k].T
+    if m < n:
+        u, v = v, u
     norm = float(torch.linalg.vector_norm(s))
     if norm == 0:
         return u, s, v.T, 0.0

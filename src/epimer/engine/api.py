@@ -201,8 +201,9 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
     """docs/method.md §5 per matrix tensor and in total, without writing a model.
 
     The diagnostics are those of the EpiMer geometry: with ``method: epimer`` its parameters
-    are used; with any other method, epimer's defaults (keeping ``rank_fraction`` if the
-    config sets one, so a ``tsv_m`` config is diagnosed at its own rank).
+    are used; with any other method, epimer's defaults (keeping ``rank_fraction`` and the
+    ``svd`` options if the config sets them, so a ``tsv_m`` config is diagnosed on its own
+    basis).
     """
     if checkpoints is None:
         missing = [m for m in config.models if m.fisher is None]
@@ -213,7 +214,8 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
                 f"for every model ({len(missing)} lack one); add `fisher: PATH` (estimate one with `epimer fisher`)"
             )
     if config.method != "epimer":
-        keep = {k: v for k, v in config.parameters.items() if k == "rank_fraction"}
+        basis = ("rank_fraction", "svd", "svd_oversample", "svd_iterations")
+        keep = {k: v for k, v in config.parameters.items() if k in basis}
         config = config.model_copy(update={"method": "epimer", "parameters": keep})
     run = MergeRun(config, allow_nonfinite=allow_nonfinite, progress=progress, checkpoints=checkpoints,
                    verify_fishers=checkpoints is None, device=device)
