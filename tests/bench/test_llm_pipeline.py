@@ -118,7 +118,7 @@ def test_batch_loss_is_the_mean_of_each_rows_target_loss(tiny_lm: Path) -> None:
         pos = (labels[b, 1:] != IGNORE).nonzero().squeeze(1)
         want.append(-logp[b, pos, labels[b, pos + 1]].mean())
     got = batch_loss(model, {"input_ids": ids, "labels": labels})
-    assert abs(float(got) - float(torch.stack(want).mean())) < 1e-12
+    assert abs(float(got.detach()) - float(torch.stack(want).mean().detach())) < 1e-12
 
 
 def test_batched_greedy_answers_equal_one_prompt_at_a_time(tiny_lm: Path) -> None:
