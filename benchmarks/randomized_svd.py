@@ -12,7 +12,8 @@ Three parts, each optional:
   1e-3 evenly spaced in log, or 1/i; random singular vectors), its top-k triples by the exact route (``top_svd``) and by the
   randomized one: seconds (median of ``--repeats`` after a warm-up) and the relative error of
   the rank-k part ``U_k diag(s_k) V_kᵀ`` against the exact route's.
-- ``--merge-work``: whole ``epimer merge`` processes of tsv_m on the checkpoints of
+- ``--merge-work``: whole ``epimer merge`` processes of tsv_m (or ``--merge-method iso_cts``, its
+  ``--fractions`` then being common fractions) on the checkpoints of
   ``benchmarks/make_checkpoints.py`` in that folder, exact and randomized alternating,
   ``--repeats`` rounds: wall and CPU seconds, peak memory, and the error of the merged
   updates of the largest matrix tensors against the exact merge's.
@@ -20,6 +21,7 @@ Three parts, each optional:
     python benchmarks/randomized_svd.py --cache ~/.cache/epimer/bench --fractions 0.05 0.1 0.25 1.0 --threads 2
     python benchmarks/randomized_svd.py --shapes 4096x4096 11008x4096 --ks 51 128 512 --threads 2
     python benchmarks/randomized_svd.py --merge-work /work/runs/llm125m --fractions 0.1 0.25 --repeats 3 --threads 2
+    python benchmarks/randomized_svd.py --merge-work /work/runs/llm125m --merge-method iso_cts --fractions 0.8
 """
 
 from __future__ import annotations
@@ -131,22 +133,24 @@ def whole_merges(args: argparse.Namespace) -> None:
     base = open_checkpoint(work / "base")
     sizes = {k: tuple(base.meta(k).shape) for k in base.names()}
     probes = sorted((k for k, s in sizes.items() if len(s) == 2), key=lambda k: -sizes[k][0] * sizes[k][1])[:4]
-    print(f"\nWhole `epimer merge` processes, tsv_m, {len(tasks)} task models under {work} ({args.threads} threads, "
+    method = args.merge_method
+    knob = "rank_fraction" if method == "tsv_m" else "common_fraction"
+    print(f"\nWhole `epimer merge` processes, {method}, {len(tasks)} task models under {work} ({args.threads} threads, "
           f"{args.repeats} rounds alternating); error: largest relative error of the merged update over the "
           f"{len(probes)} largest matrix tensors against the exact merge\n")
-    print("| rank_fraction | svd | wall s (runs) | CPU s | peak GB | error against exact | largest svd_residual |")
+    print(f"| {knob} | svd | wall s (runs) | CPU s | peak GB | error against exact | largest svd_residual |")
     print("|---:|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         tmpdir = Path(tmp)
         for fraction in args.fractions:
-            variants = {"exact": {"rank_fraction": fraction},
-                        "randomized": {"rank_fraction": fraction, "svd": "randomized",
+            variants = {"exact": {knob: fraction},
+                        "randomized": {knob: fraction, "svd": "randomized",
                                        "svd_oversample": args.oversample, "svd_iterations": args.iterations}}
             usage: dict[str, list] = {v: [] for v in variants}
             for _ in range(args.repeats):
                 for name, params in variants.items():
                     cfg = tmpdir / f"{name}.yaml"
-                    cfg.write_text(yaml.safe_dump({"base_model": str(work / "base"), "method": "tsv_m",
+                    cfg.write_text(yaml.safe_dump({"base_model": str(work / "base"), "method": method,
                                                    "models": [str(t) for t in tasks], "parameters": params}))
                     usage[name].append(run_timed([sys.executable, "-m", "epimer.cli", "merge", str(cfg), "-o",
                                                   str(tmpdir / f"out-{name}"), "--overwrite", "-q",
@@ -173,7 +177,9 @@ def main() -> None:
     p.add_argument("--ks", type=int, nargs="+", default=[51, 128, 512], help="k of part 2")
     p.add_argument("--spectrum", choices=list(DECAYS), default="log", help="singular values of part 2")
     p.add_argument("--merge-work", type=Path, default=None, help="checkpoint folder of make_checkpoints.py (part 3)")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0])
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0],
+                   help="rank_fraction of TSV-M (parts 1 and 3), or common_fraction with --merge-method iso_cts")
+    p.add_argument("--merge-method", choices=["tsv_m", "iso_cts"], default="tsv_m", help="the method of part 3")
     p.add_argument("--oversample", type=int, default=RandomizedSvd.oversample)
     p.add_argument("--iterations", type=int, default=RandomizedSvd.iterations)
     p.add_argument("--repeats", type=int, default=3)

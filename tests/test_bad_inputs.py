@@ -465,6 +465,8 @@ CASES: list[Case] = [
          ("c.yaml", "svd", "'randomized'")),
     Case("config-svd-iterations-without-randomized", lambda w, mp: merge_args(w, w.config(
         "tsv_m", {"svd_iterations": 4})), ("c.yaml", "svd_iterations", "svd: randomized only")),
+    Case("config-iso-cts-svd-oversample-without-randomized", lambda w, mp: merge_args(w, w.config(
+        "iso_cts", {"svd_oversample": 4})), ("c.yaml", "svd_oversample", "svd: randomized only")),
     Case("config-svd-oversample-zero", lambda w, mp: merge_args(w, w.config(
         "tsv_m", {"svd": "randomized", "svd_oversample": 0})), ("c.yaml", "svd_oversample", "greater than or equal to 1")),
     Case("config-svd-randomized-projected-metric", lambda w, mp: merge_args(w, w.config(

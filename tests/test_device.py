@@ -28,6 +28,7 @@ VARIANTS: list[tuple[str, dict]] = [(name, {}) for name in available_methods()] 
     # the randomized top-k triples (k = 1, a sketch of 2 columns: 4·2·12 < 9·(12 + 27), so it is taken)
     ("tsv_m", {"rank_fraction": 0.34, "svd": "randomized", "svd_oversample": 1, "svd_iterations": 1}),
     ("epimer", {"rank_fraction": 0.34, "svd": "randomized", "svd_oversample": 1, "svd_iterations": 1}),
+    ("iso_cts", {"common_fraction": 0.5, "svd": "randomized", "svd_oversample": 1, "svd_iterations": 1}),
 ]
 
 

@@ -448,11 +448,11 @@ def test_epimer_stays_bounded_when_heavy_tailed_fishers_make_the_factored_metric
 _SKETCH = {"svd": "randomized", "svd_oversample": 2, "svd_iterations": 1}
 
 
-def _low_rank_case(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Three float64 (40, 30) task vectors of rank 4 and positive Fishers."""
+def _low_rank_case(seed: int, rank: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Three float64 (40, 30) task vectors of the given rank and positive Fishers."""
     g = torch.Generator().manual_seed(seed)
-    deltas = [torch.randn(40, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 30, generator=g, dtype=torch.float64)
-              for _ in range(3)]
+    deltas = [torch.randn(40, rank, generator=g, dtype=torch.float64)
+              @ torch.randn(rank, 30, generator=g, dtype=torch.float64) for _ in range(3)]
     return deltas, [torch.rand(40, 30, generator=g, dtype=torch.float64) + 0.1 for _ in range(3)]
 
 
@@ -483,3 +483,39 @@ def test_randomized_triples_of_full_rank_updates_report_what_they_missed() -> No
     moved = rel_err(np64(fast.delta), np64(exact.delta))
     assert moved > 0.05 and fast.info["svd_residual"] > 0.05
     assert fast.info["svd_residual"] / 10 < moved < 10 * fast.info["svd_residual"]
+
+
+def test_iso_cts_with_randomized_task_triples() -> None:
+    """Iso-CTS takes each task's n_t triples (of τ_t without the common column space) by the
+    sketch and keeps the common block exact: the merge equals that composition of
+    `top_svd`, `randomized_top_svd` and the isotropic spectrum, computed here by hand; more
+    power iterations bring it to the float64 reference, the reported residual falling with
+    the error; where the sketch does not pay nothing changes."""
+    from epimer.basis import RandomizedSvd, polar, randomized_top_svd, top_svd
+    from epimer.methods.subspace import iso_cts_dims
+
+    deltas, _, d64, _ = _case(14, (200, 150))
+    x = make_inputs("w", deltas, weights=UNEVEN)
+    k_c, n_t = iso_cts_dims(150, 3, 0.9)
+    assert (k_c, n_t) == (135, 5) and RandomizedSvd(4, 10).pays(200, 150, n_t)
+    got = run("iso_cts", {"common_fraction": 0.9, "svd": "randomized", "svd_iterations": 10, "svd_oversample": 4},
+              [x])[0]
+    total = sum(3 * w * d for w, d in zip(_w(UNEVEN), deltas))
+    u_c, s_c, vh_c = top_svd(total, k_c)
+    parts = [randomized_top_svd(d - u_c @ (u_c.T @ d), n_t, RandomizedSvd(4, 10)) for d in deltas]
+    u = polar(torch.cat([u_c] + [p[0] for p in parts], dim=1))
+    v = polar(torch.cat([vh_c.T] + [p[2].T for p in parts], dim=1))
+    want = torch.cat([s_c] + [p[1] for p in parts]).mean() * (u @ v.T)
+    assert rel_err(np64(got.delta), np64(want)) < 1e-12
+    assert got.info["svd_residual"] == pytest.approx(max(p[3] for p in parts), rel=1e-9)
+    ref = ref_iso_cts(d64, _w(UNEVEN), 0.9)
+    rows = []
+    for iterations in (2, 10, 20):
+        r = run("iso_cts", {"common_fraction": 0.9, "svd": "randomized", "svd_iterations": iterations,
+                            "svd_oversample": 4}, [x])[0]
+        rows.append((rel_err(np64(r.delta), ref), r.info["svd_residual"]))
+    assert all(a[0] > b[0] and a[1] > b[1] for a, b in zip(rows, rows[1:])) and rows[-1][0] < 1e-3, rows
+    assert "svd_residual" not in run("iso_cts", {"common_fraction": 0.9}, [x])[0].info
+    wide = run("iso_cts", {"common_fraction": 0.0, "svd": "randomized"}, [x])[0]  # n_t = 50: 66 of 150 columns
+    assert "svd_residual" not in wide.info
+    assert torch.equal(wide.delta, run("iso_cts", {"common_fraction": 0.0}, [x])[0].delta)

@@ -42,6 +42,7 @@ from epimer.basis import (
     polar,
     polar_values,
     project,
+    randomized_top_svd,
     singular_coords,
     tagged_basis,
     top_svd,
@@ -58,11 +59,9 @@ def _rank_fraction_field() -> Any:
     )
 
 
-class TaggedBasisParams(ScaledParams):
-    """The tagged basis (docs/method.md §3.1): its rank, and how it takes each task vector's
-    top-k triples."""
+class SvdParams(ScaledParams):
+    """How a subspace method takes each task vector's top-k triples (docs/method.md §3.1)."""
 
-    rank_fraction: float = _rank_fraction_field()
     svd: Literal["exact", "randomized"] = Field(
         "exact",
         description="exact: the float64 Gram route (or LAPACK's SVD), accurate to float32 round-off. "
@@ -80,7 +79,7 @@ class TaggedBasisParams(ScaledParams):
                                 description="svd: randomized only: power iterations of the sketch.")
 
     @model_validator(mode="after")
-    def _svd_options_apply(self) -> TaggedBasisParams:
+    def _svd_options_apply(self) -> SvdParams:
         # a resolved config (OUT/merge_config.yaml) states the defaults: only other values are refused
         extra = [name for name in ("svd_iterations", "svd_oversample")
                  if getattr(self, name) != type(self).model_fields[name].default]
@@ -90,8 +89,17 @@ class TaggedBasisParams(ScaledParams):
         return self
 
     def randomized_svd(self) -> RandomizedSvd | None:
-        """The randomized route the basis takes, None for the exact one."""
+        """The randomized route the triples take, None for the exact one."""
         return RandomizedSvd(self.svd_oversample, self.svd_iterations) if self.svd == "randomized" else None
+
+
+class _RankFractionParams(ScaledParams):
+    rank_fraction: float = _rank_fraction_field()
+
+
+class TaggedBasisParams(SvdParams, _RankFractionParams):
+    """The tagged basis (docs/method.md §3.1): its rank, and how it takes each task vector's
+    top-k triples (listed in that order: pydantic orders fields from the last base)."""
 
 
 def _scale_field(default: float, why: str) -> Any:
@@ -189,7 +197,7 @@ class IsoC(SubspaceMethod):
         return TensorResult(delta, {"rank_deficient_sum": 1.0} if short else {})
 
 
-class IsoCtsParams(ScaledParams):
+class _CommonFractionParams(ScaledParams):
     common_fraction: float = Field(
         0.8,
         ge=0,
@@ -197,6 +205,9 @@ class IsoCtsParams(ScaledParams):
         description="Share of min(m, n) given to the common subspace of Σ_t τ_t; the rest is "
         "split evenly among tasks. 0.8 is the default of Marczak et al.",
     )
+
+
+class IsoCtsParams(SvdParams, _CommonFractionParams):
     scale: Scale = _scale_field(1.0, "FusionBench reports 1.5 as tuned.")
 
 
@@ -215,18 +226,29 @@ class IsoCts(SubspaceMethod):
     description = "Isotropic merging in common and task-specific subspaces (Marczak et al. 2025)."
     Params = IsoCtsParams
 
-    def merge_matrix(self, x: TensorInputs, params: IsoCtsParams, state: None) -> torch.Tensor:
+    def merge_matrix(self, x: TensorInputs, params: IsoCtsParams, state: None) -> TensorResult:
         dtype = compute_dtype(x.deltas[0])
-        k_c, n_t = iso_cts_dims(min(x.base.shape), x.num_tasks, params.common_fraction)
-        u_c, s_c, vh_c = top_svd(_task_sum(x), k_c)  # (m, k_c), (k_c,), (k_c, n)
+        m, n = x.base.shape
+        k_c, n_t = iso_cts_dims(min(m, n), x.num_tasks, params.common_fraction)
+        u_c, s_c, vh_c = top_svd(_task_sum(x), k_c)  # (m, k_c), (k_c,), (k_c, n): always exact
+        route = params.randomized_svd()
+        sketch = route is not None and n_t > 0 and route.pays(m, n, n_t)
         us, vs, ss = [u_c], [vh_c.T], [s_c]
+        residual: float | None = None
         for tau in x.deltas:
             tau = tau.to(dtype)
-            u_t, s_t, vh_t = top_svd(tau - u_c @ (u_c.T @ tau), n_t)
+            rest = tau - u_c @ (u_c.T @ tau)  # τ_t without the common column space
+            if sketch and bool(rest.any()):
+                assert route is not None
+                u_t, s_t, vh_t, res = randomized_top_svd(rest, n_t, route)
+                residual = max(residual or 0.0, res)
+            else:
+                u_t, s_t, vh_t = top_svd(rest, n_t)
             us.append(u_t)
             vs.append(vh_t.T)
             ss.append(s_t)
-        return _isotropic(us, vs, ss).to(x.deltas[0].dtype)
+        info = {} if residual is None else {"svd_residual": residual}
+        return TensorResult(_isotropic(us, vs, ss).to(x.deltas[0].dtype), info)
 
 
 # -------------------------------------------------------------------------------- EpiMer
