@@ -68,10 +68,10 @@ class SvdParams(ScaledParams):
         "randomized (opt-in): a Gaussian sketch of k + svd_oversample columns refined by svd_iterations "
         "power iterations (torch.svd_lowrank's algorithm, its own seed 0), taken only where it needs less "
         "than half the exact route's work (docs/method.md §3.1), so when k is small against min(m, n); each "
-        "such tensor reports "
-        "svd_residual. Measured (docs/performance.md): 10.6-24× faster on 4096-wide LLM layers at k = 51, "
-        "2.4-2.9× on real MiniLM task vectors at rank_fraction 0.05-0.1, where the merged update moved by "
-        "3e-3 at most; the error depends on the spectrum (0.5 on flat synthetic ones).",
+        "such tensor reports svd_residual. Measured (docs/performance.md): 10.6-24× faster on 4096-wide LLM "
+        "layers at k = 51, 2.4-2.9× on real MiniLM task vectors at rank_fraction 0.05-0.1, where the merged "
+        "update moved by 3e-3 at most; the error depends on the spectrum (the rank-k part 50% off on flat "
+        "synthetic spectra).",
     )
     svd_oversample: int = Field(RandomizedSvd.oversample, ge=1,
                                 description="svd: randomized only: columns of the sketch beyond k.")
