@@ -469,9 +469,6 @@ CASES: list[Case] = [
         "iso_cts", {"svd_oversample": 4})), ("c.yaml", "svd_oversample", "svd: randomized only")),
     Case("config-svd-oversample-zero", lambda w, mp: merge_args(w, w.config(
         "tsv_m", {"svd": "randomized", "svd_oversample": 0})), ("c.yaml", "svd_oversample", "greater than or equal to 1")),
-    Case("config-svd-randomized-projected-metric", lambda w, mp: merge_args(w, w.config(
-        "epimer", {"svd": "randomized", "metric": "projected"}, fisher=True)),
-         ("c.yaml", "svd: randomized", "basis file")),
     Case("config-negative-weight", lambda w, mp: merge_args(w, w.config(models=[
         {"model": "task_0", "weight": -1}, {"model": "task_1"}])), ("c.yaml", "weight", "greater than 0")),
     Case("config-bad-regex", lambda w, mp: merge_args(w, w.config(exclude=["(unclosed"])), ("c.yaml", "exclude")),

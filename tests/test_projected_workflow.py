@@ -136,6 +136,33 @@ def test_metrics_of_another_basis_are_refused(setup) -> None:
     assert out.strip().count("\n") == 0 and "Traceback" not in out
 
 
+def test_basis_file_records_its_svd_route_and_a_merge_asking_for_another_is_refused(setup) -> None:
+    """`epimer basis` of a config with svd: randomized takes the randomized triples (the bases
+    equal tagged_basis's with that route) and records the route; a basis file built one way
+    is refused by a config that asks for the other, in both directions, with exit 2."""
+    from epimer.basis import RandomizedSvd, tagged_basis
+
+    root = _copy(setup, "randomized_basis")
+    cfg = yaml.safe_load((root / "c.yaml").read_text())
+    exact_cfg = yaml.safe_dump(cfg)
+    cfg["parameters"].update({"svd": "randomized", "svd_oversample": 2, "svd_iterations": 1})
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = cli("merge", root / "c.yaml", "-o", root / "out", "-q")  # the exact basis file of setup
+    assert code == 2 and "bases built with svd exact" in out and "svd_oversample 2, svd_iterations 1" in out, out
+    assert out.strip().count("\n") == 0 and not (root / "out").exists()
+    code, out = cli("basis", root / "c.yaml", "-q", "--overwrite")
+    assert code == 0, out
+    bases = open_bases(root / "bases.safetensors")
+    assert bases.svd == "randomized (svd_oversample 2, svd_iterations 1)"
+    base, tasks = open_checkpoint(root / "base"), [open_checkpoint(root / f"task_{t}") for t in range(3)]
+    deltas = [t.get(NAME).float() - base.get(NAME).float() for t in tasks]
+    want = tagged_basis(deltas, 0.5, randomized=RandomizedSvd(2, 1))
+    assert want.svd_residual is not None and torch.equal(bases.get(NAME).u, want.u)
+    (root / "c.yaml").write_text(exact_cfg)
+    code, out = cli("merge", root / "c.yaml", "-o", root / "out", "-q")
+    assert code == 2 and "bases built with svd randomized" in out and "asks for svd exact" in out, out
+
+
 def test_basis_of_other_models_is_refused(setup) -> None:
     root = _copy(setup, "other_models")
     m = tiny_bert(seed=9)

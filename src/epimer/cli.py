@@ -230,12 +230,13 @@ def basis(config: Path, out: Path | None, overwrite: bool, quiet: bool, threads:
         raise InputError(f"{path}: is a folder; give a file name such as bases.safetensors")
     check_not_over_inputs(path, [i for i in cfg.input_paths() if i[0] != "basis file"], "basis file")
     with RichProgress(enabled=not quiet) as progress:
-        bases, models, rank_fraction = compute_bases(cfg, progress=progress)
+        bases, models, rank_fraction, svd = compute_bases(cfg, progress=progress)
     if not bases:
         raise InputError(f"{config}: no matrix tensor to build a basis for (every tensor is a vector tensor or excluded)")
-    save_bases(path, bases, rank_fraction=rank_fraction, models=models)
+    save_bases(path, bases, rank_fraction=rank_fraction, models=models, svd=svd)
     if not quiet:
-        click.echo(f"wrote {path}: bases of {len(bases)} matrix tensor(s) at rank_fraction {rank_fraction}", err=True)
+        click.echo(f"wrote {path}: bases of {len(bases)} matrix tensor(s) at rank_fraction {rank_fraction}, "
+                   f"svd {svd}", err=True)
 
 
 @main.command("convert-gguf")

@@ -97,11 +97,11 @@ def with_estimated_curvature(
         from epimer.progress import RichProgress
 
         with RichProgress(enabled=not quiet) as progress:
-            bases, models, rank_fraction = compute_bases(config, progress=progress)
+            bases, models, rank_fraction, svd = compute_bases(config, progress=progress)
         if not bases:
             raise InputError(f"{config.source or 'config'}: metric: projected, and no matrix tensor to build a basis "
                              "for (every tensor is a vector tensor or excluded)")
-        save_bases(basis, bases, rank_fraction=rank_fraction, models=models)
+        save_bases(basis, bases, rank_fraction=rank_fraction, models=models, svd=svd)
     models = []
     for i, m in enumerate(config.models):
         if m.data is None:

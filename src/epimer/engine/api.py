@@ -195,6 +195,10 @@ def diagnose_state_dicts(
 
 # ---------------------------------------------------------------------- diagnostics
 
+# The parameters that decide a tagged basis (docs/method.md §3.1), kept when `diagnose` or
+# `compute_bases` stand in another method's config.
+_BASIS_OPTIONS = ("rank_fraction", "svd", "svd_oversample", "svd_iterations")
+
 def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow_nonfinite: bool = False,
              checkpoints: tuple[Checkpoint, list[Checkpoint], list[Checkpoint] | None] | None = None,
              device: str | None = None) -> dict[str, Any]:
@@ -214,8 +218,7 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
                 f"for every model ({len(missing)} lack one); add `fisher: PATH` (estimate one with `epimer fisher`)"
             )
     if config.method != "epimer":
-        basis = ("rank_fraction", "svd", "svd_oversample", "svd_iterations")
-        keep = {k: v for k, v in config.parameters.items() if k in basis}
+        keep = {k: v for k, v in config.parameters.items() if k in _BASIS_OPTIONS}
         config = config.model_copy(update={"method": "epimer", "parameters": keep})
     run = MergeRun(config, allow_nonfinite=allow_nonfinite, progress=progress, checkpoints=checkpoints,
                    verify_fishers=checkpoints is None, device=device)
@@ -246,30 +249,31 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
 
 
 def compute_bases(config: MergeConfig, *, progress: ProgressSink | None = None,
-                  allow_nonfinite: bool = False) -> tuple[dict[str, Any], str, float]:
+                  allow_nonfinite: bool = False) -> tuple[dict[str, Any], str, float, str]:
     """The tagged bases of every merged matrix tensor of ``config`` (docs/method.md §3.1), at
-    the config's ``rank_fraction``, and the fingerprint of the models they were built from:
-    what ``epimer basis`` writes for ``metric: projected``. Returns (name -> TaggedBasis,
-    models fingerprint, rank_fraction)."""
+    the config's ``rank_fraction`` and by its ``svd`` route, and the fingerprint of the models
+    they were built from: what ``epimer basis`` writes for ``metric: projected``. Returns
+    (name -> TaggedBasis, models fingerprint, rank_fraction, the svd route in words)."""
     from epimer.basis import tagged_basis
     from epimer.engine.plan import matrix_names, models_fingerprint
 
-    rank_fraction = float(config.parameters.get("rank_fraction", 1.0))
-    plain = config.model_copy(update={"method": "tsv_m", "parameters": {"rank_fraction": rank_fraction},
+    keep = {k: v for k, v in config.parameters.items() if k in _BASIS_OPTIONS}
+    plain = config.model_copy(update={"method": "tsv_m", "parameters": keep,
                                       "basis": None, "models": [m.model_copy(update={"fisher": None})
                                                                 for m in config.models]})
     run = MergeRun(plain, allow_nonfinite=allow_nonfinite, progress=progress)
+    rank_fraction, route = run.params.rank_fraction, run.params.randomized_svd()
     bases: dict[str, Any] = {}
     try:
         def visit(x: TensorInputs) -> None:
             if x.kind == "matrix":
-                bases[x.name] = tagged_basis(x.deltas, rank_fraction, x.svds)
+                bases[x.name] = tagged_basis(x.deltas, rank_fraction, x.svds, route)
 
         run.stream(visit, "bases")
         models = models_fingerprint(run.base, run.tasks, matrix_names(run.plan))
     finally:
         run.close()
-    return bases, models, rank_fraction
+    return bases, models, rank_fraction, run.params.svd_label()
 
 
 def bases_of_state_dicts(
@@ -280,7 +284,7 @@ def bases_of_state_dicts(
     exclude: list[str] | None = None,
 ) -> MemoryBases:
     """The tagged bases of every merged matrix tensor of in-memory state dicts (what
-    ``epimer basis`` computes from files)."""
+    ``epimer basis`` computes from files), with exact triples."""
     from epimer.basis import tagged_basis
 
     cfg, cks = _in_memory(base, models, "tsv_m", {"rank_fraction": rank_fraction}, None, None, exclude, None,

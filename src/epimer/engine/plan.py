@@ -202,7 +202,8 @@ def matrix_names(plan: Sequence[TensorPlan]) -> list[str]:
 def open_checked_bases(config: MergeConfig, plan: Sequence[TensorPlan], base: Checkpoint,
                        tasks: Sequence[Checkpoint]) -> Any:
     """The config's basis file, refused (InputError) unless it was built from these very
-    models (every value), at this rank_fraction, for every merged matrix tensor."""
+    models (every value), at this rank_fraction and by this svd route, for every merged
+    matrix tensor."""
     from epimer.io.bases import open_bases
 
     assert config.basis is not None
@@ -212,6 +213,10 @@ def open_checked_bases(config: MergeConfig, plan: Sequence[TensorPlan], base: Ch
     if rank_fraction is not None and bases.rank_fraction != rank_fraction:
         raise InputError(f"{config.basis}: bases built with rank_fraction {bases.rank_fraction}, the config asks "
                          f"for {rank_fraction}; make the basis file again with `epimer basis`")
+    label = getattr(config.params, "svd_label", None)
+    if label is not None and bases.svd != label():
+        raise InputError(f"{config.basis}: bases built with svd {bases.svd}, the config asks for svd {label()}; "
+                         "make the basis file again with `epimer basis`")
     missing = [n for n in names if n not in bases.names]
     if missing:
         raise InputError(f"{config.basis}: no basis for {len(missing)} matrix tensor(s), e.g. {missing[0]!r}; "

@@ -11,6 +11,8 @@ A basis file is a safetensors file holding, for each matrix tensor NAME, ``NAME:
     format            "epimer-basis"
     version           BASIS_VERSION
     rank_fraction     the rank_fraction the bases were built with
+    svd               how the top-k triples were taken: "exact", or "randomized (svd_oversample
+                      O, svd_iterations I)" (docs/method.md §3.1); files without it are exact
     models            sha256 fingerprint of the base and every task model (in order) over the
                       matrix tensors (`epimer.fingerprint`): the bases belong to these models
     basis             sha256 of every U, V, s and owner (sorted names): what projected-metric
@@ -56,6 +58,7 @@ class BasisFile:
 
     path: Path
     rank_fraction: float
+    svd: str
     models: str
     digest: str
     names: tuple[str, ...]
@@ -74,7 +77,7 @@ class BasisFile:
 
 
 def save_bases(path: str | os.PathLike[str], bases: Mapping[str, TaggedBasis], *, rank_fraction: float,
-               models: str) -> str:
+               models: str, svd: str = "exact") -> str:
     """Write a basis file atomically; returns its basis digest."""
     from epimer.io.fisher import write_safetensors
 
@@ -86,7 +89,7 @@ def save_bases(path: str | os.PathLike[str], bases: Mapping[str, TaggedBasis], *
         tensors[f"{name}::s"] = b.s.to(torch.float32)
         tensors[f"{name}::owner"] = b.owner.to(torch.int64)
     digest = basis_digest({n: _as_stored(b) for n, b in bases.items()})
-    meta = {"format": FORMAT, "version": BASIS_VERSION, "rank_fraction": repr(float(rank_fraction)),
+    meta = {"format": FORMAT, "version": BASIS_VERSION, "rank_fraction": repr(float(rank_fraction)), "svd": svd,
             "models": models, "basis": digest, "names": json.dumps(sorted(bases))}
     write_safetensors(Path(path), tensors, meta, "basis file")
     return digest
@@ -111,12 +114,13 @@ def open_bases(path: str | os.PathLike[str]) -> BasisFile:
         names = tuple(json.loads(meta["names"]))
         rank_fraction = float(meta["rank_fraction"])
         models, digest = meta["models"], meta["basis"]
+        svd = meta.get("svd", "exact")
     except (KeyError, ValueError, TypeError) as err:
         raise InputError(f"{p}: malformed basis metadata ({type(err).__name__}: {err})") from None
     missing = [f"{n}::{part}" for n in names for part in _PARTS if f"{n}::{part}" not in ckpt]
     if missing:
         raise InputError(f"{p}: the basis file lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    f = BasisFile(p, rank_fraction, models, digest, names, ckpt)
+    f = BasisFile(p, rank_fraction, svd, models, digest, names, ckpt)
     if basis_digest({n: f.get(n) for n in names}) != digest:
         raise InputError(f"{p}: the bases do not match the file's recorded digest (the file was changed); "
                          "make it again with `epimer basis`")

@@ -92,6 +92,12 @@ class SvdParams(ScaledParams):
         """The randomized route the triples take, None for the exact one."""
         return RandomizedSvd(self.svd_oversample, self.svd_iterations) if self.svd == "randomized" else None
 
+    def svd_label(self) -> str:
+        """The route in words, as basis files record it."""
+        if self.svd == "exact":
+            return "exact"
+        return f"randomized (svd_oversample {self.svd_oversample}, svd_iterations {self.svd_iterations})"
+
 
 class _RankFractionParams(ScaledParams):
     rank_fraction: float = _rank_fraction_field()
@@ -336,9 +342,6 @@ class EpimerParams(TaggedBasisParams):
             if clash:
                 raise ValueError(f"metric_dtype {self.metric_dtype!r} applies to the factored metric only "
                                  f"(metric: diagonal with an integer fisher_rank), but {clash}; remove metric_dtype")
-        if self.svd != "exact" and self.metric == "projected":
-            raise ValueError("svd: randomized applies to the bases the merge computes itself, but metric: projected "
-                             "reads its basis from the basis file (`epimer basis` takes exact SVDs); remove svd")
         return self
 
 
