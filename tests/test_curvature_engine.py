@@ -116,6 +116,9 @@ def test_diagnose_of_a_tsv_m_config_keeps_its_svd_route(fisher_set) -> None:
     assert set(fast) == set(exact) and all(d["svd_residual"] > 0 for d in fast.values())
     assert not any("svd_residual" in d for d in exact.values())
     assert all(d["k"] == exact[n]["k"] for n, d in fast.items())
+    # an iso_cts config's svd options describe its own triples, not a basis: epimer's exact default
+    iso = diagnose(load_config(fisher_set["config"]("iso_cts", {"svd": "randomized", "svd_oversample": 2})))
+    assert iso["tensors"] and not any("svd_residual" in d for d in iso["tensors"].values())
 
 
 def test_an_indefinite_factored_metric_is_solved_bounded_and_reported(tmp_path: Path) -> None:

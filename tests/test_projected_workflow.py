@@ -150,6 +150,8 @@ def test_basis_file_records_its_svd_route_and_a_merge_asking_for_another_is_refu
     code, out = cli("merge", root / "c.yaml", "-o", root / "out", "-q")  # the exact basis file of setup
     assert code == 2 and "bases built with svd exact" in out and "svd_oversample 2, svd_iterations 1" in out, out
     assert out.strip().count("\n") == 0 and not (root / "out").exists()
+    code, out = cli("diagnose", root / "c.yaml", "-q")
+    assert code == 2 and "bases built with svd exact" in out, out
     code, out = cli("basis", root / "c.yaml", "-q", "--overwrite")
     assert code == 0, out
     bases = open_bases(root / "bases.safetensors")
@@ -161,6 +163,24 @@ def test_basis_file_records_its_svd_route_and_a_merge_asking_for_another_is_refu
     (root / "c.yaml").write_text(exact_cfg)
     code, out = cli("merge", root / "c.yaml", "-o", root / "out", "-q")
     assert code == 2 and "bases built with svd randomized" in out and "asks for svd exact" in out, out
+
+
+def test_a_basis_file_without_a_recorded_route_reads_as_exact(setup, tmp_path) -> None:
+    """Basis files written before the route was recorded hold no `svd` key: they were built
+    with exact triples, and read so (an exact config merges with them)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = _copy(setup, "unrecorded_route")
+    path = root / "bases.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta.pop("svd") == "exact"
+    save_file(tensors, str(path), metadata=meta)
+    assert open_bases(path).svd == "exact"
+    code, out = cli("merge", root / "c.yaml", "-o", root / "out", "-q")
+    assert code == 0, out
 
 
 def test_basis_of_other_models_is_refused(setup) -> None:

@@ -211,7 +211,8 @@ def basis(config: Path, out: Path | None, overwrite: bool, quiet: bool, threads:
 
     The first step of EpiMer with `metric: projected`: then estimate each task's projected
     metrics on these bases (`epimer fisher --basis FILE`) and merge. The file records the
-    models it was built from and their rank_fraction; a merge with other models refuses it.
+    models it was built from, their rank_fraction and the svd route (exact, or the config's
+    `svd: randomized`); a merge with other models or another rank_fraction or route refuses it.
     """
     from epimer.config import load_config
     from epimer.engine import compute_bases

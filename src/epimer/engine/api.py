@@ -205,9 +205,8 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
     """docs/method.md §5 per matrix tensor and in total, without writing a model.
 
     The diagnostics are those of the EpiMer geometry: with ``method: epimer`` its parameters
-    are used; with any other method, epimer's defaults (keeping ``rank_fraction`` and the
-    ``svd`` options if the config sets them, so a ``tsv_m`` config is diagnosed on its own
-    basis).
+    are used; with any other method, epimer's defaults (a ``tsv_m`` config keeping its
+    ``rank_fraction`` and ``svd`` options, so it is diagnosed on its own basis).
     """
     if checkpoints is None:
         missing = [m for m in config.models if m.fisher is None]
@@ -218,7 +217,8 @@ def diagnose(config: MergeConfig, *, progress: ProgressSink | None = None, allow
                 f"for every model ({len(missing)} lack one); add `fisher: PATH` (estimate one with `epimer fisher`)"
             )
     if config.method != "epimer":
-        keep = {k: v for k, v in config.parameters.items() if k in _BASIS_OPTIONS}
+        # a tsv_m config's basis options describe its basis; iso_cts's svd options do not
+        keep = {k: v for k, v in config.parameters.items() if k in _BASIS_OPTIONS} if config.method == "tsv_m" else {}
         config = config.model_copy(update={"method": "epimer", "parameters": keep})
     run = MergeRun(config, allow_nonfinite=allow_nonfinite, progress=progress, checkpoints=checkpoints,
                    verify_fishers=checkpoints is None, device=device)
@@ -284,7 +284,9 @@ def bases_of_state_dicts(
     exclude: list[str] | None = None,
 ) -> MemoryBases:
     """The tagged bases of every merged matrix tensor of in-memory state dicts (what
-    ``epimer basis`` computes from files), with exact triples."""
+    ``epimer basis`` computes from files), with exact triples: in-memory bases carry no
+    route, so a ``merge_state_dicts`` call with ``metric: projected`` uses these exact ones
+    whatever its ``svd`` option says."""
     from epimer.basis import tagged_basis
 
     cfg, cks = _in_memory(base, models, "tsv_m", {"rank_fraction": rank_fraction}, None, None, exclude, None,
