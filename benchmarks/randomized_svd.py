@@ -5,7 +5,8 @@ Three parts, each optional:
 
 - ``--cache``: the real fine-tuned MiniLM task vectors of the benchmark cache (``epimer demo``
   fills it), every matrix tensor of ``--layers``; per rank_fraction, TSV-M's merged update
-  (tagged basis and lift, in process) with exact and with randomized triples: seconds, the
+  (``--methods``: also Iso-CTS's, per ``--common-fractions``; in process, through the
+  method's own ``merge``) with exact and with randomized triples: seconds, the
   share of tensors where the sketch paid, the relative error of the merged update against
   the exact one and the reported ``svd_residual``.
 - ``--shapes``: one float32 task vector per shape (``--spectrum``: singular values from 1 to
@@ -41,16 +42,31 @@ import yaml
 from _timing import run_timed  # sibling scripts (this folder is on sys.path)
 from subspace_speed import median_seconds, rel
 
-from epimer.basis import RandomizedSvd, lift, randomized_top_svd, tagged_basis, top_svd
+from epimer.basis import RandomizedSvd, randomized_top_svd, top_svd
+from epimer.methods.base import TensorInputs, TensorResult
+from epimer.registry import get_method
 
 
 def _route(args: argparse.Namespace) -> RandomizedSvd:
     return RandomizedSvd(oversample=args.oversample, iterations=args.iterations)
 
 
-def _tsv(taus: list[torch.Tensor], fraction: float, route: RandomizedSvd | None) -> tuple[torch.Tensor, float | None]:
-    b = tagged_basis(taus, fraction, randomized=route)
-    return lift(b.u, b.v, b.s), b.svd_residual
+def _knob(method: str) -> str:
+    return "rank_fraction" if method == "tsv_m" else "common_fraction"
+
+
+def _merge(method: str, fraction: float, args: argparse.Namespace | None, x: TensorInputs
+           ) -> tuple[torch.Tensor, float | None]:
+    """The method's merged update of one tensor, exact (``args`` None) or with svd: randomized,
+    and the residual it reports."""
+    raw: dict = {_knob(method): fraction}
+    if args is not None:
+        raw.update(svd="randomized", svd_oversample=args.oversample, svd_iterations=args.iterations)
+    m = get_method(method)
+    out = m.merge(x, m.parse_params(raw), None)
+    if isinstance(out, TensorResult):
+        return out.delta, out.info.get("svd_residual")
+    return out, None
 
 
 def real_task_vectors(args: argparse.Namespace) -> None:
@@ -58,34 +74,37 @@ def real_task_vectors(args: argparse.Namespace) -> None:
 
     runs = open_runs(args.cache, args.layers)
     data = []
+    weights = torch.full((len(runs.tasks),), 1.0 / len(runs.tasks), dtype=torch.float64)
     for name in runs.names:
         theta0 = runs.base.get(name).float()
-        data.append([t.get(name).float() - theta0 for t in runs.tasks])
-    shapes = sorted({tuple(d[0].shape) for d in data})
-    print(f"\n{len(runs.tasks)} fine-tuned MiniLM encoders under {args.cache}, {len(data)} matrix tensors of layers "
-          f"{args.layers} (shapes {shapes}); TSV-M's merged update, svd_oversample {args.oversample}, "
-          f"svd_iterations {args.iterations}\n")
-    print("| rank_fraction | exact s | randomized s | speed-up | tensors sketched | error median | error max "
-          "| svd_residual median | svd_residual max |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for fraction in args.fractions:
-        for taus in data[:2]:  # warm-up
-            _tsv(taus, fraction, None), _tsv(taus, fraction, _route(args))
-        start = time.perf_counter()
-        exact = [_tsv(taus, fraction, None)[0] for taus in data]
-        t_exact = time.perf_counter() - start
-        start = time.perf_counter()
-        fast = [_tsv(taus, fraction, _route(args)) for taus in data]
-        t_fast = time.perf_counter() - start
-        sketched = [(rel(d, e), r) for (d, r), e in zip(fast, exact) if r is not None]
-        if sketched:
-            errs, res = zip(*sketched)
-            cells = (f"{statistics.median(errs):.1e} | {max(errs):.1e} | {statistics.median(res):.1e} | "
-                     f"{max(res):.1e}")
-        else:
-            cells = "– | – | – | – (the exact route everywhere)"
-        print(f"| {fraction} | {t_exact:.2f} | {t_fast:.2f} | {t_exact / t_fast:.2f} | {len(sketched)} of {len(data)} "
-              f"| {cells} |")
+        data.append(TensorInputs(name, theta0, tuple(t.get(name).float() - theta0 for t in runs.tasks), weights,
+                                 None, "matrix"))
+    shapes = sorted({tuple(x.base.shape) for x in data})
+    for method in args.methods:
+        print(f"\n{len(runs.tasks)} fine-tuned MiniLM encoders under {args.cache}, {len(data)} matrix tensors of "
+              f"layers {args.layers} (shapes {shapes}); {method}'s merged update, svd_oversample {args.oversample}, "
+              f"svd_iterations {args.iterations}\n")
+        print(f"| {_knob(method)} | exact s | randomized s | speed-up | tensors sketched | error median | error max "
+              "| svd_residual median | svd_residual max |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for fraction in args.fractions if method == "tsv_m" else args.common_fractions:
+            for x in data[:2]:  # warm-up
+                _merge(method, fraction, None, x), _merge(method, fraction, args, x)
+            start = time.perf_counter()
+            exact = [_merge(method, fraction, None, x)[0] for x in data]
+            t_exact = time.perf_counter() - start
+            start = time.perf_counter()
+            fast = [_merge(method, fraction, args, x) for x in data]
+            t_fast = time.perf_counter() - start
+            sketched = [(rel(d, e), r) for (d, r), e in zip(fast, exact) if r is not None]
+            if sketched:
+                errs, res = zip(*sketched)
+                cells = (f"{statistics.median(errs):.1e} | {max(errs):.1e} | {statistics.median(res):.1e} | "
+                         f"{max(res):.1e}")
+            else:
+                cells = "– | – | – | – (the exact route everywhere)"
+            print(f"| {fraction} | {t_exact:.2f} | {t_fast:.2f} | {t_exact / t_fast:.2f} | {len(sketched)} of "
+                  f"{len(data)} | {cells} |")
 
 
 DECAYS = {
@@ -180,6 +199,9 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0],
                    help="rank_fraction of TSV-M (parts 1 and 3), or common_fraction with --merge-method iso_cts")
     p.add_argument("--merge-method", choices=["tsv_m", "iso_cts"], default="tsv_m", help="the method of part 3")
+    p.add_argument("--methods", nargs="+", choices=["tsv_m", "iso_cts"], default=["tsv_m"], help="methods of part 1")
+    p.add_argument("--common-fractions", type=float, nargs="+", default=[0.8],
+                   help="common_fraction of iso_cts in part 1")
     p.add_argument("--oversample", type=int, default=RandomizedSvd.oversample)
     p.add_argument("--iterations", type=int, default=RandomizedSvd.iterations)
     p.add_argument("--repeats", type=int, default=3)
