@@ -194,6 +194,16 @@ def randomized_top_svd(x: torch.Tensor, k: int, route: RandomizedSvd
     return u, s, v.T, missed / norm
 
 
+def top_triples(x: torch.Tensor, k: int, randomized: RandomizedSvd | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
+    """The top ``k`` triples of ``x`` and their residual: by the sketch of ``randomized`` where
+    it pays (`RandomizedSvd.pays`) and x is not zero, else exact (`top_svd`, residual None)."""
+    m, n = x.shape
+    if randomized is not None and k > 0 and randomized.pays(m, n, k) and bool(x.any()):
+        return randomized_top_svd(x, k, randomized)
+    return (*top_svd(x, k), None)
+
+
 def polar_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The orthonormal polar factor ``P Qᵀ`` of ``x = P diag(s) Qᵀ`` (thin SVD; (m, n), the
     orthonormal matrix nearest to x in Frobenius norm) and the singular values s, descending.
@@ -286,8 +296,8 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
 
     ``svds``: per task, its thin SVD when it is known already (a LoRA update's, from its
     factors: `svd_of_product`), used where it holds at least the k directions kept per task;
-    else the task vector's own top-k triples are computed: exactly (`top_svd`), or with
-    ``randomized`` where that route pays (`RandomizedSvd.pays`) and the task vector is not zero."""
+    else the task vector's own top-k triples are computed (`top_triples`: exact, or with
+    ``randomized`` where that route pays and the task vector is not zero)."""
     m, n = deltas[0].shape
     num_tasks = len(deltas)
     k = per_task_rank(m, n, num_tasks, rank_fraction)
@@ -301,18 +311,15 @@ def tagged_basis(deltas: Sequence[torch.Tensor], rank_fraction: float = 1.0,
                            s=torch.zeros(r, dtype=dtype, device=device), owner=owner, k=k, deficient=num_tasks)
     us, ss, vs = [], [], []
     deficient = 0
-    sketch = randomized is not None and randomized.pays(m, n, k)
     residual: float | None = None
     for t, tau in enumerate(deltas):
         known = svds[t] if svds is not None else None
         if known is not None and known[1].numel() >= k:
             u_t, s_t, vh_t = (x.to(dtype) for x in known)
-        elif sketch and bool(tau.any()):
-            assert randomized is not None
-            u_t, s_t, vh_t, res = randomized_top_svd(tau.to(dtype), k, randomized)
-            residual = max(residual or 0.0, res)
         else:
-            u_t, s_t, vh_t = top_svd(tau.to(dtype), k)
+            u_t, s_t, vh_t, res = top_triples(tau.to(dtype), k, randomized)
+            if res is not None:
+                residual = max(residual or 0.0, res)
         deficient += numerical_rank(s_t, (m, n)) < k
         us.append(u_t[:, :k])  # (m, k)
         ss.append(s_t[:k])  # (k,)

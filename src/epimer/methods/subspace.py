@@ -42,10 +42,10 @@ from epimer.basis import (
     polar,
     polar_values,
     project,
-    randomized_top_svd,
     singular_coords,
     tagged_basis,
     top_svd,
+    top_triples,
 )
 
 def _rank_fraction_field() -> Any:
@@ -234,22 +234,17 @@ class IsoCts(SubspaceMethod):
 
     def merge_matrix(self, x: TensorInputs, params: IsoCtsParams, state: None) -> TensorResult:
         dtype = compute_dtype(x.deltas[0])
-        m, n = x.base.shape
-        k_c, n_t = iso_cts_dims(min(m, n), x.num_tasks, params.common_fraction)
+        k_c, n_t = iso_cts_dims(min(x.base.shape), x.num_tasks, params.common_fraction)
         u_c, s_c, vh_c = top_svd(_task_sum(x), k_c)  # (m, k_c), (k_c,), (k_c, n): always exact
         route = params.randomized_svd()
-        sketch = route is not None and n_t > 0 and route.pays(m, n, n_t)
         us, vs, ss = [u_c], [vh_c.T], [s_c]
         residual: float | None = None
         for tau in x.deltas:
             tau = tau.to(dtype)
             rest = tau - u_c @ (u_c.T @ tau)  # τ_t without the common column space
-            if sketch and bool(rest.any()):
-                assert route is not None
-                u_t, s_t, vh_t, res = randomized_top_svd(rest, n_t, route)
+            u_t, s_t, vh_t, res = top_triples(rest, n_t, route)
+            if res is not None:
                 residual = max(residual or 0.0, res)
-            else:
-                u_t, s_t, vh_t = top_svd(rest, n_t)
             us.append(u_t)
             vs.append(vh_t.T)
             ss.append(s_t)
