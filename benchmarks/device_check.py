@@ -4,13 +4,16 @@ A Llama-shaped base (by default the 836M layout of `make_checkpoints.py`: hidden
 intermediate 5632, 8 query / 2 key-value head groups of 256, vocabulary 32000; ``--layers`` of
 its 22 blocks, 4 by default so that the CPU side fits the budget) and three task models with
 synthetic Fishers are made in memory, then merged with `merge_state_dicts` for tsv_m, epimer
-(rank_fraction 0.25, fisher_rank 4) and tsv_m with ``svd: randomized``, once with ``device="cpu"`` and once with
+(rank_fraction 0.25 by default, fisher_rank 4) and tsv_m with ``svd: randomized``, once with ``device="cpu"`` and once with
 ``device="cuda"`` (plus one untimed warm-up on the GPU). Printed: wall time of each, the
 ratio, and the largest relative difference between the CPU and GPU merges over every tensor
 (float32 SVDs on different hardware agree to about 1e-5 of the update's scale, not bit for
 bit). Prepared to run in one call of a few minutes on a machine with a CUDA build of torch:
 
     python benchmarks/device_check.py --layers 4 --threads 16
+
+``--device cpu`` runs the same script with the CPU on both sides (a dry run: the test suite runs
+it on tiny shapes, so the script is known to work before a GPU session spends its time on it).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def checkpoints(layers: int, hidden: int, inter: int, kv: int, vocab: int, tasks
     return base, models, fishers
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
     from epimer.engine import merge_state_dicts
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,32 +51,39 @@ def main() -> None:
     ap.add_argument("--kv", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--rank-fraction", type=float, default=0.25)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="the side compared with the CPU (cpu: a dry run of the script)")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this check needs a GPU and a CUDA build of torch")
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {torch.get_num_threads()} CPU threads")
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this check needs a GPU and a CUDA build of torch (--device cpu: a dry run)")
+    name = torch.cuda.get_device_name(0) if dev == "cuda" else "CPU on both sides (dry run)"
+    print(f"torch {torch.__version__}, {name}, {torch.get_num_threads()} CPU threads")
     base, models, fishers = checkpoints(args.layers, args.hidden, args.inter, args.kv, args.vocab, 3)
-    params = {"rank_fraction": 0.25}
-    merge_state_dicts(base, models, "tsv_m", params, device="cuda")  # warm-up: CUDA context, kernels
+    params = {"rank_fraction": args.rank_fraction}
+    merge_state_dicts(base, models, "tsv_m", params, device=dev)  # warm-up: CUDA context, kernels
     print("| method | CPU s | GPU s | CPU / GPU | max relative difference |\n|---|---:|---:|---:|---:|")
     variants = {"tsv_m": ("tsv_m", params), "epimer": ("epimer", params),
-                # the sketch is drawn from each device's own generator, so the two sides take different
-                # sketches: their difference is the randomized triples' own error (noise task vectors)
+                # the sketch is drawn on the CPU and moved to the device, so both sides take the same one
                 "tsv_m, svd: randomized": ("tsv_m", {**params, "svd": "randomized"})}
+    rows = {}
     for label, (method, raw) in variants.items():
         times, merged = {}, {}
-        for device in ("cuda", "cpu"):
+        for side, device in (("gpu", dev), ("cpu", "cpu")):
             start = time.perf_counter()
-            merged[device] = merge_state_dicts(base, models, method, raw, fishers=fishers, device=device)
+            merged[side] = merge_state_dicts(base, models, method, raw, fishers=fishers, device=device)
             if device == "cuda":
                 torch.cuda.synchronize()
-            times[device] = time.perf_counter() - start
-        diff = max(float((merged["cuda"][k] - merged["cpu"][k]).abs().max())
+            times[side] = time.perf_counter() - start
+        diff = max(float((merged["gpu"][k] - merged["cpu"][k]).abs().max())
                    / max(float((merged["cpu"][k] - base[k]).abs().max()), 1e-30) for k in base)
-        print(f"| {label} | {times['cpu']:.1f} | {times['cuda']:.1f} | {times['cpu'] / times['cuda']:.1f} | "
-              f"{diff:.2e} |")
+        rows[label] = (times["cpu"], times["gpu"], diff)
+        print(f"| {label} | {times['cpu']:.1f} | {times['gpu']:.1f} | {times['cpu'] / times['gpu']:.1f} | "
+              f"{diff:.2e} |", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

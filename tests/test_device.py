@@ -158,3 +158,26 @@ def test_inputs_to_moves_every_tensor() -> None:
     assert all(t.device.type == "meta" for t in tensors) and y.svds[1] is None
     assert (y.name, y.kind, y.basis.k, y.basis.deficient) == (x.name, x.kind, basis.k, basis.deficient)
     assert [t.shape for t in y.deltas] == [t.shape for t in x.deltas]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_as_a_dry_run_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/device_check.py is what a session with a GPU runs, on a budget of minutes: its
+    dry run (the CPU on both sides) must work, every variant must give the same merge on both
+    sides, and the shapes chosen here must take the randomized sketch (else that row would not
+    exercise it)."""
+    import importlib.util
+
+    from epimer.basis import RandomizedSvd, per_task_rank
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.py"
+    spec = importlib.util.spec_from_file_location("device_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert RandomizedSvd().pays(512, 512, per_task_rank(512, 512, 3, 0.05))
+    rows = module.main(["--device", "cpu", "--layers", "1", "--hidden", "512", "--inter", "640", "--kv", "128",
+                        "--vocab", "256", "--rank-fraction", "0.05"])
+    assert set(rows) == {"tsv_m", "epimer", "tsv_m, svd: randomized"}
+    assert all(diff == 0.0 for _, _, diff in rows.values())
+    table = capsys.readouterr().out
+    assert "CPU on both sides (dry run)" in table and table.count("\n| ") == 4  # the header and 3 rows
